@@ -1,0 +1,6 @@
+import sys
+
+from attnpack.cli import main
+
+
+sys.exit(main())

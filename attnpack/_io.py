@@ -1,0 +1,169 @@
+"""Atomic output writing with generation parameters embedded (PNG tEXt, GIF comment, MP4 metadata)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+
+__all__ = [
+    "atomic_path",
+    "check_output_path",
+    "save_image",
+    "save_video",
+    "read_parameters",
+    "IMAGE_SUFFIXES",
+    "VIDEO_SUFFIXES",
+]
+
+IMAGE_SUFFIXES = (".png",)
+VIDEO_SUFFIXES = (".gif", ".mp4")
+PARAMETERS_KEY = "parameters"
+
+
+def check_output_path(path: str | os.PathLike, suffixes: Sequence[str], *, argument: str = "--out") -> Path:
+    """Validate an output path before any work is done: known suffix, existing writable folder."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"`{argument}` must end with {' or '.join(suffixes)}, got {str(path)!r}.")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"`{argument}` folder {str(parent)!r} does not exist; create it first.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"`{argument}` folder {str(parent)!r} is not writable.")
+    if path.is_dir():
+        raise ValueError(f"`{argument}` {str(path)!r} is a folder; give a file name.")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is fsynced and renamed onto ``path``.
+
+    On failure the temporary file is removed, so ``path`` is either the complete new file or untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _to_uint8(frame) -> np.ndarray:
+    if isinstance(frame, Image.Image):
+        return np.asarray(frame.convert("RGB"))
+    arr = np.asarray(frame)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    return arr
+
+
+def save_image(image, path: str | os.PathLike, parameters: dict[str, Any] | None = None) -> Path:
+    """Write ``image`` (PIL, or HWC float in [0, 1] / uint8) as PNG atomically, with ``parameters`` as JSON tEXt."""
+    path = Path(path)
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(_to_uint8(image))
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        info.add_text(PARAMETERS_KEY, json.dumps(parameters, sort_keys=True, default=str))
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="PNG", pnginfo=info)
+    return path
+
+
+def save_video(frames, path: str | os.PathLike, parameters: dict[str, Any] | None = None, fps: int = 8) -> Path:
+    """Write video ``frames`` (list of PIL / HWC arrays, or ``[F, H, W, C]``) as GIF or MP4, atomically.
+
+    GIF stores ``parameters`` in its comment extension; MP4 (needs ``imageio-ffmpeg``: ``pip install
+    attnpack[video]``) stores it in the container's ``comment`` metadata.
+    """
+    path = Path(path)
+    arrays = [_to_uint8(f) for f in frames]
+    text = json.dumps(parameters or {}, sort_keys=True, default=str)
+    if path.suffix.lower() == ".gif":
+        images = [Image.fromarray(a) for a in arrays]
+        with atomic_path(path) as tmp:
+            images[0].save(
+                tmp,
+                format="GIF",
+                save_all=True,
+                append_images=images[1:],
+                duration=int(1000 / fps),
+                loop=0,
+                comment=text.encode("utf-8"),
+            )
+        return path
+    if path.suffix.lower() == ".mp4":
+        try:
+            import imageio_ffmpeg
+        except ImportError:
+            raise ImportError(
+                "Writing MP4 needs `imageio-ffmpeg`. Install it with `pip install attnpack[video]`, or write a .gif."
+            ) from None
+        h, w = arrays[0].shape[:2]
+        with atomic_path(path) as tmp:
+            writer = imageio_ffmpeg.write_frames(
+                str(tmp),
+                (w, h),
+                fps=fps,
+                codec="libx264",
+                pix_fmt_out="yuv420p",
+                macro_block_size=1,
+                output_params=["-metadata", f"comment={text}", "-f", "mp4"],
+                ffmpeg_log_level="error",
+            )
+            writer.send(None)
+            for a in arrays:
+                writer.send(np.ascontiguousarray(a[..., :3]))
+            writer.close()
+        return path
+    raise ValueError(f"Unsupported video suffix {path.suffix!r}; use .gif or .mp4.")
+
+
+def read_parameters(path: str | os.PathLike) -> dict[str, Any]:
+    """Read the generation parameters embedded by :func:`save_image` / :func:`save_video`."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".png", ".gif"):
+        with Image.open(path) as im:
+            raw = im.info.get(PARAMETERS_KEY) if suffix == ".png" else im.info.get("comment")
+        if raw is None:
+            raise ValueError(f"{str(path)!r} has no embedded attnpack parameters.")
+        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    if suffix == ".mp4":
+        import imageio_ffmpeg
+
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
+        out = subprocess.run(
+            [exe, "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"], capture_output=True, text=True, check=True
+        ).stdout
+        for line in out.splitlines():
+            if line.startswith("comment="):
+                return json.loads(line[len("comment=") :].replace("\\=", "=").replace("\\;", ";").replace("\\#", "#"))
+        raise ValueError(f"{str(path)!r} has no embedded attnpack parameters.")
+    raise ValueError(f"Cannot read parameters from {suffix!r} files.")
+
+
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` onto ``dst`` atomically."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)

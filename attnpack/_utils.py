@@ -1,0 +1,64 @@
+"""Small shared helpers: dtype parsing, versions, optional-dependency checks."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+
+import torch
+
+
+__all__ = ["parse_dtype", "package_versions", "require", "is_available", "DTYPE_NAMES"]
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """``"auto"`` / ``None`` -> bf16 on CUDA with bf16 support, fp16 on other CUDA, fp32 on CPU; names as in
+    :data:`DTYPE_NAMES`; a ``torch.dtype`` passes through."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        dev = torch.device(device) if device is not None else None
+        if dev is not None and dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if not isinstance(dtype, str) or dtype.lower() not in DTYPE_NAMES:
+        raise ValueError(f"`dtype` must be one of auto, {', '.join(DTYPE_NAMES)}, got {dtype!r}.")
+    return DTYPE_NAMES[dtype.lower()]
+
+
+def is_available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def require(module: str, extra: str, feature: str) -> object:
+    """Import ``module`` or raise an ``ImportError`` naming the pip extra that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(
+            f"{feature} requires `{module}`. Please install it with `pip install attnpack[{extra}]`."
+        ) from None
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of attnpack and the packages its results depend on (``"-"`` when not installed)."""
+    from ._version import __version__
+
+    out = {"attnpack": __version__}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "triton", "xformers", "gradio"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "-"
+    return out

@@ -1,0 +1,481 @@
+"""Per-call run context: what attention processors need to know about the current denoiser call.
+
+A diffusers :class:`~diffusers.hooks.ModelHook` on the denoiser records, for every forward, the token grid of the
+image or video stream (from FLUX ``img_ids``, from the latent shape for UNets, SD3 and video models), the number of
+text tokens, the denoising step index and timestep, and which batch rows are unconditional, conditional, perturbed,
+reference or target. Processors read it with :func:`current_run` instead of counting calls.
+
+The state lives in a :class:`contextvars.ContextVar` that is set for the duration of one denoiser forward, so two
+pipelines in one process, or two threads serving two requests, never see each other's state.
+
+Step index: when the hook is bound to a pipeline's scheduler, the step is the number of ``scheduler.step`` calls since
+the last ``set_timesteps`` (plus the scheduler's ``begin_index`` for img2img), and ``num_steps`` is
+``len(scheduler.timesteps)``. Without a scheduler, the step advances whenever the timestep changes and restarts when it
+goes up (a new generation); ``num_steps`` is then unknown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import inspect
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RunState",
+    "RunContextHook",
+    "current_run",
+    "run_overrides",
+    "install_run_context",
+    "ROLE_UNCOND",
+    "ROLE_COND",
+    "ROLE_PERTURBED",
+    "ROLE_REFERENCE",
+    "ROLE_TARGET",
+]
+
+ROLE_UNCOND = "uncond"
+ROLE_COND = "cond"
+ROLE_PERTURBED = "perturbed"
+ROLE_REFERENCE = "reference"
+ROLE_TARGET = "target"
+
+HOOK_NAME = "attnpack_run_context"
+
+_CURRENT: contextvars.ContextVar[RunState | None] = contextvars.ContextVar("attnpack_run_state", default=None)
+_OVERRIDES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "attnpack_run_overrides", default=None
+)
+
+
+@dataclasses.dataclass
+class RunState:
+    """What is known about the denoiser call in flight.
+
+    Attributes:
+        family: model family of the denoiser (``"unet"``, ``"sd3"``, ``"flux"``, ``"wan"``, ``"cogvideox"``,
+            ``"hunyuan_video"``).
+        grid: token grid of the image / video stream at the attention layers of full resolution, ``(H, W)`` for images
+            and ``(F, H, W)`` for videos, row-major. UNet layers at lower resolutions use :meth:`grid_for`.
+        text_len: number of text (context) tokens joined with the image tokens (FLUX, SD3, CogVideoX, HunyuanVideo),
+            or ``None`` where text is only reached through cross-attention.
+        image_len: number of image tokens forming ``grid`` (FLUX Kontext appends reference-image tokens after them).
+        step_index: denoising step (0-based), ``None`` if unknown.
+        num_steps: number of scheduler timesteps, ``None`` if unknown.
+        timestep: the timestep value passed to the denoiser (first batch element).
+        batch_size: batch size of the denoiser input.
+        roles: one role per batch row (``"uncond"``, ``"cond"``, ``"perturbed"``, ``"reference"``, ``"target"``).
+        cache_name: the name of diffusers' ``cache_context`` around the call (``"cond"``, ``"uncond"``, ...), if any.
+        extras: free-form per-call state set through :func:`run_overrides` (e.g. by attnpack pipelines).
+    """
+
+    family: str
+    grid: tuple[int, ...] | None = None
+    text_len: int | None = None
+    image_len: int | None = None
+    step_index: int | None = None
+    num_steps: int | None = None
+    timestep: float | None = None
+    batch_size: int = 1
+    roles: tuple[str, ...] = ()
+    cache_name: str | None = None
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def progress(self) -> float | None:
+        """Fraction of the schedule done before this step (``step_index / num_steps``), ``None`` if unknown."""
+        if self.step_index is None or not self.num_steps:
+            return None
+        return self.step_index / self.num_steps
+
+    def grid_for(self, num_tokens: int) -> tuple[int, ...] | None:
+        """Grid of a layer holding ``num_tokens`` image tokens.
+
+        Equals :attr:`grid` at full resolution; for UNet levels downsampled by stride-2 convolutions (each side
+        ``ceil(n / 2)``) it walks down the levels until the token count matches. ``None`` if nothing matches.
+        """
+        if self.grid is None:
+            return None
+        grid = tuple(self.grid)
+        for _ in range(8):
+            if math.prod(grid) == num_tokens:
+                return grid
+            if math.prod(grid) < num_tokens:
+                break
+            # video models never downsample inside the denoiser: only the spatial axes shrink in UNets
+            grid = grid[:-2] + tuple((n + 1) // 2 for n in grid[-2:])
+        return None
+
+    def rows(self, *roles: str) -> list[int]:
+        """Batch rows whose role is one of ``roles``."""
+        return [i for i, r in enumerate(self.roles) if r in roles]
+
+
+def current_run() -> RunState | None:
+    """The :class:`RunState` of the denoiser call in flight in this thread / task, or ``None`` outside one."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def run_overrides(*, roles: Sequence[str] | None = None, **extras: Any) -> Iterator[None]:
+    """Override batch roles and add per-call extras for denoiser calls made inside the ``with`` block.
+
+    Used by code that builds the batch itself (guidance hooks, the IR-Diffusion and A-STAR pipelines). ``roles``
+    applies only when its length equals the batch size of the call. Nested blocks merge, inner values winning.
+    """
+    parent = _OVERRIDES.get() or {}
+    merged = dict(parent)
+    merged_extras = dict(parent.get("extras", {}))
+    merged_extras.update(extras)
+    merged["extras"] = merged_extras
+    if roles is not None:
+        merged["roles"] = tuple(roles)
+    token = _OVERRIDES.set(merged)
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
+
+
+# ------------------------------------------------------------------------------------------------- step tracking
+class _SchedulerStepTracker:
+    """Counts ``scheduler.step`` calls since the last ``set_timesteps`` by wrapping the two methods on the instance."""
+
+    ATTR = "_attnpack_step_tracker"
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.count = 0
+        self.refs = 0
+        self._orig_step = scheduler.__dict__.get("step")
+        self._orig_set = scheduler.__dict__.get("set_timesteps")
+        step_fn, set_fn = scheduler.step, scheduler.set_timesteps
+
+        # functools.wraps keeps the signatures: pipelines inspect `set_timesteps` for `sigmas` / `timesteps` support
+        @functools.wraps(step_fn)
+        def step(*args, **kwargs):
+            out = step_fn(*args, **kwargs)
+            self.count += 1
+            return out
+
+        @functools.wraps(set_fn)
+        def set_timesteps(*args, **kwargs):
+            self.count = 0
+            return set_fn(*args, **kwargs)
+
+        scheduler.step = step
+        scheduler.set_timesteps = set_timesteps
+
+    @classmethod
+    def acquire(cls, scheduler) -> _SchedulerStepTracker:
+        tracker = getattr(scheduler, cls.ATTR, None)
+        if tracker is None:
+            tracker = cls(scheduler)
+            setattr(scheduler, cls.ATTR, tracker)
+        tracker.refs += 1
+        return tracker
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs > 0:
+            return
+        for name, orig in (("step", self._orig_step), ("set_timesteps", self._orig_set)):
+            if orig is None:
+                self.scheduler.__dict__.pop(name, None)
+            else:
+                setattr(self.scheduler, name, orig)
+        self.scheduler.__dict__.pop(self.ATTR, None)
+
+    def position(self) -> tuple[int | None, int | None]:
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        num = len(timesteps) if timesteps is not None else None
+        begin = getattr(self.scheduler, "begin_index", None)
+        begin = begin if isinstance(begin, int) else 0
+        return begin + self.count, num
+
+
+class _CacheContextReceiver(StateManager):
+    """Receives diffusers' ``cache_context(name, ...)`` (pipelines name their cond / uncond denoiser calls)."""
+
+    def __init__(self):
+        super().__init__(state_cls=None)
+
+    def set_context(self, context) -> None:
+        self._context = context
+
+    @property
+    def name(self) -> str | None:
+        return None if self._context is None else self._context.name
+
+    def reset(self, *args, **kwargs) -> None:
+        self._context = None
+
+
+# ------------------------------------------------------------------------------------------------- grid extraction
+def _family_of(model: torch.nn.Module) -> str:
+    from ._families import family_of_model
+
+    return family_of_model(model)
+
+
+def _flux_grid(img_ids: torch.Tensor) -> tuple[tuple[int, int] | None, int]:
+    """Grid of the first image in FLUX ``img_ids`` (``[N, 3]``: stream id, row, column)."""
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    ids = ids.detach().to("cpu", torch.float64)
+    first = ids[:, 0] == ids[0, 0]
+    count = int(first.sum())
+    if not bool(first[:count].all()):  # the first image's tokens must come first
+        return None, ids.shape[0]
+    rows, cols = ids[:count, 1], ids[:count, 2]
+    r0, c0 = rows.min(), cols.min()
+    h = int(rows.max() - r0) + 1
+    w = int(cols.max() - c0) + 1
+    if h * w != count:
+        return None, count
+    idx = torch.arange(count, dtype=torch.float64)
+    if not (torch.equal(rows - r0, torch.div(idx, w, rounding_mode="floor")) and torch.equal(cols - c0, idx % w)):
+        return None, count  # not row-major
+    return (h, w), count
+
+
+def _as_int_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def extract_call_info(family: str, model: torch.nn.Module, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Grid, text length, timestep and batch size of one denoiser call, from its bound arguments."""
+    cfg = model.config
+    info: dict[str, Any] = {}
+    if family == "unet":
+        sample = arguments.get("sample")
+        if sample is not None:
+            info["batch_size"] = sample.shape[0]
+            info["grid"] = tuple(sample.shape[-2:])
+    elif family == "sd3":
+        hs = arguments.get("hidden_states")
+        if hs is not None:
+            p = cfg.patch_size
+            info["batch_size"] = hs.shape[0]
+            info["grid"] = (hs.shape[-2] // p, hs.shape[-1] // p)
+        ehs = arguments.get("encoder_hidden_states")
+        if ehs is not None:
+            info["text_len"] = ehs.shape[1]
+    elif family == "flux":
+        hs = arguments.get("hidden_states")
+        if hs is not None:
+            info["batch_size"] = hs.shape[0]
+        img_ids = arguments.get("img_ids")
+        if img_ids is not None:
+            info["grid"], info["image_len"] = _flux_grid(img_ids)
+        ehs = arguments.get("encoder_hidden_states")
+        if ehs is not None:
+            info["text_len"] = ehs.shape[1]
+    elif family in ("wan", "hunyuan_video"):
+        hs = arguments.get("hidden_states")
+        if hs is not None:
+            info["batch_size"] = hs.shape[0]
+            if family == "wan":
+                pt, ph, pw = _as_int_tuple(cfg.patch_size)
+            else:
+                ph = pw = cfg.patch_size
+                pt = cfg.patch_size_t or 1
+            f, h, w = hs.shape[-3:]
+            info["grid"] = (f // pt, h // ph, w // pw)
+        if family == "hunyuan_video":
+            ehs = arguments.get("encoder_hidden_states")
+            if ehs is not None:
+                info["text_len"] = ehs.shape[1]
+    elif family == "cogvideox":
+        hs = arguments.get("hidden_states")  # [B, F, C, H, W]
+        if hs is not None:
+            p = cfg.patch_size
+            pt = getattr(cfg, "patch_size_t", None) or 1
+            frames = hs.shape[1]
+            if pt > 1:  # CogVideoX 1.5 pads the frames to a multiple of patch_size_t
+                frames = -(-frames // pt)
+            info["batch_size"] = hs.shape[0]
+            info["grid"] = (frames, hs.shape[-2] // p, hs.shape[-1] // p)
+        ehs = arguments.get("encoder_hidden_states")
+        if ehs is not None:
+            info["text_len"] = ehs.shape[1]
+    timestep = arguments.get("timestep")
+    if timestep is not None:
+        t = timestep.flatten()[0] if torch.is_tensor(timestep) else timestep
+        info["timestep"] = float(t)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------- the hook
+class RunContextHook(ModelHook):
+    """Sets :func:`current_run` for the duration of each forward of the denoiser it is registered on."""
+
+    _is_stateful = True
+
+    def __init__(self, family: str):
+        super().__init__()
+        self.family = family
+        self.refs = 0
+        self.active = True
+        self.pipeline = None
+        self._tracker: _SchedulerStepTracker | None = None
+        self._cache = _CacheContextReceiver()
+        self._signature: inspect.Signature | None = None
+        self._last_timestep: float | None = None
+        self._fallback_step = 0
+        self._registered_forward = None
+
+    # ---------------------------------------------------------------- binding
+    def bind_pipeline(self, pipeline) -> None:
+        """Use ``pipeline``'s scheduler for step indices and its CFG flag for default batch roles."""
+        if pipeline is None or self.pipeline is pipeline:
+            return
+        scheduler = getattr(pipeline, "scheduler", None)
+        if scheduler is None:
+            return
+        if self._tracker is not None:
+            self._tracker.release()
+        self.pipeline = pipeline
+        self._tracker = _SchedulerStepTracker.acquire(scheduler)
+
+    def unbind(self) -> None:
+        if self._tracker is not None:
+            self._tracker.release()
+        self._tracker = None
+        self.pipeline = None
+
+    def reset_state(self, module):
+        self._last_timestep = None
+        self._fallback_step = 0
+        self._cache.reset()
+        return module
+
+    # ---------------------------------------------------------------- forward
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if not self.active:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        state = self.build_state(module, args, kwargs)
+        token = _CURRENT.set(state)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            _CURRENT.reset(token)
+
+    def build_state(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> RunState:
+        if self._signature is None:
+            self._signature = inspect.signature(self.fn_ref.original_forward)
+        try:
+            arguments = self._signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            arguments = dict(kwargs)
+        info = extract_call_info(self.family, module, arguments)
+        step_index, num_steps = self._step_position(info.get("timestep"))
+        state = RunState(
+            family=self.family,
+            grid=info.get("grid"),
+            text_len=info.get("text_len"),
+            image_len=info.get("image_len"),
+            step_index=step_index,
+            num_steps=num_steps,
+            timestep=info.get("timestep"),
+            batch_size=info.get("batch_size", 1),
+            cache_name=self._cache.name,
+        )
+        if state.image_len is None and state.grid is not None:
+            state.image_len = math.prod(state.grid)
+        overrides = _OVERRIDES.get() or {}
+        state.extras = dict(overrides.get("extras", {}))
+        state.roles = self._roles(state.batch_size, overrides.get("roles"))
+        return state
+
+    def _step_position(self, timestep: float | None) -> tuple[int | None, int | None]:
+        if self._tracker is not None:
+            return self._tracker.position()
+        if timestep is None:
+            return None, None
+        if self._last_timestep is not None:
+            if timestep > self._last_timestep:
+                self._fallback_step = 0
+            elif timestep < self._last_timestep:
+                self._fallback_step += 1
+        self._last_timestep = timestep
+        return self._fallback_step, None
+
+    def _roles(self, batch_size: int, override: tuple[str, ...] | None) -> tuple[str, ...]:
+        if override is not None and len(override) == batch_size:
+            return tuple(override)
+        name = self._cache.name
+        if name == "uncond":
+            return (ROLE_UNCOND,) * batch_size
+        if name == "cond":
+            return (ROLE_COND,) * batch_size
+        cfg = False
+        if self.pipeline is not None:
+            try:
+                cfg = bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
+            except (AttributeError, TypeError):  # property read before the first __call__
+                cfg = False
+        if (cfg or name == "cond_uncond") and batch_size % 2 == 0:
+            half = batch_size // 2
+            return (ROLE_UNCOND,) * half + (ROLE_COND,) * half
+        return (ROLE_COND,) * batch_size
+
+
+def install_run_context(model: torch.nn.Module, pipeline=None) -> RunContextHook:
+    """Register (or reuse) the run-context hook on ``model``; each call adds one reference.
+
+    Release with :func:`release_run_context`. When ``pipeline`` is given, its scheduler provides step indices.
+    """
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    hook = registry.get_hook(HOOK_NAME)
+    if hook is None:
+        hook = RunContextHook(_family_of(model))
+        registry.register_hook(hook, HOOK_NAME)
+        hook._registered_forward = model.forward
+    elif not hook.active:  # a pass-through leftover (see release_run_context): switch it back on
+        hook.active = True
+        hook.refs = 0
+    hook.refs += 1
+    if pipeline is not None:
+        hook.bind_pipeline(pipeline)
+    return hook
+
+
+def _remove_hook(model: torch.nn.Module, hook: RunContextHook) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    if model.forward is hook._registered_forward:
+        registry.remove_hook(HOOK_NAME, recurse=False)
+    else:
+        # Something (e.g. accelerate's offload hook) wrapped the forward after us; removing our wrapper would drop
+        # theirs. Leave a pass-through in place instead.
+        hook.active = False
+
+
+def release_run_context(model: torch.nn.Module) -> None:
+    """Drop one reference taken by :func:`install_run_context`; the hook goes away with the last one."""
+    registry = getattr(model, "_diffusers_hook", None)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    if hook is None:
+        return
+    hook.refs -= 1
+    if hook.refs > 0:
+        return
+    hook.unbind()
+    _remove_hook(model, hook)
+    if not hook.active:
+        logger.debug("run-context hook left as a pass-through: the forward was wrapped after it")

@@ -1,0 +1,68 @@
+"""``attnpack generate``: one image (PNG) or video (GIF / MP4) with its parameters embedded."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._common import add_model_args, json_object, load_from_args, set_attention_backend
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate one image or video",
+        description="Generate one image (PNG) or video (GIF/MP4) with the generation parameters embedded in the file.",
+    )
+    add_model_args(p)
+    p.add_argument("-p", "--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--frames", type=int, default=None, help="number of frames (video models)")
+    p.add_argument("--fps", type=int, default=8, help="frames per second of video outputs")
+    p.add_argument("--pipeline-kwargs", type=json_object, default={}, help="extra pipeline arguments as a JSON object")
+    p.add_argument("-o", "--out", default=None, help="output file: .png for images, .gif or .mp4 for videos")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_output_path, save_image, save_video
+    from ..pipelines.generation import GenerationSettings, run_generation
+    from ..pipelines.loading import is_video_pipeline
+
+    settings = GenerationSettings(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        height=args.height,
+        width=args.width,
+        num_frames=args.frames,
+        pipeline_kwargs=args.pipeline_kwargs,
+    )
+    settings.validate()
+    if args.out is not None:  # fail before loading anything if the output cannot be written
+        check_output_path(args.out, IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+    pipe = load_from_args(args)
+    video = is_video_pipeline(pipe)
+    out = args.out or ("out.gif" if video else "out.png")
+    out = check_output_path(out, VIDEO_SUFFIXES if video else IMAGE_SUFFIXES)
+    handle = set_attention_backend(pipe, args.attention_backend)
+    try:
+        result = run_generation(
+            pipe, settings, extra_parameters={"attention_backend": args.attention_backend or "default"}
+        )
+    finally:
+        if handle is not None:
+            handle.remove()
+    if video:
+        save_video(result.images[0], out, result.parameters, fps=args.fps)
+    else:
+        save_image(result.images[0], out, result.parameters)
+    print(f"wrote {out} ({result.seconds:.2f} s)", file=sys.stderr)
+    return 0

@@ -1,0 +1,120 @@
+"""One generation with recorded parameters: shared by ``attnpack generate``, ``attnpack batch`` and the UI."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+
+from .._utils import package_versions
+from .loading import is_video_pipeline, pipeline_defaults
+
+
+__all__ = ["GenerationSettings", "GenerationResult", "run_generation", "describe_processors"]
+
+
+@dataclasses.dataclass
+class GenerationSettings:
+    """User-facing generation settings; ``None`` means "the pipeline's (or built-in model's) default"."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    pipeline_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("`prompt` must be a non-empty string.")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer, got {self.seed!r}.")
+        if self.steps is not None and (not isinstance(self.steps, int) or not 1 <= self.steps <= 1000):
+            raise ValueError(f"`steps` must be an integer in 1..1000, got {self.steps!r}.")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 8 <= value <= 16384):
+                raise ValueError(f"`{name}` must be an integer in 8..16384, got {value!r}.")
+        if self.num_frames is not None and (not isinstance(self.num_frames, int) or self.num_frames < 1):
+            raise ValueError(f"`num_frames` must be a positive integer, got {self.num_frames!r}.")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    images: list  # PIL images (image pipelines) or one list of PIL frames per video
+    parameters: dict[str, Any]
+    seconds: float
+    is_video: bool
+
+
+def describe_processors(pipe) -> dict[str, int]:
+    """Count the attention processors installed on the pipeline's denoiser(s), by class (and core for attnpack's)."""
+    counts: Counter[str] = Counter()
+    for key in ("unet", "transformer", "transformer_2"):
+        model = pipe.components.get(key) if hasattr(pipe, "components") else None
+        if model is None or not hasattr(model, "attn_processors"):
+            continue
+        for proc in model.attn_processors.values():
+            core = getattr(proc, "core", None)
+            counts[type(proc).__name__ + (f"[{core!r}]" if core is not None else "")] += 1
+    return dict(counts)
+
+
+def run_generation(pipe, settings: GenerationSettings, *, extra_parameters: dict[str, Any] | None = None):
+    """Run ``pipe`` with ``settings`` (seeded CPU generator) and return images plus the parameters to embed."""
+    settings.validate()
+    sig = inspect.signature(pipe.__call__).parameters
+    kwargs: dict[str, Any] = pipeline_defaults(pipe)
+    video = is_video_pipeline(pipe)
+    for name, value in (
+        ("negative_prompt", settings.negative_prompt),
+        ("num_inference_steps", settings.steps),
+        ("guidance_scale", settings.guidance),
+        ("height", settings.height),
+        ("width", settings.width),
+        ("num_frames", settings.num_frames),
+    ):
+        if value is not None:
+            if name not in sig:
+                raise ValueError(f"{type(pipe).__name__} does not take `{name}`.")
+            kwargs[name] = value
+    kwargs = {k: v for k, v in kwargs.items() if k in sig}
+    kwargs.update(settings.pipeline_kwargs)
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    start = time.perf_counter()
+    out = pipe(prompt=settings.prompt, generator=generator, output_type="pil", **kwargs)
+    seconds = time.perf_counter() - start
+    images = list(out.frames) if video else list(out.images)
+
+    denoiser = next((pipe.components[k] for k in ("transformer", "unet") if pipe.components.get(k) is not None), None)
+    first = next(iter(denoiser.parameters()), None) if denoiser is not None else None
+    parameters: dict[str, Any] = {
+        "model": getattr(pipe, "_attnpack_model", None) or getattr(pipe, "name_or_path", None),
+        "pipeline": type(pipe).__name__,
+        "prompt": settings.prompt,
+        "negative_prompt": settings.negative_prompt,
+        "seed": settings.seed,
+        "steps": kwargs.get(
+            "num_inference_steps", sig["num_inference_steps"].default if "num_inference_steps" in sig else None
+        ),
+        "guidance": kwargs.get("guidance_scale", sig["guidance_scale"].default if "guidance_scale" in sig else None),
+        "height": kwargs.get("height"),
+        "width": kwargs.get("width"),
+        "num_frames": kwargs.get("num_frames"),
+        "pipeline_kwargs": {k: v for k, v in settings.pipeline_kwargs.items()},
+        "dtype": str(first.dtype).replace("torch.", "") if first is not None else None,
+        "device": str(first.device) if first is not None else None,
+        "processors": describe_processors(pipe),
+        "seconds": round(seconds, 3),
+        "versions": package_versions(),
+    }
+    if extra_parameters:
+        parameters.update(extra_parameters)
+    return GenerationResult(images=images, parameters=parameters, seconds=seconds, is_video=video)

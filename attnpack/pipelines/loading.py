@@ -1,0 +1,148 @@
+"""Loading pipelines: a Hub id, a local diffusers folder, or a built-in tiny model name."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._utils import parse_dtype
+from ._tiny import TINY_MODELS, build_tiny_pipeline
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_pipeline", "builtin_models", "is_video_pipeline", "pipeline_defaults", "OFFLOAD_MODES"]
+
+OFFLOAD_MODES = (None, "model", "sequential")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# built-in model name -> loader; issue #11 adds trained toy models here
+_EXTRA_BUILTINS: dict[str, tuple[Any, str, dict]] = {}
+
+
+def builtin_models() -> dict[str, str]:
+    """Built-in model names and what they are."""
+    out = {name: desc for name, (_, desc, _) in TINY_MODELS.items()}
+    out.update({name: desc for name, (_, desc, _) in _EXTRA_BUILTINS.items()})
+    return out
+
+
+def register_builtin(name: str, loader, description: str, defaults: dict | None = None) -> None:
+    """Register a built-in model name: ``loader(seed) -> pipeline``."""
+    _EXTRA_BUILTINS[name] = (loader, description, dict(defaults or {}))
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"`device` must be e.g. 'cpu', 'cuda' or 'cuda:1', got {device!r}.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` is {device!r} but no CUDA GPU is available here; use --device cpu.")
+    return dev
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+    offload: str | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    seed: int = 0,
+    **from_pretrained_kwargs,
+):
+    """Load a diffusers pipeline.
+
+    Args:
+        model: a built-in name (``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-wan``,
+            ``tiny-cogvideox``; see :func:`builtin_models`), a local folder written by ``save_pretrained``, or a Hub
+            id such as ``"black-forest-labs/FLUX.1-dev"`` (downloaded by ``from_pretrained`` as usual).
+        dtype: ``"auto"`` (bf16/fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"fp16"``, ``"bf16"`` or a ``torch.dtype``.
+        device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available). Ignored with ``offload``.
+        offload: ``None``, ``"model"`` (``enable_model_cpu_offload``) or ``"sequential"``
+            (``enable_sequential_cpu_offload``); both need an accelerator.
+        variant, revision, local_files_only, **from_pretrained_kwargs: passed to ``DiffusionPipeline.from_pretrained``.
+        seed: weight seed of the built-in tiny models.
+
+    Returns:
+        the pipeline, with ``pipe._attnpack_model`` (the name it was loaded from) and ``pipe._attnpack_defaults``
+        (call defaults that suit it, e.g. the tiny models' small sizes).
+    """
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"`offload` must be one of None, 'model', 'sequential', got {offload!r}.")
+    dev = _resolve_device(device)
+    torch_dtype = parse_dtype(dtype, dev)
+    name = os.fspath(model)
+    defaults: dict[str, Any] = {}
+    if name in TINY_MODELS:
+        pipe = build_tiny_pipeline(name, seed=seed)
+        defaults = dict(TINY_MODELS[name][2])
+        if torch_dtype != torch.float32:
+            pipe.to(dtype=torch_dtype)
+    elif name in _EXTRA_BUILTINS:
+        loader, _, defaults = _EXTRA_BUILTINS[name]
+        pipe = loader(seed)
+        defaults = dict(defaults)
+        if torch_dtype != torch.float32:
+            pipe.to(dtype=torch_dtype)
+    else:
+        from diffusers import DiffusionPipeline
+
+        path = Path(name).expanduser()
+        kwargs = dict(torch_dtype=torch_dtype, variant=variant, revision=revision, **from_pretrained_kwargs)
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise ValueError(
+                    f"`model` folder {name!r} has no model_index.json; it is not a diffusers pipeline folder "
+                    "(write one with `pipe.save_pretrained(folder)`)."
+                )
+            pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+        elif name.startswith(("tiny-", "toy-")):
+            raise ValueError(f"Unknown built-in model {name!r}. Built-in models: {', '.join(builtin_models())}.")
+        elif _HUB_ID.match(name) and not path.exists():
+            if local_files_only is not None:
+                kwargs["local_files_only"] = local_files_only
+            pipe = DiffusionPipeline.from_pretrained(name, **kwargs)
+        else:
+            raise ValueError(
+                f"`model` {name!r} is neither a built-in model ({', '.join(builtin_models())}), an existing "
+                "diffusers folder, nor a Hub id like 'org/name'."
+            )
+        vae = getattr(pipe, "vae", None)
+        if vae is not None and torch_dtype == torch.float16 and "FLUX" in type(pipe).__name__.upper():
+            logger.debug("FLUX VAE in fp16 can overflow; consider dtype='bf16'")
+    if offload == "model":
+        if dev.type == "cpu":
+            raise ValueError("`offload='model'` needs an accelerator (CUDA); on CPU leave `offload` unset.")
+        pipe.enable_model_cpu_offload()
+    elif offload == "sequential":
+        if dev.type == "cpu":
+            raise ValueError("`offload='sequential'` needs an accelerator (CUDA); on CPU leave `offload` unset.")
+        pipe.enable_sequential_cpu_offload()
+    else:
+        pipe.to(dev)
+    pipe._attnpack_model = name
+    pipe._attnpack_defaults = defaults
+    return pipe
+
+
+def is_video_pipeline(pipe) -> bool:
+    """``True`` for text-to-video pipelines (Wan, CogVideoX, HunyuanVideo, ...)."""
+    import inspect
+
+    return "num_frames" in inspect.signature(pipe.__call__).parameters
+
+
+def pipeline_defaults(pipe) -> dict[str, Any]:
+    """Call defaults recorded by :func:`load_pipeline` (empty for pipelines loaded elsewhere)."""
+    return dict(getattr(pipe, "_attnpack_defaults", {}) or {})

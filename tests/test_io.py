@@ -1,0 +1,60 @@
+"""Atomic writes and embedded parameters."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from attnpack._io import atomic_path, check_output_path, read_parameters, save_image, save_video
+
+
+def test_png_roundtrip(tmp_path):
+    path = save_image(np.random.rand(8, 8, 3), tmp_path / "a.png", {"seed": 3, "prompt": "x"})
+    assert read_parameters(path) == {"prompt": "x", "seed": 3}
+    with Image.open(path) as im:
+        assert im.size == (8, 8)
+
+
+def test_gif_roundtrip(tmp_path):
+    frames = [np.random.rand(8, 8, 3) for _ in range(3)]
+    path = save_video(frames, tmp_path / "a.gif", {"frames": 3})
+    assert read_parameters(path) == {"frames": 3}
+    with Image.open(path) as im:
+        assert im.n_frames == 3
+
+
+def test_mp4_roundtrip(tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
+    frames = [np.full((16, 16, 3), i / 4) for i in range(4)]
+    path = save_video(frames, tmp_path / "a.mp4", {"model": "tiny-wan", "note": "a=b;c"})
+    assert read_parameters(path) == {"model": "tiny-wan", "note": "a=b;c"}
+
+
+def test_failed_write_leaves_nothing_and_keeps_old_file(tmp_path):
+    target = tmp_path / "keep.png"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("killed")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["keep.png"]
+
+
+def test_check_output_path(tmp_path):
+    assert check_output_path(tmp_path / "x.png", (".png",)) == tmp_path / "x.png"
+    with pytest.raises(ValueError, match="must end with .png"):
+        check_output_path(tmp_path / "x.jpg", (".png",))
+    with pytest.raises(ValueError, match="does not exist"):
+        check_output_path(tmp_path / "nope" / "x.png", (".png",))
+    with pytest.raises(ValueError, match="is a folder"):
+        (tmp_path / "d.png").mkdir()
+        check_output_path(tmp_path / "d.png", (".png",))
+
+
+def test_parameters_are_json(tmp_path):
+    path = save_image(np.zeros((4, 4, 3)), tmp_path / "b.png", {"t": (1, 2)})
+    with Image.open(path) as im:
+        assert json.loads(im.info["parameters"]) == {"t": [1, 2]}

@@ -1,0 +1,45 @@
+"""The public API is explicit (pinned here) and importing attnpack is cheap."""
+
+import subprocess
+import sys
+
+import attnpack
+
+
+EXPECTED = {
+    "__version__",
+    "AttentionCall",
+    "AttnPackProcessor",
+    "DenseCore",
+    "GenerationSettings",
+    "LayerInfo",
+    "ProcessorHandle",
+    "RunState",
+    "TokenLayout",
+    "apply_processors",
+    "builtin_models",
+    "current_run",
+    "list_layers",
+    "load_pipeline",
+    "read_parameters",
+    "run_generation",
+    "run_overrides",
+    "save_image",
+    "save_video",
+    "set_attention_backend",
+}
+
+
+def test_all_is_pinned():
+    assert set(attnpack.__all__) == EXPECTED
+
+
+def test_every_public_name_resolves():
+    for name in attnpack.__all__:
+        assert getattr(attnpack, name) is not None
+
+
+def test_import_is_light():
+    code = "import sys, attnpack; print('diffusers' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
