@@ -32,6 +32,36 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_technique_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("techniques")
+    g.add_argument(
+        "-t",
+        "--technique",
+        action="append",
+        default=[],
+        help="technique to apply (repeatable); `attnpack info` lists them",
+    )
+    g.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="technique option, named as in the Python API (repeatable; technique.key=value with several techniques)",
+    )
+    g.add_argument(
+        "--techniques",
+        default=None,
+        metavar="JSON",
+        help='techniques as JSON, e.g. \'[{"name": "gna", "window_size": [13, 13]}]\'',
+    )
+
+
+def technique_specs(args) -> list:
+    from ..techniques import parse_technique_specs
+
+    return parse_technique_specs(args.technique, args.opt, args.techniques)
+
+
 def json_object(text: str) -> dict:
     try:
         value = json.loads(text)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_model_args, json_object, load_from_args, set_attention_backend
+from ._common import (
+    add_model_args,
+    add_technique_args,
+    json_object,
+    load_from_args,
+    set_attention_backend,
+    technique_specs,
+)
 
 
 def register(sub) -> None:
@@ -15,6 +22,7 @@ def register(sub) -> None:
         description="Generate one image (PNG) or video (GIF/MP4) with the generation parameters embedded in the file.",
     )
     add_model_args(p)
+    add_technique_args(p)
     p.add_argument("-p", "--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -46,20 +54,31 @@ def run(args: argparse.Namespace) -> int:
         pipeline_kwargs=args.pipeline_kwargs,
     )
     settings.validate()
+    specs = technique_specs(args)  # validate technique options before loading the model
     if args.out is not None:  # fail before loading anything if the output cannot be written
         check_output_path(args.out, IMAGE_SUFFIXES + VIDEO_SUFFIXES)
     pipe = load_from_args(args)
     video = is_video_pipeline(pipe)
     out = args.out or ("out.gif" if video else "out.png")
     out = check_output_path(out, VIDEO_SUFFIXES if video else IMAGE_SUFFIXES)
-    handle = set_attention_backend(pipe, args.attention_backend)
+    from ..techniques import apply_techniques
+
+    techniques = apply_techniques(pipe, specs)
+    handle = None
     try:
+        handle = set_attention_backend(pipe, args.attention_backend)
         result = run_generation(
-            pipe, settings, extra_parameters={"attention_backend": args.attention_backend or "default"}
+            pipe,
+            settings,
+            extra_parameters={
+                "attention_backend": args.attention_backend or "default",
+                "techniques": [{"name": name, **options} for name, options in specs],
+            },
         )
     finally:
         if handle is not None:
             handle.remove()
+        techniques.remove()
     if video:
         save_video(result.images[0], out, result.parameters, fps=args.fps)
     else:

@@ -15,8 +15,13 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._env import environment_report
+    from ..techniques import available_techniques
 
     report = environment_report(args.device)
+    report["techniques"] = {
+        name: {"summary": t.summary, "options": {o.name: o.help for o in t.options}}
+        for name, t in available_techniques().items()
+    }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -27,4 +32,9 @@ def run(args: argparse.Namespace) -> int:
     print("attention backends:")
     for name, res in report["backends"].items():
         print(f"  {name:9s} {'yes' if res['ok'] else 'no ':3s}  {res['detail']}")
+    print("techniques (attnpack generate --technique NAME --opt KEY=VALUE):")
+    for name, tech in report["techniques"].items():
+        print(f"  {name}: {tech['summary']}")
+        for opt, help_text in tech["options"].items():
+            print(f"      {opt}: {help_text}")
     return 0
