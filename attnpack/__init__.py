@@ -31,6 +31,11 @@ _EXPORTS: dict[str, str] = {
     "builtin_models": "attnpack.pipelines.loading",
     "GenerationSettings": "attnpack.pipelines.generation",
     "run_generation": "attnpack.pipelines.generation",
+    # A-STAR
+    "AStarPipeline": "attnpack.pipelines.astar",
+    "AStarXLPipeline": "attnpack.pipelines.astar",
+    "segregation_loss": "attnpack.pipelines.astar",
+    "retention_loss": "attnpack.pipelines.astar",
     # outputs
     "save_image": "attnpack._io",
     "save_video": "attnpack._io",
@@ -66,5 +71,6 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .attn_processors._context import RunState, current_run, run_overrides
     from .attn_processors._families import LayerInfo, TokenLayout
+    from .pipelines.astar import AStarPipeline, AStarXLPipeline, retention_loss, segregation_loss
     from .pipelines.generation import GenerationSettings, run_generation
     from .pipelines.loading import builtin_models, load_pipeline
