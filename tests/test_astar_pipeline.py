@@ -36,7 +36,7 @@ def pipes(request):
 
 
 def _kwargs(**extra):
-    kw = dict(num_inference_steps=3, guidance_scale=5.0, height=64, width=64, output_type="np")
+    kw = dict(num_inference_steps=2, guidance_scale=5.0, height=64, width=64, output_type="np")
     kw.update(extra)
     return kw
 
@@ -65,6 +65,21 @@ def test_zero_weights_reproduce_base_pipeline_exactly(pipes):
     changed = astar(PROMPT, concepts=CONCEPTS, generator=_gen(), attn_res=res, **_kwargs()).images
     reference = base(PROMPT, generator=_gen(), **_kwargs()).images
     assert abs(changed - reference).max() > 1e-4  # the default weights do change the image
+
+
+def test_zero_weights_exact_with_a_scaling_scheduler():
+    """Euler: init_noise_sigma != 1 and scale_model_input is not the identity (the gradient pass scales too)."""
+    from diffusers import EulerDiscreteScheduler
+
+    base = build_tiny_pipeline("tiny-sd15")
+    base.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
+    base.set_progress_bar_config(disable=True)
+    astar = AStarPipeline.from_pipe(base)
+    ref = base(PROMPT, generator=_gen(), **_kwargs()).images
+    out = astar(PROMPT, concepts=CONCEPTS, generator=_gen(), segregation_weight=0, retention_weight=0, **_kwargs())
+    assert abs(out.images - ref).max() == 0.0
+    moved = astar(PROMPT, concepts=CONCEPTS, generator=_gen(), **_kwargs())
+    assert all(r["total_after"] < r["total"] for r in moved.losses)
 
 
 def test_from_pipe_shares_components_and_restores_processors(pipes):
@@ -121,15 +136,15 @@ def test_token_indices_equal_concepts_and_max_steps_to_alter(pipes):
     by_index = astar(PROMPT, token_indices=indices, generator=_gen(), attn_res=res, **_kwargs())
     assert abs(by_word.images - by_index.images).max() == 0.0
     one = astar(PROMPT, concepts=CONCEPTS, generator=_gen(), attn_res=res, max_steps_to_alter=1, **_kwargs())
-    assert ["total" in r for r in one.losses] == [True, False, False]
+    assert ["total" in r for r in one.losses] == [True, False]
 
 
 def test_attention_maps_output(pipes):
     _, astar, res = pipes
     out = astar(PROMPT, concepts=CONCEPTS, generator=_gen(), attn_res=res, return_attention_maps=True, **_kwargs())
-    assert out.attention_maps.shape == (3, 1, 2, res, res)
+    assert out.attention_maps.shape == (2, 1, 2, res, res)
     assert out.attention_maps.min() >= 0
-    torch.testing.assert_close(out.attention_maps.amax(dim=(-2, -1)), torch.ones(3, 1, 2))
+    torch.testing.assert_close(out.attention_maps.amax(dim=(-2, -1)), torch.ones(2, 1, 2))
     assert out.concepts == CONCEPTS
 
 

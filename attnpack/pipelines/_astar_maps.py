@@ -398,6 +398,7 @@ def render_attention_maps(
     cell: int = 64,
     max_columns: int = 10,
     animate: bool = False,
+    contrast: str = "max",
 ):
     """Pictures of per-concept, per-step attention maps.
 
@@ -408,6 +409,8 @@ def render_attention_maps(
         cell: size in pixels of one upscaled map.
         max_columns: a grid shows at most this many steps, evenly spaced, always including the first and last.
         animate: return one frame per step (the ``K`` maps side by side) instead of one grid.
+        contrast: ``"max"`` shows each map divided by its maximum (as the losses see it); ``"minmax"`` stretches each
+            map from its minimum to its maximum (shows structure in nearly flat maps, e.g. of untrained models).
 
     Returns:
         a PIL image (rows = concepts, columns = steps), or a list of PIL frames when ``animate``.
@@ -421,7 +424,11 @@ def render_attention_maps(
     steps = list(steps) if steps is not None else list(range(t))
     if len(concepts) != k or len(steps) != t:
         raise ValueError(f"need {k} concept labels and {t} step labels, got {len(concepts)} and {len(steps)}.")
+    if contrast not in ("max", "minmax"):
+        raise ValueError(f"`contrast` must be 'max' or 'minmax', got {contrast!r}.")
     data = maps.detach().float().cpu()
+    if contrast == "minmax":
+        data = data - data.amin(dim=(-2, -1), keepdim=True)
     peak = data.amax(dim=(-2, -1), keepdim=True).clamp_min(_EPS)
     data = (data / peak).numpy()
 
