@@ -82,6 +82,25 @@ def test_zero_weights_exact_with_a_scaling_scheduler():
     assert all(r["total_after"] < r["total"] for r in moved.losses)
 
 
+def test_attention_backend_carries_over_to_the_store_layers(pipes):
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from attnpack import set_attention_backend
+
+    _, astar, res = pipes
+    seen = set()
+
+    def callback(pipe, i, t, tensors):
+        seen.update(
+            p._attention_backend for p in pipe.unet.attn_processors.values() if isinstance(p, AStarAttnProcessor)
+        )
+        return tensors
+
+    with set_attention_backend(astar, "_native_math"):
+        astar(PROMPT, concepts=CONCEPTS, attn_res=res, callback_on_step_end=callback, **_kwargs(num_inference_steps=1))
+    assert seen == {AttentionBackendName._NATIVE_MATH}
+
+
 def test_from_pipe_shares_components_and_restores_processors(pipes):
     base, astar, res = pipes
     assert astar.unet is base.unet and astar.vae is base.vae

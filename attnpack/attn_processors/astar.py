@@ -255,13 +255,15 @@ def select_store_layers(
 def apply_cross_attention_store(pipe_or_unet, layers: Iterable[str]) -> ProcessorHandle:
     """Install :class:`AStarAttnProcessor` (with :class:`CrossAttentionStoreCore`) on exactly the named layers.
 
-    Returns the restore handle; every other layer keeps its processor.
+    Returns the restore handle; every other layer keeps its processor. A diffusers attention backend set on a replaced
+    layer's processor (e.g. by :func:`attnpack.set_attention_backend`) carries over.
     """
     models, _ = resolve_denoisers(pipe_or_unet)
     names = list(layers)
     if not names:
         raise ValueError("`layers` must name at least one cross-attention layer.")
-    return apply_processors(
+    previous = models[0].attn_processors
+    handle = apply_processors(
         pipe_or_unet if len(models) == 1 else models[0],
         CrossAttentionStoreCore(),
         layers=names,
@@ -269,3 +271,8 @@ def apply_cross_attention_store(pipe_or_unet, layers: Iterable[str]) -> Processo
         processor_cls=AStarAttnProcessor,
         description="A-STAR cross-attention store",
     )
+    for key, proc in handle.processors.items():  # keep a backend chosen with set_attention_backend on these layers
+        backend = getattr(previous.get(key), "_attention_backend", None)
+        if backend is not None:
+            proc._attention_backend = backend
+    return handle
