@@ -223,6 +223,26 @@ def test_skip_existing_does_only_what_is_missing(tmp_path, sd15, capsys):
     assert [r["file"] for r in records(out)] == sorted(after)
 
 
+def test_model_is_loaded_only_when_there_is_work(tmp_path, sd15, monkeypatch, capsys):
+    """A finished batch of a local (or Hub) model re-runs with --skip-existing without loading its weights."""
+    from attnpack.pipelines import batch
+
+    sd15.save_pretrained(tmp_path / "model")
+    loads = []
+    real_load = batch._load
+    monkeypatch.setattr(batch, "_load", lambda *a: loads.append(1) or real_load(*a))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    args = ["-m", str(tmp_path / "model"), "--steps", "2", "--height", "64", "--width", "64", "--skip-existing"]
+    assert run(tmp_path, *args, prompts=prompts) == 0 and len(loads) == 1
+    np.testing.assert_array_equal(pixels(tmp_path / "out" / "00001_0.png"), stock(sd15, "a blue dog", 0))
+    assert run(tmp_path, *args, prompts=prompts) == 0 and len(loads) == 1
+    assert "0 written, 2 skipped (already done)" in capsys.readouterr().err
+    (tmp_path / "out" / "00000_0.png").unlink()
+    assert run(tmp_path, *args, prompts=prompts) == 0 and len(loads) == 2
+    assert "1 written, 1 skipped (already done)" in capsys.readouterr().err
+
+
 def test_merge_metadata_recovers_dedupes_and_orders(tmp_path):
     """The main process's merge: journals of killed runs, torn lines, lost records, deleted files."""
     from attnpack import save_image

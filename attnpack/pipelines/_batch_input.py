@@ -341,9 +341,9 @@ def _read_entries(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
                 if not text.strip():
                     continue
                 try:
-                    value = json.loads(text)
+                    value = json.loads(text.rstrip("\r\n"))
                 except json.JSONDecodeError as exc:
-                    entries.append((line, f"malformed JSON: {exc.msg} (column {exc.colno})"))
+                    entries.append((line, f"malformed JSON: {exc.msg} (column {exc.pos + 1})"))
                     continue
                 if isinstance(value, str):
                     value = {"prompt": value}

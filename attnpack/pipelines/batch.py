@@ -231,10 +231,10 @@ class BatchSummary:
     def __str__(self) -> str:
         per = f", {self.image_seconds / self.generated:.2f} s per image" if self.generated else ""
         procs = f" on {self.processes} processes" if self.processes > 1 else ""
+        bad = f"{self.bad_rows} bad row{'' if self.bad_rows == 1 else 's'}"
         return (
-            f"{self.generated} written, {self.skipped} skipped (already done), {len(self.failures)} failed "
-            f"({self.bad_rows} bad rows) of {self.outputs + self.bad_rows} outputs{per}; "
-            f"{self.seconds:.1f} s in all{procs}"
+            f"{self.generated} written, {self.skipped} skipped (already done), {len(self.failures)} failed ({bad}) "
+            f"of {self.outputs + self.bad_rows} outputs{per}; {self.seconds:.1f} s in all{procs}"
         )
 
 
@@ -301,6 +301,8 @@ def run_batch(config: BatchConfig, *, pipe=None) -> BatchSummary:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, gather_object
 
+    from .loading import is_video_pipeline
+
     start = time.perf_counter()
     config.validate()
     rows, bad = read_rows(config.prompts, config)
@@ -314,12 +316,17 @@ def run_batch(config: BatchConfig, *, pipe=None) -> BatchSummary:
         for error in bad:
             _say(f"attnpack batch: bad row skipped: {error}")
 
+    # the output suffix depends on the model being an image or a video model; the pipeline class tells, so a big
+    # local or Hub model is loaded only by processes that have outputs to make
     error: BaseException | None = None
     plan: list[BatchJob] = []
     try:
         if rows:
-            pipe = pipe if pipe is not None else _load(config, state)
-            plan = plan_jobs(rows, _suffix(config, pipe))
+            video = is_video_pipeline(pipe) if pipe is not None else _is_video_model(config)
+            if video is None:
+                pipe = _load(config, state)
+                video = is_video_pipeline(pipe)
+            plan = plan_jobs(rows, _suffix(config, video))
     except Exception as exc:  # every process must learn of it, or the others wait forever at the next step
         error = exc
     _agree(error)
@@ -328,7 +335,7 @@ def run_batch(config: BatchConfig, *, pipe=None) -> BatchSummary:
     shared: list[Any] = [None]
     if state.is_main_process:
         try:
-            model = getattr(pipe, "_attnpack_model", None) or getattr(pipe, "name_or_path", None)
+            model = config.model if pipe is None else getattr(pipe, "_attnpack_model", None) or pipe.name_or_path
             todo, skipped, notes = _plan_work(outdir, plan, model, config.skip_existing)
             for note in notes:
                 _say(f"attnpack batch: {note}")
@@ -344,6 +351,12 @@ def run_batch(config: BatchConfig, *, pipe=None) -> BatchSummary:
 
     wanted = set(todo)
     with state.split_between_processes([job for job in plan if job.name in wanted]) as mine:
+        try:
+            if mine and pipe is None:
+                pipe = _load(config, state)
+        except Exception as exc:
+            error = exc
+        _agree(error)
         done = _run_jobs(pipe, mine, config, outdir, state.process_index, state.num_processes)
     results = gather_object([done])
     if state.is_main_process:
@@ -379,10 +392,29 @@ def _load(config: BatchConfig, state):
     )
 
 
-def _suffix(config: BatchConfig, pipe) -> str:
-    from .loading import is_video_pipeline
+def _is_video_model(config: BatchConfig) -> bool | None:
+    """Whether ``config.model`` is a video pipeline, from its ``model_index.json`` (local folder or Hub id) without
+    loading weights; ``None`` when that cannot tell (built-in models are small: they are simply loaded)."""
+    import inspect
 
-    video = is_video_pipeline(pipe)
+    import diffusers
+
+    path = Path(config.model).expanduser()
+    try:
+        if path.is_dir():
+            index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        elif "/" in config.model and not path.exists():
+            index = diffusers.DiffusionPipeline.load_config(config.model, revision=config.revision)
+        else:
+            return None
+        cls = getattr(diffusers, index["_class_name"])
+    except Exception as exc:  # the load that follows reports real problems
+        logger.debug("could not read the pipeline class of %r without loading it: %s", config.model, exc)
+        return None
+    return "num_frames" in inspect.signature(cls.__call__).parameters
+
+
+def _suffix(config: BatchConfig, video: bool) -> str:
     fmt = config.format or ("gif" if video else "png")
     if (fmt == "png") == video:
         kind, fix = ("a video", "gif or mp4") if video else ("an image", "png")
@@ -434,14 +466,18 @@ def _generate(pipe, job: BatchJob, config: BatchConfig, outdir: Path, journal: P
     """Generate and save one output, then journal its record; returns the seconds it took."""
     start = time.perf_counter()
     result = run_generation(pipe, job.settings, extra_parameters=_extra_parameters(config, job))
+    # same settings, same file, whichever process makes it: timing and the device index go to metadata.jsonl only
     parameters = dict(result.parameters)
-    pipeline_seconds = parameters.pop("seconds")  # timing goes to metadata.jsonl only: same settings, same file
+    pipeline_seconds = parameters.pop("seconds")
+    device = parameters.get("device")
+    if device is not None:
+        parameters["device"] = device.split(":")[0]
     if result.is_video:
         save_video(result.images[0], outdir / job.name, parameters, fps=config.fps)
     else:
         save_image(result.images[0], outdir / job.name, parameters)
     total = time.perf_counter() - start
-    record = {**parameters, "file": job.name, "seconds": round(pipeline_seconds, 3), "process": rank}
+    record = {**parameters, "device": device, "seconds": round(pipeline_seconds, 3), "process": rank}
     _append_record(journal, {**record, "total_seconds": round(total, 3)})
     return total
 
