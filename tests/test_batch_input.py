@@ -246,6 +246,7 @@ def test_yaml_and_json_config_files(tmp_path):
         ("prompts: p.txt\noutdir: o\nformat: jpg\n", "`format` must be png, gif or mp4"),
         ("prompts: p.txt\noutdir: o\nsteps: 0\n", "`steps` must be an integer in 1..1000"),
         ("prompts: p.txt\noutdir: o\ntechnique: nope\n", "Unknown technique 'nope'"),
+        ("prompts: p.txt\noutdir: o\noffload: disk\n", "`offload` must be model or sequential, got 'disk'"),
         ("prompts: missing.txt\noutdir: o\n", "`prompts` file '.*missing.txt' does not exist"),
         ("prompts: p.json\noutdir: o\n", "`prompts` must be a .txt, .jsonl, .csv file"),
         ("outdir: o\n", "`--prompts` is required"),

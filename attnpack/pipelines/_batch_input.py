@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .._utils import parse_dtype
 from .generation import GenerationSettings
 
 
@@ -183,6 +184,17 @@ class BatchConfig:
             raise ValueError(f"`prompts` file {self.prompts!r} does not exist.")
         if Path(self.outdir).exists() and not Path(self.outdir).is_dir():
             raise ValueError(f"`outdir` {self.outdir!r} is a file; give a folder.")
+        if self.offload not in (None, "model", "sequential"):
+            raise ValueError(f"`offload` must be model or sequential, got {self.offload!r}.")
+        parse_dtype(self.dtype)
+        if self.attention_backend is not None:
+            from diffusers.models.attention_dispatch import AttentionBackendName
+
+            valid = [b.value for b in AttentionBackendName]
+            if self.attention_backend.lower() not in valid:
+                raise ValueError(
+                    f"`attention_backend` must be one of {', '.join(valid)}, got {self.attention_backend!r}."
+                )
         self.settings(prompt="check", seed=self.seeds[0]).validate()
 
     def settings(self, **overrides) -> GenerationSettings:
