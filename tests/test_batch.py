@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attnpack import apply_processors, read_parameters, techniques
+from attnpack import apply_processors, read_parameters, set_attention_backend, techniques
 from attnpack.cli import main
 from attnpack.pipelines._tiny import build_tiny_pipeline
 from attnpack.pipelines.batch import METADATA_FILE, merge_metadata
@@ -172,17 +172,19 @@ def test_csv_config_file_and_command_line(tmp_path, sd15):
     (tmp_path / "p.csv").write_text('prompt,seed,temperature.scale\na red cat,0,\n"a blue\ndog",2,1.5\n')
     (tmp_path / "c.yaml").write_text(
         "model: tiny-sd15\nprompts: p.csv\noutdir: out\nsteps: 3\nseeds: 0-1\n"
-        "techniques:\n  - name: temperature\n    scale: 2\n"
+        "techniques:\n  - name: temperature\n    scale: 2\nattention-backend: _native_math\n"
     )
     assert main(["batch", "--config", str(tmp_path / "c.yaml"), "--steps", "2"]) == 0  # the command line wins
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("*.png")) == ["00000_0.png", "00001_2.png"]
-    with apply_temperature(sd15, scale=2.0):
-        np.testing.assert_array_equal(pixels(out / "00000_0.png"), stock(sd15, "a red cat", 0))
-    with apply_temperature(sd15, scale=1.5):
-        np.testing.assert_array_equal(pixels(out / "00001_2.png"), stock(sd15, "a blue\ndog", 2))
+    # the same as the Python API: technique, then attention backend
+    for name, scale, prompt, seed in (("00000_0.png", 2.0, "a red cat", 0), ("00001_2.png", 1.5, "a blue\ndog", 2)):
+        with apply_temperature(sd15, scale=scale), set_attention_backend(sd15, "_native_math"):
+            np.testing.assert_array_equal(pixels(out / name), stock(sd15, prompt, seed))
+        assert read_parameters(out / name)["processors"] == {f"AttnPackProcessor[TemperatureCore({scale})]": 8}
     params = read_parameters(out / "00001_2.png")
     assert params["line"] == 3 and params["steps"] == 2 and params["prompt"] == "a blue\ndog"
+    assert params["attention_backend"] == "_native_math"
 
 
 def test_video_model_writes_gif_named_by_row_and_seed(tmp_path, capsys):
