@@ -1,0 +1,290 @@
+"""The web UI through its named API endpoints (gradio_client), on the tiny models.
+
+Results are compared with images made by calling the stock diffusers pipeline directly (no UI involved), so a wrong
+seed, a technique that was not applied, or one that leaked into the next request all show up as different pixels.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from test_ui_support import STEPS, Watch, launched, need, pixels, reference_image, ui_techniques
+
+from attnpack import read_parameters
+
+
+need("gradio", "pip install attnpack[ui]")
+gradio_client = need("gradio_client", "pip install attnpack[test]")
+
+from attnpack.ui import build_demo  # noqa: E402
+from attnpack.ui._runtime import default_loader  # noqa: E402
+
+
+MODEL = "tiny-flux"
+PROMPT = "a red circle left of a blue square"
+OOM_TOKENS = 100  # the test loader "runs out of memory" above this many image tokens (FLUX 256x256 = 256 tokens)
+
+
+@pytest.fixture(scope="module")
+def allowed(tmp_path_factory):
+    return tmp_path_factory.mktemp("allowed")
+
+
+@pytest.fixture(scope="module")
+def app(allowed):
+    watch = Watch(default_loader(device="cpu"), oom_tokens=OOM_TOKENS)
+    demo = build_demo(
+        watch,
+        device="cpu",
+        allowed_dirs=[allowed],
+        allow_hub=False,
+        max_resolution=256,
+        max_steps=8,
+        max_cached_models=2,
+        techniques=ui_techniques(),
+    )
+    with launched(demo) as url:
+        yield demo, watch, gradio_client.Client(url, verbose=False)
+
+
+def generate(client, **kwargs):
+    args = dict(model=MODEL, prompt=PROMPT, steps=STEPS, randomize_seed=False, seed=0)
+    args.update(kwargs)
+    return client.predict(**args, api_name="/generate")
+
+
+def error_of(client, **kwargs) -> str:
+    with pytest.raises(gradio_client.exceptions.AppError) as info:
+        generate(client, **kwargs)
+    return str(info.value)
+
+
+def stock_processor_types(pipe) -> list[str]:
+    return sorted(type(p).__name__ for p in pipe.transformer.attn_processors.values())
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def test_generate_matches_stock_pipeline_and_honours_the_seed(app):
+    _, _, client = app
+    image, video, seed, params = generate(client, seed=3)
+    assert video is None and seed == 3
+    np.testing.assert_array_equal(pixels(image), reference_image(MODEL, PROMPT, 3))
+    assert not np.array_equal(pixels(image), reference_image(MODEL, PROMPT, 4))  # the seed matters
+    embedded = read_parameters(image)  # the file the client downloaded: parameters survive the download
+    assert embedded == params
+    assert embedded["seed"] == 3 and embedded["steps"] == STEPS and embedded["prompt"] == PROMPT
+    assert embedded["model"] == MODEL and embedded["techniques"] == []
+
+
+def test_randomize_seed_returns_the_seed_it_used(app):
+    _, _, client = app
+    image, _, seed, params = generate(client, seed=3, randomize_seed=True)
+    _, _, seed2, _ = generate(client, seed=3, randomize_seed=True)
+    assert seed != seed2 and params["seed"] == seed  # random each time, and reported
+    np.testing.assert_array_equal(pixels(image), reference_image(MODEL, PROMPT, seed))
+
+
+def test_endpoint_parameters_come_from_the_technique_registry(app):
+    _, _, client = app
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
+    names = [p["parameter_name"] for p in info["parameters"]]
+    expected = [f"{t}__{o.name}" for t, tech in ui_techniques().items() for o in tech.options]
+    assert names[-len(expected) :] == expected
+    assert names[:3] == ["model", "prompt", "negative_prompt"]
+
+
+def test_technique_is_applied_for_one_request_only(app):
+    demo, _, client = app
+    image, _, _, params = generate(client, seed=5, technique="temperature", temperature__factor=3.0)
+    np.testing.assert_array_equal(pixels(image), reference_image(MODEL, PROMPT, 5, factor=3.0))
+    assert not np.array_equal(pixels(image), reference_image(MODEL, PROMPT, 5))
+    assert params["techniques"] == [{"name": "temperature", "factor": 3.0}]
+    assert "TemperatureCore(3.0)" in str(params["processors"])
+    # the cached pipeline is back to its stock processors, and the next request is plain again
+    pipe = demo.attnpack_runtime._pipes[MODEL]
+    assert stock_processor_types(pipe) == ["FluxAttnProcessor"] * 3
+    image, _, _, params = generate(client, seed=5)
+    np.testing.assert_array_equal(pixels(image), reference_image(MODEL, PROMPT, 5))
+    assert params["processors"] == {"FluxAttnProcessor": 3}
+
+
+def test_weights_file_option_only_from_allowed_safetensors(app, allowed, tmp_path):
+    from safetensors.torch import save_file
+
+    _, _, client = app
+    good = allowed / "factor.safetensors"
+    save_file({"factor": torch.tensor(3.0)}, str(good))
+    image, _, _, params = generate(client, seed=5, technique="temperature", temperature__factor_file=str(good))
+    np.testing.assert_array_equal(pixels(image), reference_image(MODEL, PROMPT, 5, factor=3.0))
+    assert params["techniques"] == [{"name": "temperature", "factor": 1.0, "factor_file": str(good.resolve())}]
+
+    outside = tmp_path / "factor.safetensors"
+    save_file({"factor": torch.tensor(3.0)}, str(outside))
+    message = error_of(client, technique="temperature", temperature__factor_file=str(outside))
+    assert "outside the folders this UI may load from" in message and str(allowed) in message
+    escape = f"{allowed}/../{tmp_path.name}/factor.safetensors"  # `..` is resolved before the check
+    assert "outside the folders" in error_of(client, technique="temperature", temperature__factor_file=escape)
+    pickle = allowed / "factor.pt"
+    torch.save({"factor": torch.tensor(3.0)}, pickle)
+    message = error_of(client, technique="temperature", temperature__factor_file=str(pickle))
+    assert "only from .safetensors files (never pickle)" in message
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(width=60), "`width` must be a multiple of 8"),
+        (dict(height=512), "`height` must be in 16..256 in this UI"),
+        (dict(steps=-1), "`steps` must be in 1..8"),
+        (dict(steps=9), "`steps` must be in 1..8"),
+        (dict(prompt="  "), "`prompt` is empty"),
+        (dict(seed=-1), "`seed` must be an integer in 0..2147483647"),
+        (dict(technique="temperature", temperature__factor=100.0), "option `factor`=100.0 is invalid: must be <= 10"),
+        (dict(technique="nope"), "Value: nope is not in the list of choices: ['none', 'dense', 'temperature']"),
+        (dict(model="/etc"), "`model` folder '/etc' is outside the folders this UI may load from"),
+        (dict(model="org/some-model"), "is a Hub id, but this UI does not download models"),
+        (dict(model="tiny-nope"), "is neither a built-in model"),
+        (dict(attention_backend="nope"), "nope"),
+    ],
+)
+def test_invalid_requests_give_readable_errors(app, kwargs, expected):
+    _, _, client = app
+    assert expected in error_of(client, **kwargs)
+
+
+def test_pickle_weights_are_never_loaded(app, allowed):
+    from attnpack.pipelines._tiny import build_tiny_pipeline
+
+    _, watch, client = app
+    folder = allowed / "pickled"
+    build_tiny_pipeline(MODEL).save_pretrained(folder, safe_serialization=False)
+    assert list(folder.glob("transformer/*.bin"))  # a pickle file is there...
+    message = error_of(client, model=str(folder))
+    assert "never loads pickle weights" in message and "safetensors" in message  # ... and was refused
+    assert str(folder) in watch.loads  # through the real loader
+    safe = allowed / "safe"
+    build_tiny_pipeline(MODEL).save_pretrained(safe)
+    image, _, _, params = generate(client, model=str(safe), width=64, height=64)
+    assert pixels(image).shape == (64, 64, 3) and params["model"] == str(safe.resolve())
+
+
+def test_out_of_memory_is_readable_and_the_app_keeps_serving(app):
+    demo, _, client = app
+    message = error_of(client, width=256, height=256, technique="temperature", temperature__factor=2.0)
+    assert "ran out of GPU memory" in message and "The app is still running" in message
+    pipe = demo.attnpack_runtime._pipes[MODEL]
+    assert stock_processor_types(pipe) == ["FluxAttnProcessor"] * 3  # removed in `finally`
+    image, _, seed, _ = generate(client, seed=3)
+    np.testing.assert_array_equal(pixels(image), reference_image(MODEL, PROMPT, 3))
+
+
+def test_video_model_returns_a_video_with_parameters(app):
+    _, _, client = app
+    image, video, seed, params = generate(client, model="tiny-wan", seed=2, num_frames=5)
+    assert image is None and video.endswith(".mp4")
+    embedded = read_parameters(video)
+    assert embedded["model"] == "tiny-wan" and embedded["num_frames"] == 5 and embedded["seed"] == 2
+
+
+def test_two_clients_at_once_get_their_own_results(app):
+    """Requests with different models of settings interleave in the queue; each gets exactly its own image."""
+    demo, watch, client = app
+    other = gradio_client.Client(demo.local_url, verbose=False)
+    requests = [
+        (client, dict(seed=5, technique="temperature", temperature__factor=3.0), (5, 3.0, None)),
+        (other, dict(seed=3, prompt="a cat", width=128, height=128), (3, None, 128)),
+    ] * 2
+    jobs = [
+        c.submit(
+            **{"model": MODEL, "prompt": PROMPT, "steps": STEPS, "randomize_seed": False, **kw}, api_name="/generate"
+        )
+        for c, kw, _ in requests
+    ]
+    watch.max_active = 0
+    for job, (_, kw, (seed, factor, size)) in zip(jobs, requests):
+        image, _, used, params = job.result(timeout=300)
+        prompt = kw.get("prompt", PROMPT)
+        assert used == seed and params["prompt"] == prompt
+        np.testing.assert_array_equal(pixels(image), reference_image(MODEL, prompt, seed, factor=factor, size=size))
+        assert params["techniques"] == ([{"name": "temperature", "factor": 3.0}] if factor else [])
+    assert watch.max_active == 1  # one request on the device at a time
+
+
+def test_model_cache_loads_each_model_once(app):
+    demo, watch, client = app
+    before = list(watch.loads)
+    generate(client, seed=1)
+    generate(client, seed=2)
+    assert watch.loads == before  # tiny-flux stayed cached
+    assert len(demo.attnpack_runtime.loaded_models()) <= 2  # max_cached_models
+
+
+# ------------------------------------------------------------------------------------------------ queue
+def test_queue_is_bounded_and_serial():
+    watch = Watch(default_loader(device="cpu"), block=True)
+    demo = build_demo(watch, device="cpu", queue_size=1, techniques=ui_techniques())
+    with launched(demo) as url:
+        client = gradio_client.Client(url, verbose=False)
+        args = dict(model=MODEL, prompt=PROMPT, steps=1, randomize_seed=False, api_name="/generate")
+        first = client.submit(seed=1, **args)
+        try:
+            assert watch.entered.wait(timeout=120)  # the first request holds the device
+            second = client.submit(seed=2, **args)  # waits in the queue (size 1)
+            for _ in range(100):
+                if second.status().code.name == "IN_QUEUE":
+                    break
+                threading.Event().wait(0.1)
+            third = client.submit(seed=3, **args)
+            with pytest.raises(Exception, match="(?i)queue is full"):
+                third.result(timeout=60)
+        finally:
+            watch.release.set()
+        assert first.result(timeout=120)[2] == 1 and second.result(timeout=120)[2] == 2
+        assert watch.max_active == 1
+
+
+# ------------------------------------------------------------------------------------------------ info, benchmark
+def test_info_reports_this_machine(app):
+    from attnpack._env import check_backends
+
+    _, _, client = app
+    markdown, report = client.predict(api_name="/info")
+    direct = check_backends("cpu")
+    assert {k: v["ok"] for k, v in report["backends"].items()} == {k: v["ok"] for k, v in direct.items()}
+    assert report["backends"]["sdpa"]["ok"] and "| sdpa | yes |" in markdown
+    assert report["device"]["type"] == "cpu" and list(report["techniques"]) == ["dense", "temperature"]
+    assert MODEL in report["models"] and MODEL in report["loaded_models"]
+
+
+def test_benchmark_compares_a_technique_with_stock_attention(app):
+    _, _, client = app
+    args = dict(model=MODEL, prompt=PROMPT, seed=0, steps=STEPS, repeats=1, api_name="/benchmark")
+    table, gallery = client.predict(technique="dense", **args)
+    rows = {r[0]: r for r in table["data"]}
+    assert rows["dense"][3] == 0 and rows["stock"][2] == 1.0  # dense reproduces stock attention exactly
+    assert rows["dense"][2] == pytest.approx(rows["stock"][1] / rows["dense"][1], rel=1e-2)
+    table, gallery = client.predict(technique="temperature", temperature__factor=3.0, **args)
+    rows = {r[0]: r for r in table["data"]}
+    reference = reference_image(MODEL, PROMPT, 0, factor=3.0).astype(int) - reference_image(MODEL, PROMPT, 0)
+    assert rows["temperature"][3] == np.abs(reference).max() > 0
+    assert len(gallery) == 2
+    with pytest.raises(gradio_client.exceptions.AppError, match="pick a technique"):
+        client.predict(technique="none", **args)
+
+
+# ------------------------------------------------------------------------------------------------ building
+def test_building_loads_no_model_and_importing_is_light(tmp_path):
+    import subprocess
+    import sys
+
+    def refuse(name):
+        raise AssertionError(f"build_demo loaded {name}")
+
+    demo = build_demo(refuse, device="cpu", techniques=ui_techniques())
+    assert demo.attnpack_runtime.loaded_models() == []
+    code = "import sys, attnpack.ui; print(sorted({'gradio', 'torch', 'diffusers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
