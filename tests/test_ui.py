@@ -6,12 +6,18 @@ seed, a technique that was not applied, or one that leaked into the next request
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_ui_support import STEPS, Watch, launched, need, pixels, reference_image, ui_techniques
+from test_ui_support import STEPS, Watch, free_port, launched, need, pixels, reference_image, ui_techniques
 
 from attnpack import read_parameters
 
@@ -144,9 +150,9 @@ def test_weights_file_option_only_from_allowed_safetensors(app, allowed, tmp_pat
         (dict(seed=-1), "`seed` must be an integer in 0..2147483647"),
         (dict(technique="temperature", temperature__factor=100.0), "option `factor`=100.0 is invalid: must be <= 10"),
         (dict(technique="nope"), "Value: nope is not in the list of choices: ['none', 'dense', 'temperature']"),
-        (dict(model="/etc"), "`model` folder '/etc' is outside the folders this UI may load from"),
+        (dict(model="/etc"), "nor a folder inside the folders this UI may load from (allowed folders: "),
         (dict(model="org/some-model"), "is a Hub id, but this UI does not download models"),
-        (dict(model="tiny-nope"), "is neither a built-in model"),
+        (dict(model="tiny-nope"), "`model` 'tiny-nope' is not a built-in model (tiny-sd15, "),
         (dict(attention_backend="nope"), "nope"),
     ],
 )
@@ -277,9 +283,6 @@ def test_benchmark_compares_a_technique_with_stock_attention(app):
 
 # ------------------------------------------------------------------------------------------------ building
 def test_building_loads_no_model_and_importing_is_light(tmp_path):
-    import subprocess
-    import sys
-
     def refuse(name):
         raise AssertionError(f"build_demo loaded {name}")
 
@@ -288,3 +291,59 @@ def test_building_loads_no_model_and_importing_is_light(tmp_path):
     code = "import sys, attnpack.ui; print(sorted({'gradio', 'torch', 'diffusers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+# ------------------------------------------------------------------------------------------------ command line
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "0"], "`--port` must be in 1..65535"),
+        (["--outdir", "/nonexistent/out"], "`--outdir` folder '/nonexistent/out' does not exist"),
+        (["--allow-dir", "/nonexistent/models"], "`allowed_dirs` entry '/nonexistent/models' is not an existing"),
+        (["--model", "tiny-nope"], "neither a built-in model"),
+        (["--max-steps", "0"], "`max_steps` must be a positive integer"),
+    ],
+)
+def test_cli_errors_before_launching(args, message, capsys):
+    from attnpack.cli import main
+
+    assert main(["ui", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_readme_first_command_launches_the_ui_on_the_default_model():
+    """Run the README's first command (its `attnpack ui` part, on a free port) and generate through it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    first = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()[0]
+    assert first.startswith("pip install") and '".[ui]"' in first
+    command = first.split("&&")[-1].split()
+    assert command[:2] == ["attnpack", "ui"]
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attnpack", *command[1:], "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, f"`attnpack ui` exited: {proc.stderr.read()}"
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "`attnpack ui` did not start serving"
+                time.sleep(1)
+        client = gradio_client.Client(url, verbose=False)
+        image, _, seed, params = generate(client, seed=3)
+        assert params["model"] == "tiny-flux" and seed == 3
+        np.testing.assert_array_equal(pixels(image), reference_image("tiny-flux", PROMPT, 3))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

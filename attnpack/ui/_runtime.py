@@ -84,6 +84,9 @@ class UIConfig:
                 raise ValueError(f"`allowed_dirs` entry {str(d)!r} is not an existing folder.")
             dirs.append(path)
         self.allowed_dirs = tuple(dirs)
+        for model in [self.default_model, *(self.models or ())]:
+            if _model_kind(model) == "folder":
+                _require_pipeline_folder(model)
         if self.models is None:
             from ..pipelines.loading import builtin_models
 
@@ -109,40 +112,63 @@ def _allowed_dirs_hint(config: UIConfig) -> str:
     return "allowed folders: " + ", ".join(str(d) for d in config.allowed_dirs)
 
 
+def _model_kind(choice: str) -> str:
+    """``"builtin"``, ``"folder"`` (an existing path) or ``"hub"`` (``org/name``); anything else is an error."""
+    from ..pipelines.loading import builtin_models
+
+    if choice in builtin_models():
+        return "builtin"
+    if Path(choice).expanduser().exists():
+        return "folder"
+    if _HUB_ID.match(choice):
+        return "hub"
+    raise ValueError(
+        f"`model` {choice!r} is neither a built-in model ({', '.join(builtin_models())}), an existing folder, "
+        "nor a Hub id like 'org/name'."
+    )
+
+
+def _require_pipeline_folder(choice: str) -> Path:
+    real = Path(choice).expanduser().resolve()
+    if not (real / "model_index.json").is_file():
+        raise ValueError(f"`model` {choice!r} is not a diffusers pipeline folder (it has no model_index.json).")
+    return real
+
+
 def resolve_model(choice: str, config: UIConfig) -> str:
     """Check a model picked in the UI against the policy; return the name to load (a folder as an absolute path).
 
-    Built-in names and the models the UI was started with (``config.models``) are always allowed; a local folder must lie inside one of
-    ``config.allowed_dirs`` (after resolving symlinks and ``..``); a Hub id needs ``config.allow_hub``.
+    The models the UI was started with (``config.models``) and built-in names are always allowed; a local folder
+    must lie inside one of ``config.allowed_dirs`` (after resolving symlinks and ``..``); a Hub id (``org/name``
+    that is not a local path) needs ``config.allow_hub``. The errors never tell whether a path outside the allowed
+    folders exists.
     """
     from ..pipelines.loading import builtin_models
 
     if not isinstance(choice, str) or not choice.strip():
         raise ValueError("`model` is empty; pick a built-in model, a local diffusers folder or a Hub id.")
     choice = choice.strip()
-    if choice in builtin_models() or choice in (config.models or ()):
+    if choice in (config.models or ()):
+        return str(_require_pipeline_folder(choice)) if _model_kind(choice) == "folder" else choice
+    if choice in builtin_models():
         return choice
     path = Path(choice).expanduser()
-    if path.exists():
-        real = path.resolve()
-        if not _inside(real, config.allowed_dirs):
+    real = path.resolve()
+    if _inside(real, config.allowed_dirs):
+        if not real.exists():
+            raise ValueError(f"`model` folder {choice!r} does not exist.")
+        return str(_require_pipeline_folder(choice))
+    if _HUB_ID.match(choice) and not path.exists():
+        if not config.allow_hub:
             raise ValueError(
-                f"`model` folder {choice!r} is outside the folders this UI may load from ({_allowed_dirs_hint(config)})."
+                f"`model` {choice!r} is a Hub id, but this UI does not download models (started with --no-hub); "
+                "pick a built-in model or a local folder."
             )
-        if not (real / "model_index.json").is_file():
-            raise ValueError(f"`model` {choice!r} is not a diffusers pipeline folder (it has no model_index.json).")
-        return str(real)
-    if not _HUB_ID.match(choice):
-        raise ValueError(
-            f"`model` {choice!r} is neither a built-in model ({', '.join(builtin_models())}), an existing folder, "
-            "nor a Hub id like 'org/name'."
-        )
-    if not config.allow_hub:
-        raise ValueError(
-            f"`model` {choice!r} is a Hub id, but this UI does not download models (started with --no-hub); "
-            "pick a built-in model or a local folder."
-        )
-    return choice
+        return choice
+    raise ValueError(
+        f"`model` {choice!r} is not a built-in model ({', '.join(builtin_models())}), a Hub id like 'org/name', nor "
+        f"a folder inside the folders this UI may load from ({_allowed_dirs_hint(config)})."
+    )
 
 
 def looks_like_path(text: str) -> bool:
