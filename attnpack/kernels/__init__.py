@@ -2,6 +2,8 @@
 
 - :func:`block_sparse_attention` -- the shared block-sparse entry point (token orders, tile tables, in-tile masks);
   see :mod:`attnpack.kernels.block_sparse`.
+- :func:`neighborhood_attention` -- generalized neighborhood attention (NATTEN semantics); see
+  :mod:`attnpack.kernels.neighborhood` and :mod:`attnpack.kernels.masks`.
 - :mod:`attnpack.kernels.reference` -- brute-force dense oracles for tests.
 """
 
@@ -19,6 +21,7 @@ from .block_sparse import (
     tile_table_from_dense,
     tile_table_from_mask,
 )
+from .neighborhood import neighborhood_attention
 
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "concat_orders",
     "flat_order",
     "grid_order",
+    "neighborhood_attention",
     "segment_tile_masks",
     "stack_orders",
     "tile_table_from_dense",
