@@ -105,7 +105,9 @@ def test_endpoint_parameters_come_from_the_technique_registry(app):
 def test_technique_is_applied_for_one_request_only(app):
     demo, _, client = app
     image, _, _, params = generate(client, seed=5, technique="temperature", temperature__factor=3.0)
-    np.testing.assert_array_equal(pixels(image), reference_image(MODEL, PROMPT, 5, factor=3.0))
+    np.testing.assert_array_equal(
+        pixels(image), reference_image(MODEL, PROMPT, 5, technique="temperature", factor=3.0)
+    )
     assert not np.array_equal(pixels(image), reference_image(MODEL, PROMPT, 5))
     assert params["techniques"] == [{"name": "temperature", "factor": 3.0}]
     assert "TemperatureCore(3.0)" in str(params["processors"])
@@ -124,7 +126,9 @@ def test_weights_file_option_only_from_allowed_safetensors(app, allowed, tmp_pat
     good = allowed / "factor.safetensors"
     save_file({"factor": torch.tensor(3.0)}, str(good))
     image, _, _, params = generate(client, seed=5, technique="temperature", temperature__factor_file=str(good))
-    np.testing.assert_array_equal(pixels(image), reference_image(MODEL, PROMPT, 5, factor=3.0))
+    np.testing.assert_array_equal(
+        pixels(image), reference_image(MODEL, PROMPT, 5, technique="temperature", factor=3.0)
+    )
     assert params["techniques"] == [{"name": "temperature", "factor": 1.0, "factor_file": str(good.resolve())}]
 
     outside = tmp_path / "factor.safetensors"
@@ -149,7 +153,7 @@ def test_weights_file_option_only_from_allowed_safetensors(app, allowed, tmp_pat
         (dict(prompt="  "), "`prompt` is empty"),
         (dict(seed=-1), "`seed` must be an integer in 0..2147483647"),
         (dict(technique="temperature", temperature__factor=100.0), "option `factor`=100.0 is invalid: must be <= 10"),
-        (dict(technique="nope"), "Value: nope is not in the list of choices: ['none', 'dense', 'temperature']"),
+        (dict(technique="nope"), f"Value: nope is not in the list of choices: {['none', *ui_techniques()]}"),
         (dict(model="/etc"), "nor a folder inside the folders this UI may load from (allowed folders: "),
         (dict(model="org/some-model"), "is a Hub id, but this UI does not download models"),
         (dict(model="tiny-nope"), "`model` 'tiny-nope' is not a built-in model (tiny-sd15, "),
@@ -196,27 +200,39 @@ def test_video_model_returns_a_video_with_parameters(app):
 
 
 def test_two_clients_at_once_get_their_own_results(app):
-    """Requests with different models of settings interleave in the queue; each gets exactly its own image."""
+    """Requests with different techniques, prompts, seeds and sizes interleave in the queue; each client gets
+    exactly its own image and parameters."""
     demo, watch, client = app
     other = gradio_client.Client(demo.local_url, verbose=False)
-    requests = [
-        (client, dict(seed=5, technique="temperature", temperature__factor=3.0), (5, 3.0, None)),
-        (other, dict(seed=3, prompt="a cat", width=128, height=128), (3, None, 128)),
-    ] * 2
-    jobs = [
-        c.submit(
-            **{"model": MODEL, "prompt": PROMPT, "steps": STEPS, "randomize_seed": False, **kw}, api_name="/generate"
-        )
-        for c, kw, _ in requests
-    ]
+    mine = dict(seed=5, technique="temperature", temperature__factor=3.0)
+    theirs = dict(seed=3, prompt="a cat", width=128, height=128)
+    expected = {
+        id(mine): reference_image(MODEL, PROMPT, 5, technique="temperature", factor=3.0),
+        id(theirs): reference_image(MODEL, "a cat", 3, size=128),
+    }
+    requests = [(client, mine), (other, theirs)] * 2
     watch.max_active = 0
-    for job, (_, kw, (seed, factor, size)) in zip(jobs, requests):
+    base = dict(model=MODEL, prompt=PROMPT, steps=STEPS, randomize_seed=False)
+    jobs = [c.submit(**{**base, **kw}, api_name="/generate") for c, kw in requests]
+    for job, (_, kw) in zip(jobs, requests):
         image, _, used, params = job.result(timeout=300)
-        prompt = kw.get("prompt", PROMPT)
-        assert used == seed and params["prompt"] == prompt
-        np.testing.assert_array_equal(pixels(image), reference_image(MODEL, prompt, seed, factor=factor, size=size))
-        assert params["techniques"] == ([{"name": "temperature", "factor": 3.0}] if factor else [])
+        assert used == kw["seed"] and params["prompt"] == kw.get("prompt", PROMPT)
+        np.testing.assert_array_equal(pixels(image), expected[id(kw)])
+        assert params["techniques"] == ([{"name": "temperature", "factor": 3.0}] if kw is mine else [])
     assert watch.max_active == 1  # one request on the device at a time
+
+
+def test_gna_from_the_registry_with_its_list_options(app):
+    """GNA's options arrive as text (window "3, 3", backend from a dropdown) and give what apply_gna gives."""
+    _, _, client = app
+    image, _, _, params = generate(client, seed=5, technique="gna", gna__window_size="3, 3", gna__backend="reference")
+    reference = reference_image(MODEL, PROMPT, 5, technique="gna", window_size=(3, 3), backend="reference")
+    np.testing.assert_array_equal(pixels(image), reference)
+    assert not np.array_equal(reference, reference_image(MODEL, PROMPT, 5))
+    (spec,) = params["techniques"]
+    assert spec["name"] == "gna" and spec["window_size"] == [3, 3] and spec["backend"] == "reference"
+    message = error_of(client, technique="gna", gna__window_size="")
+    assert "technique 'gna' needs `window_size` (API parameter gna__window_size): window per grid axis" in message
 
 
 def test_model_cache_loads_each_model_once(app):
@@ -261,7 +277,7 @@ def test_info_reports_this_machine(app):
     direct = check_backends("cpu")
     assert {k: v["ok"] for k, v in report["backends"].items()} == {k: v["ok"] for k, v in direct.items()}
     assert report["backends"]["sdpa"]["ok"] and "| sdpa | yes |" in markdown
-    assert report["device"]["type"] == "cpu" and list(report["techniques"]) == ["dense", "temperature"]
+    assert report["device"]["type"] == "cpu" and list(report["techniques"]) == list(ui_techniques())
     assert MODEL in report["models"] and MODEL in report["loaded_models"]
 
 
@@ -274,7 +290,9 @@ def test_benchmark_compares_a_technique_with_stock_attention(app):
     assert rows["dense"][2] == pytest.approx(rows["stock"][1] / rows["dense"][1], rel=1e-2)
     table, gallery = client.predict(technique="temperature", temperature__factor=3.0, **args)
     rows = {r[0]: r for r in table["data"]}
-    reference = reference_image(MODEL, PROMPT, 0, factor=3.0).astype(int) - reference_image(MODEL, PROMPT, 0)
+    reference = reference_image(MODEL, PROMPT, 0, technique="temperature", factor=3.0).astype(int) - reference_image(
+        MODEL, PROMPT, 0
+    )
     assert rows["temperature"][3] == np.abs(reference).max() > 0
     assert len(gallery) == 2
     with pytest.raises(gradio_client.exceptions.AppError, match="pick a technique"):

@@ -71,7 +71,9 @@ def test_generate_in_a_real_browser(tmp_path):
             params = read_parameters(download)
             assert params["seed"] == 7 and params["steps"] == STEPS and params["prompt"] == PROMPT
             assert params["techniques"] == [{"name": "temperature", "factor": 3.0}]
-            np.testing.assert_array_equal(pixels(download), reference_image("tiny-flux", PROMPT, 7, factor=3.0))
+            np.testing.assert_array_equal(
+                pixels(download), reference_image("tiny-flux", PROMPT, 7, technique="temperature", factor=3.0)
+            )
 
             page.get_by_role("tab", name="Benchmarks / Info").click()
             page.get_by_role("button", name="Check this machine", exact=True).click()

@@ -4,6 +4,7 @@ techniques, and reference images computed without the UI (stock diffusers pipeli
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 import os
@@ -19,7 +20,7 @@ from PIL import Image
 
 from attnpack.attn_processors import apply_processors
 from attnpack.pipelines._tiny import TINY_MODELS, build_tiny_pipeline
-from attnpack.techniques import Option, Technique, get_technique
+from attnpack.techniques import Option, Technique, available_techniques
 
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -98,8 +99,9 @@ TEMPERATURE = Technique(
 
 
 def ui_techniques() -> dict[str, Technique]:
-    """What the UI tests offer: the built-in ``dense`` and the test-only ``temperature`` (registered nowhere)."""
-    return {"dense": get_technique("dense"), "temperature": TEMPERATURE}
+    """What the UI tests offer: every registered technique, plus the test-only ``temperature`` (registered nowhere,
+    so it also shows that the UI is built from whatever technique table it is given)."""
+    return {**available_techniques(), "temperature": TEMPERATURE}
 
 
 # ------------------------------------------------------------------------------------------------ instrumentation
@@ -124,6 +126,7 @@ class Watch:
         denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
         inner = denoiser.forward
 
+        @functools.wraps(inner)  # keeps the signature, which the run-context hook binds the arguments with
         def forward(hidden_states, *args, **kwargs):
             with self._lock:
                 self.active += 1
@@ -148,10 +151,11 @@ _REFERENCE_PIPES: dict[str, object] = {}
 _REFERENCES: dict[tuple, np.ndarray] = {}
 
 
-def reference_image(model: str, prompt: str, seed: int, factor: float | None = None, size: int | None = None):
-    """The image stock diffusers makes for this request (pipeline called directly, CPU generator with ``seed``,
-    the tiny model's call defaults); with ``factor``, under the temperature core. ``uint8 [H, W, 3]``."""
-    key = (model, prompt, seed, factor, size)
+def reference_image(model: str, prompt: str, seed: int, *, technique: str | None = None, size=None, **options):
+    """The image stock diffusers makes for this request: the pipeline called directly (CPU generator with ``seed``,
+    the tiny model's call defaults, ``size`` x ``size`` if given), with ``technique`` installed through its Python
+    API with ``options`` when given. ``uint8 [H, W, 3]``."""
+    key = (model, prompt, seed, technique, size, tuple(sorted(options.items())))
     if key not in _REFERENCES:
         if model not in _REFERENCE_PIPES:
             _REFERENCE_PIPES[model] = build_tiny_pipeline(model)
@@ -159,7 +163,7 @@ def reference_image(model: str, prompt: str, seed: int, factor: float | None = N
         kwargs = dict(TINY_MODELS[model][2])
         if size is not None:
             kwargs.update(height=size, width=size)
-        handle = apply_processors(pipe, TemperatureCore(factor)) if factor is not None else contextlib.nullcontext()
+        handle = ui_techniques()[technique].apply(pipe, **options) if technique else contextlib.nullcontext()
         with handle:
             out = pipe(
                 prompt,

@@ -10,6 +10,7 @@ folders and ``.safetensors`` only.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import re
 from collections.abc import Mapping
@@ -100,7 +101,20 @@ class TechniqueControls:
                 value = check_weights_file(value, config, argument=api_name)
             raw[option] = value
         tech = self.techniques[technique]
+        for name in _required(tech):
+            if name not in raw:
+                opt = tech.option(name)
+                raise ValueError(
+                    f"technique {technique!r} needs `{name}` (API parameter {api_name_of(technique, name)}): {opt.help}."
+                )
         return [(tech, parse_options(tech, raw))]
+
+
+def _required(tech) -> list[str]:
+    """Options the technique's ``apply`` function has no default for."""
+    params = list(inspect.signature(tech.apply).parameters.values())[1:]  # after the pipeline
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
 
 
 def technique_controls(techniques: Mapping[str, Any], *, label: str = "Attention technique") -> TechniqueControls:
