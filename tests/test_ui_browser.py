@@ -3,8 +3,8 @@ its option, runs a generation on the tiny FLUX model, checks the image against s
 its parameters, and saves screenshots.
 
 CI installs Chromium (`.ci/run`: `apt-get install chromium`) and Playwright (the `test` extra); there, a missing
-browser fails this test. Elsewhere it is skipped with the reason. Screenshots go to ``$ATTNPACK_UI_SCREENSHOTS``
-(``docs/images`` to refresh the docs' pictures) or the test's temporary folder.
+browser fails this test. Elsewhere it is skipped with the reason. Screenshots go to ``$ATTNPACK_UI_SCREENSHOTS`` (keep
+them as CI artefacts) or the test's temporary folder; the docs' pictures come from ``docs/make_ui_screenshots.py``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_generate_in_a_real_browser(tmp_path):
             page.get_by_role("option", name="temperature", exact=True).click()
             page.get_by_label("factor", exact=True).fill("3")
             page.get_by_text("Advanced settings").click()
-            page.get_by_label("Steps").fill(str(STEPS))
+            page.get_by_label("Steps", exact=True).fill(str(STEPS))
             page.get_by_label("Seed", exact=True).fill("7")
             page.get_by_label("Randomize seed").uncheck()
             page.get_by_role("button", name="Run", exact=True).click()

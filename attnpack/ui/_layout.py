@@ -184,8 +184,8 @@ def result_views():
     (hidden until a video model returns a result)."""
     import gradio as gr
 
-    image = gr.Image(label="Result", type="filepath", format="png", interactive=False)
-    video = gr.Video(label="Result video", interactive=False, visible=False)
+    image = gr.Image(label="Result", type="filepath", format="png", interactive=False, height=420)
+    video = gr.Video(label="Result video", interactive=False, visible=False, height=420)
     return image, video
 
 

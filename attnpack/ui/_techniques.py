@@ -38,32 +38,39 @@ def _text_default(kind: str, default: Any) -> str:
     return str(default)
 
 
-def _info(opt) -> str:
+def _info(opt, required: bool) -> str:
     parts = [opt.help] if opt.help else []
     if opt.minimum is not None or opt.maximum is not None:
         low = "" if opt.minimum is None else f"{opt.minimum:g} ≤ "
         high = "" if opt.maximum is None else f" ≤ {opt.maximum:g}"
         parts.append(f"{low}value{high}")
-    if opt.default is None and opt.kind != "bool":
+    if required and "required" not in opt.help.lower():
+        parts.append("required")
+    elif opt.default is None and opt.kind != "bool" and not required:
         parts.append("empty: default")
     return "; ".join(parts)
 
 
-def _widget(opt):
+def _widget(opt, required: bool):
     import gradio as gr
 
-    label, info = opt.name, _info(opt)
+    label, info = opt.name, _info(opt, required)
     if opt.kind == "bool":
-        return gr.Checkbox(label=label, value=bool(opt.default), info=info)
+        return gr.Checkbox(label=label, value=bool(opt.default), info=info, min_width=240)
     if opt.choices is not None:
         choices = [str(c) for c in opt.choices]
         if opt.default is None:
             choices = [("(default)", ""), *[(c, c) for c in choices]]
-        return gr.Dropdown(choices=choices, value=_text_default(opt.kind, opt.default), label=label, info=info)
+        return gr.Dropdown(
+            choices=choices, value=_text_default(opt.kind, opt.default), label=label, info=info, min_width=240
+        )
     if opt.kind in ("int", "float") and opt.default is not None:
         # the range is in `info` and checked by parse_options, whose errors name the option
-        return gr.Number(label=label, value=opt.default, precision=0 if opt.kind == "int" else None, info=info)
-    return gr.Textbox(label=label, value=_text_default(opt.kind, opt.default), placeholder="default", info=info)
+        precision = 0 if opt.kind == "int" else None
+        return gr.Number(label=label, value=opt.default, precision=precision, info=info, min_width=240)
+    return gr.Textbox(
+        label=label, value=_text_default(opt.kind, opt.default), placeholder="default", info=info, min_width=240
+    )
 
 
 @dataclasses.dataclass
@@ -75,6 +82,32 @@ class TechniqueControls:
     widgets: dict[str, Any]  # API parameter name -> component
     keys: dict[str, tuple[str, str]]  # API parameter name -> (technique, option)
     techniques: dict[str, Any]
+
+    def add_options(self) -> None:
+        """One group per technique (its summary, then one component per option, wrapping in rows), visible only
+        while that technique is picked."""
+        import gradio as gr
+
+        for name, tech in self.techniques.items():
+            with gr.Group(visible=False) as group:
+                families = f" Models: {', '.join(tech.families)}." if tech.families else ""
+                doc = f" Docs: `{tech.doc}`." if tech.doc else ""
+                gr.Markdown(f"**{name}**: {tech.summary}.{families}{doc}", padding=True)
+                required = _required(tech)
+                with gr.Row():
+                    for opt in tech.options:
+                        api_name = api_name_of(name, opt.name)
+                        self.widgets[api_name] = _widget(opt, opt.name in required)
+                        self.keys[api_name] = (name, opt.name)
+            self.groups[name] = group
+
+        def show(picked: str):
+            return [gr.update(visible=name == picked) for name in self.groups]
+
+        if self.groups:
+            self.selector.change(
+                show, self.selector, list(self.groups.values()), queue=False, api_visibility="private"
+            )
 
     def specs(self, technique: str | None, values: Mapping[str, Any], config: UIConfig) -> list[tuple[Any, dict]]:
         """``[(Technique, options)]`` for :meth:`~attnpack.ui._runtime.Runtime.session` from the request's values
@@ -118,29 +151,11 @@ def _required(tech) -> list[str]:
 
 
 def technique_controls(techniques: Mapping[str, Any], *, label: str = "Attention technique") -> TechniqueControls:
-    """Build the picker and the option groups (inside the current Gradio context)."""
+    """Build the picker (inside the current Gradio context); :meth:`TechniqueControls.add_options` adds the option
+    groups where they should go."""
     import gradio as gr
 
     techniques = dict(techniques)
     choices = [(f"{NO_TECHNIQUE} (stock attention)", NO_TECHNIQUE)] + [(name, name) for name in techniques]
-    selector = gr.Dropdown(choices=choices, value=NO_TECHNIQUE, label=label, info="its options appear next to it")
-    groups: dict[str, Any] = {}
-    widgets: dict[str, Any] = {}
-    keys: dict[str, tuple[str, str]] = {}
-    for name, tech in techniques.items():
-        with gr.Group(visible=False) as group:
-            families = f" Models: {', '.join(tech.families)}." if tech.families else ""
-            doc = f" Docs: `{tech.doc}`." if tech.doc else ""
-            gr.Markdown(f"**{name}**: {tech.summary}.{families}{doc}")
-            for opt in tech.options:
-                api_name = api_name_of(name, opt.name)
-                widgets[api_name] = _widget(opt)
-                keys[api_name] = (name, opt.name)
-        groups[name] = group
-
-    def show(picked: str):
-        return [gr.update(visible=name == picked) for name in groups]
-
-    if groups:
-        selector.change(show, selector, list(groups.values()), queue=False, api_visibility="private")
-    return TechniqueControls(selector, groups, widgets, keys, techniques)
+    selector = gr.Dropdown(choices=choices, value=NO_TECHNIQUE, label=label, info="its options appear below")
+    return TechniqueControls(selector, {}, {}, {}, techniques)

@@ -47,6 +47,7 @@ def build_generate_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
         with gr.Row():
             model = model_picker(config)
             controls = technique_controls(techniques)
+        controls.add_options()
         prompt, run = prompt_row()
         image, video = result_views()
         with advanced_settings(config) as advanced:

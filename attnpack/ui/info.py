@@ -66,6 +66,7 @@ def build_info_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
         with gr.Row():
             model = model_picker(config)
             controls = technique_controls(techniques, label="Technique to compare")
+        controls.add_options()
         with gr.Row():
             prompt = gr.Textbox(label="Benchmark prompt", value="a red circle left of a blue square", scale=3)
             repeats = gr.Number(label="Timed runs", value=2, precision=0, minimum=1, maximum=20)
