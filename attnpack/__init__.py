@@ -26,6 +26,9 @@ _EXPORTS: dict[str, str] = {
     "RunState": "attnpack.attn_processors._context",
     "current_run": "attnpack.attn_processors._context",
     "run_overrides": "attnpack.attn_processors._context",
+    # techniques
+    "apply_clear": "attnpack.attn_processors.clear",
+    "ClearAttnProcessor": "attnpack.attn_processors.clear",
     # pipelines
     "load_pipeline": "attnpack.pipelines.loading",
     "builtin_models": "attnpack.pipelines.loading",
@@ -66,5 +69,6 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .attn_processors._context import RunState, current_run, run_overrides
     from .attn_processors._families import LayerInfo, TokenLayout
+    from .attn_processors.clear import ClearAttnProcessor, apply_clear
     from .pipelines.generation import GenerationSettings, run_generation
     from .pipelines.loading import builtin_models, load_pipeline
