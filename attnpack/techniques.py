@@ -32,6 +32,7 @@ __all__ = [
 # modules that register techniques when imported (one line per technique module)
 TECHNIQUE_MODULES: list[str] = [
     "attnpack.attn_processors.clear",
+    "attnpack.attn_processors.neighborhood",
 ]
 
 _REGISTRY: dict[str, Technique] = {}
