@@ -147,14 +147,22 @@ CASES = [
     dict(grid=(4, 8), text_len=5, radius=2, d=2, q_tile=(2, 4), kv_tile=(4, 2)),
     dict(grid=(6, 9), text_len=3, radius=3, d=3, q_tile=(4, 4), kv_tile=(4, 4)),
 ]
+# the Triton kernel needs power-of-two tiles of >= 16 tokens
+TRITON_CASES = [
+    dict(grid=(6, 9), text_len=5, radius=2, d=1, q_tile=(4, 4), kv_tile=(4, 4)),
+    dict(grid=(8, 8), text_len=3, radius=3, d=2, q_tile=(4, 8), kv_tile=(4, 4)),
+]
 
 
 def _case_id(c):
     return f"g{c['grid'][0]}x{c['grid'][1]}-T{c['text_len']}-r{c['radius']}-d{c['d']}"
 
 
-@pytest.mark.parametrize("backend", ["reference", "flex"])
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize(
+    "case,backend",
+    [(c, b) for c in CASES for b in ("reference", "flex")] + [(c, "triton") for c in TRITON_CASES],
+    ids=lambda x: _case_id(x) if isinstance(x, dict) else x,
+)
 def test_clear_attention_against_dense_oracle(case, backend):
     grid, t, r, d = case["grid"], case["text_len"], case["radius"], case["d"]
     n = t + grid[0] * grid[1]
