@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from attnpack.kernels.reference import masked_attention
+
 
 def oracle_mask(grid, text_len, radius, down_factor=1) -> torch.Tensor:
     """The rule of the paper / official code, pair by pair: text queries see text + image keys (not pooled ones);
@@ -38,3 +40,22 @@ def oracle_pool(x, grid, d, weight):
                     acc = acc + weight[i, j] * x[:, :, (cy * d + i) * w + cx * d + j]
             out.append(acc)
     return torch.stack(out, dim=2)
+
+
+class OracleCore:
+    """Dense masked attention with the mask transcribed from the paper (and loop-pooled keys / values)."""
+
+    def __init__(self, radius, down_factor=1, weights=None, proportional=False):
+        self.radius, self.d, self.weights, self.proportional = radius, down_factor, weights or {}, proportional
+
+    def __call__(self, q, k, v, call):
+        grid, t = call.layout.grid, call.layout.num_text
+        if self.d > 1:
+            w = self.weights[call.layer.name].reshape(self.d, self.d).to(q.dtype)
+            k = torch.cat([k, oracle_pool(k[:, :, t:], grid, self.d, w)], dim=2)
+            v = torch.cat([v, oracle_pool(v[:, :, t:], grid, self.d, w)], dim=2)
+        scale = None
+        if self.proportional:  # official: sqrt(log_{64^2 + 512}(N) / head_dim), N = 10 (T + HW) with pooled tokens
+            n = q.shape[2] * (10 if self.d > 1 else 1)
+            scale = math.sqrt(math.log(n) / math.log(64**2 + 512) / q.shape[-1])
+        return masked_attention(q, k, v, oracle_mask(grid, t, self.radius, self.d), scale=scale).to(q.dtype)

@@ -7,32 +7,14 @@ import logging
 
 import pytest
 import torch
-from clear_oracle import oracle_mask, oracle_pool
+from clear_oracle import OracleCore
 from helpers import forward
 from safetensors.torch import save_file
 
 import attnpack
 from attnpack.attn_processors import apply_processors
 from attnpack.attn_processors.clear_weights import CLEAR_PARAM_PATTERNS, save_clear_checkpoint
-from attnpack.kernels.clear import proportional_scale
-from attnpack.kernels.reference import masked_attention
 from attnpack.pipelines._tiny import build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs, tiny_flux_transformer
-
-
-class OracleCore:
-    """Dense masked attention with the mask transcribed from the paper (and loop-pooled keys / values)."""
-
-    def __init__(self, radius, down_factor=1, weights=None, proportional=False):
-        self.radius, self.d, self.weights, self.proportional = radius, down_factor, weights or {}, proportional
-
-    def __call__(self, q, k, v, call):
-        grid, t = call.layout.grid, call.layout.num_text
-        if self.d > 1:
-            w = self.weights[call.layer.name].reshape(self.d, self.d).to(q.dtype)
-            k = torch.cat([k, oracle_pool(k[:, :, t:], grid, self.d, w)], dim=2)
-            v = torch.cat([v, oracle_pool(v[:, :, t:], grid, self.d, w)], dim=2)
-        scale = proportional_scale(q.shape[2], q.shape[-1], self.d) if self.proportional else None
-        return masked_attention(q, k, v, oracle_mask(grid, t, self.radius, self.d), scale=scale).to(q.dtype)
 
 
 def official_checkpoint(model, down_factor=1, seed=0, layers=None) -> dict[str, torch.Tensor]:
