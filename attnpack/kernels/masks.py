@@ -48,6 +48,7 @@ __all__ = [
 
 # NATTEN's Hopper tiles (128 tokens): 1-D 128, 2-D (16, 8), 3-D (2, 8, 8)
 _DEFAULT_TILES = {1: (128,), 2: (16, 8), 3: (2, 8, 8)}
+_CPU_TILES = {1: (64,), 2: (8, 8), 3: (2, 4, 8)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,13 +206,16 @@ def neighborhood_tile_masks(
     return visited.reshape(tq, -1), full.reshape(tq, -1)
 
 
-def default_tile_shape(grid: Sequence[int], total: int | None = None) -> tuple[int, ...]:
-    """NATTEN's tile shapes (1-D 128, 2-D (16, 8), 3-D (2, 8, 8)), shrunk to the grid on small axes (powers of two,
-    at least 16 tokens per tile)."""
+def default_tile_shape(grid: Sequence[int], device_type: str = "cuda") -> tuple[int, ...]:
+    """Default N-D tile shape for ``grid``.
+
+    CUDA: NATTEN's 128-token Hopper tiles (1-D 128, 2-D (16, 8), 3-D (2, 8, 8)); elsewhere 64-token tiles (1-D 64,
+    2-D (8, 8), 3-D (2, 4, 8)), which waste less work in the pure-PyTorch path. Axes shorter than the tile shrink
+    to the next power of two; tiles keep at least 16 tokens (the smallest ``tl.dot``).
+    """
     grid = tuple(grid)
-    base = _DEFAULT_TILES.get(len(grid), (1,) * (len(grid) - 1) + (128,))
-    if total is not None:
-        base = (1,) * (len(grid) - 1) + (total,)
+    tiles = _DEFAULT_TILES if device_type == "cuda" else _CPU_TILES
+    base = tiles.get(len(grid), (1,) * (len(grid) - 1) + (tiles[1][0],))
     tile = [min(t, 1 << max(0, (n - 1).bit_length())) for t, n in zip(base, grid)]
     while math.prod(tile) < 16:
         tile[-1] *= 2
@@ -250,7 +254,9 @@ def neighborhood_pattern(
     Queries: the grid in ``q_tile`` boxes (dilation groups kept apart, as NATTEN's token permutation does); keys: the
     grid in ``kv_tile`` boxes, then the additional keys in 1-D tiles of ``prod(kv_tile)``.
     """
-    q_tile = tuple(q_tile) if q_tile is not None else default_tile_shape(spec.grid)
+    if q_tile is None:
+        q_tile = default_tile_shape(spec.grid, torch.device(device).type if device is not None else "cuda")
+    q_tile = tuple(q_tile)
     kv_tile = tuple(kv_tile) if kv_tile is not None else q_tile
     q_order = grid_order(spec.grid, q_tile, dilation=spec.dilation)
     kv_grid = grid_order(spec.grid, kv_tile, dilation=spec.dilation)
