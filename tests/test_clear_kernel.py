@@ -309,3 +309,23 @@ def test_triton_mask_function_equals_mask_mod():
         _evaluate_triton_mask[(1,)](clear_mask_params(spec).to(device), out, NQ=64, NK=64)
         expect = oracle_mask(spec.grid, spec.text_len, spec.radius, spec.down_factor)
         assert torch.equal(out[: spec.num_queries, : spec.num_keys].bool().cpu(), expect)
+
+
+def test_benchmark_script_runs_small_cases_on_cpu(tmp_path):
+    """benchmarks/clear.py (the one-command GPU benchmark) on CPU-sized cases, so it cannot rot between GPU runs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "clear.py"
+    spec = importlib.util.spec_from_file_location("clear_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cpu = torch.device("cpu")
+    case = bench.clear_case(128, 2, 2, devices=("cpu",), heads=2, head_dim=16, text=8)
+    result = bench.attention.run_case(case, cpu, torch.float32, "flex", 1)
+    assert result["keys"] == 8 + 64 + 16 and result["time_ms"] > 0 and result["fraction_of_tile_bound"] is not None
+    tiny = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                axes_dims_rope=(4, 4, 8))  # fmt: skip
+    rows = bench.run_e2e(cpu, torch.float32, 2, "reference", 1, config=tiny, resolutions=(128,), text=8)
+    assert rows[0]["resolution"] == 128 and rows[0]["speedup"] > 0
