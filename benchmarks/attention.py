@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:20s} {backend:9s} {result['time_ms']:10.3f} ms  sdpa[{result['sdpa_backend']}] "
             f"{result['sdpa_time_ms']:10.3f} ms  speedup {result['speedup_over_sdpa']:6.2f}x  "
-            f"tile bound {result['tile_bound_speedup']}x  eff. {result['effective_tflops']} TFLOP/s"
+            f"tile bound {result['tile_bound_speedup'] or '-'}x  eff. {result['effective_tflops']} TFLOP/s"
             + (
                 f"  call peak {result['call_peak_memory_mib']} MiB vs N x N fp32 {result['n_by_n_float32_mib']} MiB"
                 if "call_peak_memory_mib" in result

@@ -78,6 +78,20 @@ class NeighborhoodSpec:
         return self.ndim == 1 and self.window[0] == self.grid[0] and self.causal[0]
 
 
+def _windows(x: torch.Tensor, n: int, k: int, s: int, d: int, causal: bool):
+    """``(group, start, end)`` of axis positions ``x`` (any shape, elementwise): position ``x`` attends
+    ``group + d * j`` for ``j`` in ``[start, end)``."""
+    g, ii = x % d, x // d
+    ng = (n - g + d - 1) // d  # length of the dilation group
+    if causal:
+        leader = torch.minimum((ii // s) * s + (s - 1), ng - 1)  # last query of the stride group
+        return g, (leader - (k - 1)).clamp(min=0), ii + 1
+    wl, wr = k // 2, k // 2 + k % 2 - 1
+    leader = torch.minimum((ii // s) * s + s // 2, ng - 1)  # centre of the stride group
+    centre = torch.minimum(leader.clamp(min=wl), ng - 1 - wr)  # shifted inward at the borders
+    return g, centre - wl, centre + wr + 1
+
+
 def axis_windows(
     n: int, k: int, s: int, d: int, causal: bool, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,20 +99,7 @@ def axis_windows(
 
     Position ``i`` attends positions ``group[i] + d * j`` for ``j`` in ``[start[i], end[i])`` (group-local indices).
     """
-    i = torch.arange(n, device=device)
-    g = i % d
-    ii = i // d
-    ng = (n - g + d - 1) // d
-    if causal:
-        leader = torch.minimum((ii // s) * s + s - 1, ng - 1)
-        start = (leader - k + 1).clamp(min=0)
-        end = ii + 1
-    else:
-        wl, wr = k // 2, k // 2 + k % 2 - 1
-        leader = torch.minimum((ii // s) * s + s // 2, ng - 1)
-        c = torch.minimum(leader.clamp(min=wl), ng - 1 - wr)
-        start, end = c - wl, c + wr + 1
-    return g, start, end
+    return _windows(torch.arange(n, device=device), n, k, s, d, causal)
 
 
 def neighborhood_mask_mod(spec: NeighborhoodSpec):
@@ -111,26 +112,14 @@ def neighborhood_mask_mod(spec: NeighborhoodSpec):
     n_tokens = spec.num_tokens
 
     def mask_mod(b, h, q_idx, kv_idx):
-        ok = kv_idx >= n_tokens
         inside = None
         for a, (n, k, s, d, c) in enumerate(zip(grid, window, stride, dilation, causal)):
-            qa = (q_idx // strides[a]) % n
+            g, start, end = _windows((q_idx // strides[a]) % n, n, k, s, d, c)
             ka = (kv_idx // strides[a]) % n
-            g, ii = qa % d, qa // d
-            ng = (n - g + d - 1) // d
-            if c:
-                leader = torch.minimum((ii // s) * s + (s - 1), ng - 1)
-                start = (leader - (k - 1)).clamp(min=0)
-                end = ii + 1
-            else:
-                wl, wr = k // 2, k // 2 + k % 2 - 1
-                leader = torch.minimum((ii // s) * s + s // 2, ng - 1)
-                centre = torch.minimum(leader.clamp(min=wl), ng - 1 - wr)
-                start, end = centre - wl, centre + wr + 1
             jj = ka // d
             axis_ok = (ka % d == g) & (jj >= start) & (jj < end)
             inside = axis_ok if inside is None else inside & axis_ok
-        return ok | inside
+        return (kv_idx >= n_tokens) | inside
 
     return mask_mod
 

@@ -82,6 +82,35 @@ def _load_kv(k_base, v_base, ki_base, offs_n, NK, stride_kn, stride_vn, offs_d, 
 
 
 @triton.jit
+def _attend_tiles(
+    tbl, i0, i1, q, q_idx, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn, stride_vn,
+    offs_d, offs_dv, d_ok, dv_ok, KV_TILE: tl.constexpr, BLOCK_N: tl.constexpr, KV_GATHER: tl.constexpr,
+    MASK_FN: tl.constexpr, PARTIAL: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over table entries ``[i0, i1)`` (each key tile in ``KV_TILE // BLOCK_N`` blocks). On partial
+    tiles padding keys and, if given, ``MASK_FN`` on original indices are applied; full tiles use no mask."""
+    offs_t = tl.arange(0, BLOCK_N)
+    q_ok = q_idx >= 0
+    q_mask_idx = tl.where(q_ok, q_idx, 0)[:, None]
+    for i in range(i0, i1):
+        kt = tl.load(tbl + i)
+        for j in tl.static_range(KV_TILE // BLOCK_N):
+            offs_n = kt * KV_TILE + j * BLOCK_N + offs_t
+            k, v, kv_idx = _load_kv(
+                k_base, v_base, ki_base, offs_n, NK, stride_kn, stride_vn, offs_d, offs_dv, d_ok, dv_ok,
+                KV_GATHER, PARTIAL,
+            )  # fmt: skip
+            keep = q_ok[:, None]
+            if PARTIAL:
+                kv_ok = kv_idx >= 0
+                keep = kv_ok[None, :] & (q_idx[:, None] >= -1)
+                if MASK_FN is not None:
+                    keep = keep & MASK_FN(b, h, q_mask_idx, tl.where(kv_ok, kv_idx, 0)[None, :], MP)
+            m_i, l_i, acc = _tile_update(q, k, v, m_i, l_i, acc, qk_scale, keep, PARTIAL, DOT_F32)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, Out, LSE, QI, KI, TBL, NKV, NFULL, MP,
     stride_qb, stride_qh, stride_qn,
@@ -129,34 +158,16 @@ def _block_sparse_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    offs_t = tl.arange(0, BLOCK_N)
-    q_mask_idx = tl.where(q_ok, q_idx, 0)[:, None]
 
-    # full tiles: every pair visible, no padding: no mask at all
-    for i in range(0, n_full):
-        kt = tl.load(tbl + i)
-        for j in tl.static_range(KV_TILE // BLOCK_N):
-            offs_n = kt * KV_TILE + j * BLOCK_N + offs_t
-            k, v, kv_idx = _load_kv(
-                k_base, v_base, ki_base, offs_n, NK, stride_kn, stride_vn, offs_d, offs_dv, d_ok, dv_ok,
-                KV_GATHER, False,
-            )  # fmt: skip
-            m_i, l_i, acc = _tile_update(q, k, v, m_i, l_i, acc, qk_scale, q_ok[:, None], False, DOT_F32)
-
-    # partial tiles: padding and the in-tile mask on original indices
-    for i in range(n_full, n_kv):
-        kt = tl.load(tbl + i)
-        for j in tl.static_range(KV_TILE // BLOCK_N):
-            offs_n = kt * KV_TILE + j * BLOCK_N + offs_t
-            k, v, kv_idx = _load_kv(
-                k_base, v_base, ki_base, offs_n, NK, stride_kn, stride_vn, offs_d, offs_dv, d_ok, dv_ok,
-                KV_GATHER, True,
-            )  # fmt: skip
-            kv_ok = kv_idx >= 0
-            keep = kv_ok[None, :] & (q_idx[:, None] >= -1)
-            if MASK_FN is not None:
-                keep = keep & MASK_FN(b, h, q_mask_idx, tl.where(kv_ok, kv_idx, 0)[None, :], MP)
-            m_i, l_i, acc = _tile_update(q, k, v, m_i, l_i, acc, qk_scale, keep, True, DOT_F32)
+    # full tiles first (every pair visible, no padding: no mask at all), then partial tiles (padding + in-tile mask)
+    m_i, l_i, acc = _attend_tiles(
+        tbl, 0, n_full, q, q_idx, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn,
+        stride_vn, offs_d, offs_dv, d_ok, dv_ok, KV_TILE, BLOCK_N, KV_GATHER, None, False, DOT_F32,
+    )  # fmt: skip
+    m_i, l_i, acc = _attend_tiles(
+        tbl, n_full, n_kv, q, q_idx, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn,
+        stride_vn, offs_d, offs_dv, d_ok, dv_ok, KV_TILE, BLOCK_N, KV_GATHER, MASK_FN, True, DOT_F32,
+    )  # fmt: skip
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_qkv
 from ..block_sparse import BlockSparsePattern, block_sparse_attention, choose_backend
 from ..masks import NeighborhoodSpec, default_tile_shape, neighborhood_pattern
 from .reference import neighborhood_reference
@@ -120,29 +121,13 @@ def cached_neighborhood_pattern(
 
 
 def _check_tensors(query, key, value, additional_keys, additional_values, grid) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"`{name}` must be a [B, H, N, D] tensor (N = prod(grid_shape)), got {got}.")
-    if not (query.device == key.device == value.device):
-        raise ValueError(
-            f"query, key and value must be on the same device, got {query.device}, {key.device}, {value.device}."
-        )
-    if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}.")
+    check_qkv(query, key, value, n_hint="N = prod(grid_shape)")
     n = math.prod(grid)
-    if query.shape[2] != n or key.shape[2] != n or value.shape[2] != n:
+    if query.shape[2] != n or key.shape[2] != n:
         raise ValueError(
             f"query, key and value must hold N = prod(grid_shape) = {n} tokens for grid_shape={tuple(grid)}, got "
             f"{query.shape[2]}, {key.shape[2]}, {value.shape[2]}."
         )
-    if key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]:
-        raise ValueError(
-            f"query, key and value must match in batch size and heads, got {tuple(query.shape)}, {tuple(key.shape)}, "
-            f"{tuple(value.shape)}."
-        )
-    if key.shape[3] != query.shape[3]:
-        raise ValueError(f"query and key head dims must match, got {query.shape[3]} and {key.shape[3]}.")
     if (additional_keys is None) != (additional_values is None):
         raise ValueError("`additional_keys` and `additional_values` must be either both tensors or both None.")
     if additional_keys is None:
