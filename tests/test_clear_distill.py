@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from clear_oracle import one_thread  # noqa: F401 (autouse fixture)
 from PIL import Image
 
 import attnpack
@@ -22,15 +23,6 @@ from attnpack.pipelines.clear_distill import (
     distill_clear,
     find_image_prompts,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a busy 2-core machine thread synchronisation costs 100x the arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _distiller(radius, down_factor, **kw):

@@ -5,22 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from clear_oracle import OracleCore
+from clear_oracle import OracleCore, one_thread  # noqa: F401 (autouse fixture)
 from PIL import Image
 
 import attnpack
 from attnpack.attn_processors import apply_processors
 from attnpack.pipelines._tiny import build_tiny_pipeline
 from attnpack.pipelines.clear_highres import clear_highres
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a busy 2-core machine thread synchronisation costs 100x the arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_recipe_equals_its_manual_construction():

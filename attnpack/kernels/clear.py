@@ -220,11 +220,12 @@ def _tile_size(tile) -> int:
 
 
 def _triton_mask():
-    try:
-        from ._clear_triton import clear_mask_triton
-    except ImportError:  # triton not installed
+    """The Triton version of the mask, or ``None`` without triton (the Triton backend then declines the pattern)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
         return None
-    return clear_mask_triton
+    return importlib.import_module(f"{__package__}._clear_triton").clear_mask_triton
 
 
 def clear_mask_params(spec: ClearSpec) -> torch.Tensor:
