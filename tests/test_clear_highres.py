@@ -63,6 +63,8 @@ def test_weights_are_restored_and_errors(tmp_path):
                         base_steps=1, steps=2, max_sequence_length=8)  # fmt: skip
     assert out.base_image.size == (16, 16) and out.parameters["weights"].endswith("w.safetensors")
     assert all(torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())
+    with pytest.raises(ValueError, match="must be a FLUX.1 pipeline"):
+        clear_highres(build_tiny_pipeline("tiny-sd3"), "a cat")
     with pytest.raises(ValueError, match="strength"):
         clear_highres(pipe, "a cat", height=64, width=64, strength=0.0)
     with pytest.raises(ValueError, match="multiples of 16 x down_factor = 64"):

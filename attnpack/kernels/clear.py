@@ -262,15 +262,11 @@ def clear_pattern(
         rules.update({(0, 0): "all", (0, 1): "all", (1, 0): "all"})
     if spec.num_pooled:
         rules[(qi, qi + 1)] = "all"
-    visited, full = segment_tile_masks(q_order, kv_order, rules)
-    mask = TileMask(
-        clear_mask_mod(spec),
-        triton_fn=_triton_mask(),
-        params=clear_mask_params(spec),
-        name=f"clear(r={spec.radius}, d={spec.down_factor}, text={t}, grid={spec.grid})",
-    )
-    pattern = BlockSparsePattern(tile_table_from_dense(visited, full), q_order, kv_order, mask, name="clear")
-    return pattern.to(device) if device is not None else pattern
+    table = tile_table_from_dense(*segment_tile_masks(q_order, kv_order, rules))
+    label = f"clear(r={spec.radius}, d={spec.down_factor}, text={t}, grid={spec.grid})"
+    mask = TileMask(clear_mask_mod(spec), _triton_mask(), clear_mask_params(spec), label)
+    pattern = BlockSparsePattern(table, q_order, kv_order, mask, name="clear")
+    return pattern if device is None else pattern.to(device)
 
 
 def clear_tile_stats(

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 
-__all__ = ["ClearHighResOutput", "clear_highres", "img2img_pipeline"]
+__all__ = ["ClearHighResOutput", "clear_highres", "shared_flux_pipeline"]
 
 
 @dataclasses.dataclass
@@ -38,24 +38,19 @@ def _multiple_of_16(x: float) -> int:
     return max(16, int(round(x / 16)) * 16)
 
 
-def img2img_pipeline(pipe, scheduler=None):
-    """A ``FluxImg2ImgPipeline`` sharing ``pipe``'s components (no dtype cast; see the module docstring)."""
-    from diffusers import FluxImg2ImgPipeline
-
+def shared_flux_pipeline(cls, pipe, scheduler=None):
+    """A FLUX pipeline of class ``cls`` (``FluxPipeline``, ``FluxImg2ImgPipeline``) sharing ``pipe``'s components,
+    with no dtype cast (see the module docstring); ``scheduler`` replaces the scheduler."""
     c = pipe.components
-    img2img = FluxImg2ImgPipeline(
+    names = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+    new = cls(
         scheduler=scheduler if scheduler is not None else c["scheduler"],
-        vae=c["vae"],
-        text_encoder=c["text_encoder"],
-        tokenizer=c["tokenizer"],
-        text_encoder_2=c["text_encoder_2"],
-        tokenizer_2=c["tokenizer_2"],
-        transformer=c["transformer"],
         image_encoder=c.get("image_encoder"),
         feature_extractor=c.get("feature_extractor"),
+        **{name: c[name] for name in names},
     )
-    img2img.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    return img2img
+    new.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return new
 
 
 def clear_highres(
@@ -104,11 +99,13 @@ def clear_highres(
     Returns:
         :class:`ClearHighResOutput` with the refined image, the base image and the settings.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline
 
     from ..attn_processors.clear import ClearAttnProcessor, apply_clear
 
-    transformer = pipe.transformer
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module) or type(transformer).__name__ != "FluxTransformer2DModel":
+        raise ValueError(f"`pipe` must be a FLUX.1 pipeline (FluxPipeline), got {type(pipe).__name__}.")
     if any(isinstance(p, ClearAttnProcessor) for p in transformer.attn_processors.values()):
         raise ValueError(
             "`pipe` already has CLEAR installed; remove it (handle.remove()) first: the base image uses the original "
@@ -129,24 +126,20 @@ def clear_highres(
         proportional_attention=proportional_attention, seed=seed, max_sequence_length=max_sequence_length,
     )  # fmt: skip
 
+    def run(target, **kwargs) -> Image.Image:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return target(prompt, max_sequence_length=max_sequence_length, generator=generator, **kwargs).images[0]
+
     # 1. base image, original attention
     if base_image is None:
-        t2i = pipe if isinstance(pipe, FluxPipeline) else FluxPipeline(**{k: pipe.components[k] for k in (
-            "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")})  # fmt: skip
-        base_image = t2i(
-            prompt,
-            height=base_height,
-            width=base_width,
-            num_inference_steps=base_steps,
-            guidance_scale=base_guidance,
-            max_sequence_length=max_sequence_length,
-            generator=torch.Generator("cpu").manual_seed(seed),
-        ).images[0]
+        t2i = pipe if isinstance(pipe, FluxPipeline) else shared_flux_pipeline(FluxPipeline, pipe)
+        base_image = run(t2i, height=base_height, width=base_width, num_inference_steps=base_steps,
+                         guidance_scale=base_guidance)  # fmt: skip
     # 2. upsample
     upsampled = base_image.convert("RGB").resize((width, height), Image.BICUBIC)
     # 3. CLEAR img2img with static timestep shift, NTK RoPE, proportional attention, VAE tiling
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False)
-    img2img = img2img_pipeline(pipe, scheduler)
+    img2img = shared_flux_pipeline(FluxImg2ImgPipeline, pipe, scheduler)
     vae = img2img.vae
     tiling_before = getattr(vae, "use_tiling", False)
     theta_before = transformer.pos_embed.theta
@@ -155,17 +148,8 @@ def clear_highres(
         if vae_tiling:
             vae.enable_tiling()
         transformer.pos_embed.theta = theta_before * ntk_factor
-        image = img2img(
-            prompt=prompt,
-            image=upsampled,
-            strength=strength,
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            max_sequence_length=max_sequence_length,
-            generator=torch.Generator("cpu").manual_seed(seed),
-        ).images[0]
+        image = run(img2img, image=upsampled, strength=strength, height=height, width=width,
+                    num_inference_steps=steps, guidance_scale=guidance)  # fmt: skip
     finally:
         transformer.pos_embed.theta = theta_before
         if vae_tiling and not tiling_before:
