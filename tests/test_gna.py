@@ -249,7 +249,8 @@ def test_full_causal_1d_is_plain_causal_attention():
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
-def test_reference_backward_matches_dense():
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_reference_backward_matches_dense(backend):
     grid, window, stride, dilation, causal = (6, 7), (3, 4), (1, 2), (2, 1), (False, True)
     spec = normalize_neighborhood_args(grid, window, stride, dilation, causal)
     q, k, v = (_rand(2, 2, 42, 8, seed=s).requires_grad_() for s in range(3))
@@ -257,7 +258,7 @@ def test_reference_backward_matches_dense():
     grad = _rand(2, 2, 42, 8, seed=9)
     out = neighborhood_attention(
         q, k, v, grid_shape=grid, window_size=window, stride=stride, dilation=dilation, is_causal=causal,
-        additional_keys=ek, additional_values=ev,
+        additional_keys=ek, additional_values=ev, backend=backend,
     )  # fmt: skip
     (out * grad).sum().backward()
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v, ek, ev)]

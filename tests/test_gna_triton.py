@@ -116,7 +116,7 @@ def test_gpu_full_size_against_reference_rows(case, backend):
             q, k, v, grid_shape=grid, window_size=window, stride=stride,
             additional_keys=ek, additional_values=ev, backend=backend,
         )  # fmt: skip
-    rows = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:512].to(DEVICE)
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:128].to(DEVICE)
     rows = torch.cat([rows, torch.tensor([0, n - 1], device=DEVICE)])
     ref = _rows_oracle(q, k, v, spec, rows, ek, ev)
     torch.testing.assert_close(out[:, :, rows].float(), ref, atol=2e-2, rtol=0)
