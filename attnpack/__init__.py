@@ -26,6 +26,9 @@ _EXPORTS: dict[str, str] = {
     "RunState": "attnpack.attn_processors._context",
     "current_run": "attnpack.attn_processors._context",
     "run_overrides": "attnpack.attn_processors._context",
+    # CLEAR
+    "apply_clear": "attnpack.attn_processors.clear",
+    "ClearAttnProcessor": "attnpack.attn_processors.clear",
     # generalized neighborhood attention
     "apply_gna": "attnpack.attn_processors.neighborhood",
     "GNAAttnProcessor": "attnpack.attn_processors.neighborhood",
@@ -70,6 +73,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .attn_processors._context import RunState, current_run, run_overrides
     from .attn_processors._families import LayerInfo, TokenLayout
+    from .attn_processors.clear import ClearAttnProcessor, apply_clear
     from .attn_processors.neighborhood import GNAAttnProcessor, apply_gna
     from .kernels.neighborhood import neighborhood_attention
     from .pipelines.generation import GenerationSettings, run_generation
