@@ -30,8 +30,10 @@ from .orders import (
     permute_grid,
     unpermute_grid,
 )
+from .planted import planted_qkv
 from .quant import QUANT_MODES, QuantSpec, quant_spec, quantized_reference
 from .stats import (
+    DEFAULT_SIGMA,
     MASK_RULES,
     BlockStatistics,
     OrderSearch,
@@ -49,6 +51,7 @@ from .triton import quantized_triton, triton_unusable
 __all__ = [
     "AXIS_ORDER_NAMES",
     "BlockStatistics",
+    "DEFAULT_SIGMA",
     "MASK_RULES",
     "OrderSearch",
     "QUANT_MODES",
@@ -65,6 +68,7 @@ __all__ = [
     "order_metrics",
     "paro_token_order",
     "permute_grid",
+    "planted_qkv",
     "quant_spec",
     "quantized_reference",
     "quantized_triton",
