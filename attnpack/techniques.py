@@ -30,7 +30,9 @@ __all__ = [
 ]
 
 # modules that register techniques when imported (one line per technique module)
-TECHNIQUE_MODULES: list[str] = []
+TECHNIQUE_MODULES: list[str] = [
+    "attnpack.attn_processors.paro",
+]
 
 _REGISTRY: dict[str, Technique] = {}
 _LOADED = False

@@ -168,7 +168,9 @@ def test_selection_prefers_sparser_orders_the_sign_fix():
     for alpha in (0.5, 1.0):
         assert select_orders(combined_scores(sparsity, incoherence, alpha)).tolist() == [1]
     # the published form (alpha * sparsity + ...) would have picked candidate 0
-    published = 0.5 * sparsity / sparsity.amax(-1, keepdim=True) + 0.5 * incoherence / incoherence.amax(-1, keepdim=True)
+    published = 0.5 * sparsity / sparsity.amax(-1, keepdim=True) + 0.5 * incoherence / incoherence.amax(
+        -1, keepdim=True
+    )
     assert published.argmin(-1).tolist() == [0]
     # lower incoherence wins when sparsity is equal; exact ties go to order 0 (the identity)
     assert select_orders(combined_scores(torch.tensor([[0.5, 0.5]]), torch.tensor([[9.0, 3.0]]), 0.5)).tolist() == [1]
@@ -328,7 +330,9 @@ def test_quantized_backends_reject_in_tile_masks_and_bad_quant():
     grid, bs = (2, 2, 4), 4
     order = paro_token_order(grid, [0], bs)
     vis = torch.ones(1, 1, order.num_tiles, order.num_tiles, dtype=torch.bool)
-    masked = BlockSparsePattern(tile_table_from_dense(vis, torch.zeros_like(vis)), order, order, TileMask(lambda *a: True))
+    masked = BlockSparsePattern(
+        tile_table_from_dense(vis, torch.zeros_like(vis)), order, order, TileMask(lambda *a: True)
+    )
     q = _rand(1, 1, 16, 16)
     for backend in ("paro_quant_reference", "paro_quant_triton"):
         with pytest.raises(ValueError, match="in-tile mask"):
