@@ -26,6 +26,10 @@ _EXPORTS: dict[str, str] = {
     "RunState": "attnpack.attn_processors._context",
     "current_run": "attnpack.attn_processors._context",
     "run_overrides": "attnpack.attn_processors._context",
+    # generalized neighborhood attention
+    "apply_gna": "attnpack.attn_processors.neighborhood",
+    "GNAAttnProcessor": "attnpack.attn_processors.neighborhood",
+    "neighborhood_attention": "attnpack.kernels.neighborhood",
     # PARO
     "ParoAttnProcessor": "attnpack.attn_processors.paro",
     "apply_paro": "attnpack.attn_processors.paro",
@@ -71,7 +75,9 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .attn_processors._context import RunState, current_run, run_overrides
     from .attn_processors._families import LayerInfo, TokenLayout
+    from .attn_processors.neighborhood import GNAAttnProcessor, apply_gna
     from .attn_processors.paro import ParoAttnProcessor, apply_paro
+    from .kernels.neighborhood import neighborhood_attention
     from .pipelines.generation import GenerationSettings, run_generation
     from .pipelines.loading import builtin_models, load_pipeline
     from .pipelines.paro_calibrate import calibrate_paro

@@ -25,6 +25,7 @@ from attnpack.kernels.block_sparse import (
     tile_table_from_mask,
 )
 from attnpack.kernels.reference import masked_attention
+from attnpack.kernels.reference import pattern_mask as _dense_mask
 
 
 BACKENDS = ["reference", "flex"]
@@ -33,26 +34,6 @@ BACKENDS = ["reference", "flex"]
 def _rand(b, h, n, d, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, h, n, d, generator=g).to(dtype)
-
-
-def _dense_mask(pattern: BlockSparsePattern, batch: int, heads: int) -> torch.Tensor:
-    """The pattern's [B, H, Nq, Nk] mask, computed pair by pair from its definition (independent of the kernels)."""
-    qo, ko, t = pattern.q_order, pattern.kv_order, pattern.table
-    visited, full = t.dense()  # [Bt, Ht, Tq, Tk]
-    nq, nk = qo.num_tokens, ko.num_tokens
-    mask = torch.zeros(batch, heads, nq, nk, dtype=torch.bool)
-    for b, h in itertools.product(range(batch), range(heads)):
-        qpos = qo.inverse()[min(h, qo.num_heads - 1)] // qo.tile_size  # query tile of each token
-        kpos = ko.inverse()[min(h, ko.num_heads - 1)] // ko.tile_size
-        vis = visited[min(b, visited.shape[0] - 1), min(h, visited.shape[1] - 1)][qpos][:, kpos]
-        ful = full[min(b, full.shape[0] - 1), min(h, full.shape[1] - 1)][qpos][:, kpos]
-        if pattern.mask is not None:
-            qi = torch.arange(nq)[:, None]
-            ki = torch.arange(nk)[None, :]
-            inside = pattern.mask.mask_mod(torch.tensor(b), torch.tensor(h), qi, ki)
-            vis = vis & (ful | inside)
-        mask[b, h] = vis
-    return mask
 
 
 # ------------------------------------------------------------------------------------------------- token orders

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 
-__all__ = ["masked_attention", "nbrs_1d", "neighborhood_mask"]
+__all__ = ["masked_attention", "nbrs_1d", "neighborhood_mask", "pattern_mask"]
 
 
 def masked_attention(
@@ -88,4 +88,29 @@ def neighborhood_mask(
         keys = itertools.product(*[sorted(per_axis[a][qc[a]]) for a in range(len(grid))])
         for kc in keys:
             mask[qi, int(sum(c * math.prod(grid[a + 1 :]) for a, c in enumerate(kc)))] = True
+    return mask
+
+
+def pattern_mask(pattern, batch: int = 1, heads: int = 1) -> torch.Tensor:
+    """The dense ``[batch, heads, Nq, Nk]`` mask of a :class:`~attnpack.kernels.block_sparse.BlockSparsePattern`,
+    evaluated pair by pair from its definition: query ``i`` sees key ``j`` iff the key's tile is listed for the
+    query's tile and is full or ``mask_mod`` allows the pair (padding never appears: only real tokens are indexed).
+    """
+    qo, ko = pattern.q_order, pattern.kv_order
+    visited, full = pattern.table.dense()  # [Bt, Ht, Tq, Tk]
+    nq, nk = qo.num_tokens, ko.num_tokens
+    mask = torch.zeros(batch, heads, nq, nk, dtype=torch.bool)
+    q_inv, k_inv = qo.inverse().cpu(), ko.inverse().cpu()
+    for b, h in itertools.product(range(batch), range(heads)):
+        q_tile = q_inv[min(h, qo.num_heads - 1)] // qo.tile_size
+        k_tile = k_inv[min(h, ko.num_heads - 1)] // ko.tile_size
+        bt, ht = min(b, visited.shape[0] - 1), min(h, visited.shape[1] - 1)
+        vis = visited[bt, ht].cpu()[q_tile][:, k_tile]
+        ful = full[bt, ht].cpu()[q_tile][:, k_tile]
+        if pattern.mask is not None:
+            inside = pattern.mask.mask_mod(
+                torch.tensor(b), torch.tensor(h), torch.arange(nq)[:, None], torch.arange(nk)[None, :]
+            )
+            vis = vis & (ful | inside)
+        mask[b, h] = vis
     return mask

@@ -139,6 +139,17 @@ register_block_sparse_backend(BlockSparseBackend("reference", block_sparse_refer
 # eager FlexAttention (CPU) evaluates the mask on all N x N pairs: only chosen automatically on CUDA
 register_block_sparse_backend(BlockSparseBackend("flex", block_sparse_flex, _flex_unusable, 20, ("cuda",)))
 
+try:
+    from .triton import block_sparse_triton, triton_unusable
+except ImportError:  # triton is an optional dependency (attnpack[triton])
+
+    def _no_triton(*args, **kwargs) -> str:
+        return "triton is not installed; `pip install attnpack[triton]`"
+
+    register_block_sparse_backend(BlockSparseBackend("triton", _no_triton, _no_triton, None))
+else:
+    register_block_sparse_backend(BlockSparseBackend("triton", block_sparse_triton, triton_unusable, 10, ("cuda",)))
+
 
 def _check_inputs(query, key, value, pattern: BlockSparsePattern) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
