@@ -88,11 +88,11 @@ def test_calibrate_and_apply_on_tiny_pipelines(name, tmp_path):
     assert plan.order_metrics.shape == (len(expect_layers), 2, 6 if len(plan.grid) == 3 else 2, 2)
     forced = forced_blocks(plan.num_blocks, plan.text_blocks if text else None)
     for level in range(2):
-        assert bool((plan.mask_codes <= level)[..., forced].all())  # diagonal, text, last blocks always kept
+        assert bool((plan.mask_codes() <= level)[..., forced].all())  # diagonal, text, last blocks always kept
     assert 0.3 <= plan.achieved_density(0.3) <= plan.achieved_density(0.5) < 1.0
 
     loaded = attnpack.ParoPlan.load(plan.save(tmp_path / "plan.safetensors"))
-    assert torch.equal(loaded.mask_codes, plan.mask_codes)
+    assert torch.equal(loaded.masks, plan.masks)
 
     def run():
         with torch.no_grad():
@@ -189,7 +189,7 @@ def test_calibration_resumes_from_a_checkpoint(tmp_path, monkeypatch):
     resumed = attnpack.calibrate_paro(pipe, prompts, 2, checkpoint=checkpoint, **args)
     assert resumed_calls["n"] == 3 * 2  # only the last prompt of the mask phase: 3 layers x 2 steps
     assert torch.equal(resumed.orders, reference.orders)
-    assert torch.equal(resumed.mask_codes, reference.mask_codes)
+    assert torch.equal(resumed.masks, reference.masks)
     with pytest.raises(ValueError, match="other arguments"):
         attnpack.calibrate_paro(pipe, ["another prompt"], 2, checkpoint=checkpoint, **args)
 

@@ -11,7 +11,9 @@ from attnpack.pipelines._tiny import build_tiny_denoiser, tiny_cogvideox_transfo
 from attnpack.pipelines.paro_plan import (
     ParoPlan,
     config_hash,
+    mask_bits_for,
     pack_codes,
+    pack_mask_rows,
     schedule_bucket,
     timestep_bucket,
     unpack_codes,
@@ -42,8 +44,10 @@ def make_plan(model=None, *, grid=(3, 4, 4), text_len=8, block_size=4, heads=2, 
         layers=layers,
         heads=heads,
         orders=torch.randint(0, n_orders, (len(layers), heads), generator=g),
-        mask_codes=torch.randint(0, len(densities) + 1, (buckets + 1, len(layers), heads, t, t), generator=g),
     )
+    codes = torch.randint(0, len(densities) + 1, (buckets + 1, len(layers), heads, t, t), generator=g)
+    fields["mask_bits"] = mask_bits_for(len(densities))
+    fields["masks"] = pack_mask_rows(codes.to(torch.uint8), fields["mask_bits"])
     fields.update(kw)
     return ParoPlan(**fields)
 
@@ -68,25 +72,27 @@ def test_save_load_round_trip(tmp_path):
     for field in ("model_class", "config_hash", "grid", "text_len", "text_first", "block_size", "densities"):
         assert getattr(loaded, field) == getattr(plan, field)
     assert loaded.layers == plan.layers and loaded.info == plan.info and loaded.quant == plan.quant
-    assert torch.equal(loaded.orders, plan.orders) and torch.equal(loaded.mask_codes, plan.mask_codes)
+    assert torch.equal(loaded.orders, plan.orders) and torch.equal(loaded.mask_codes(), plan.mask_codes())
     torch.testing.assert_close(loaded.order_metrics, plan.order_metrics)
     # two density levels -> 2 bits per block on disk
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
         assert fh.metadata()["mask_bits"] == "2"
-        assert fh.get_tensor("mask_codes").numel() == -(-plan.mask_codes.numel() // 4)
+        assert plan.num_blocks == 2 + 12  # 8 text tokens and 48 grid tokens in blocks of 4
+        assert fh.get_tensor("masks").shape == (3, 2, 2 * 14 * 14 // 4)  # 3 buckets, 2 layers, 4 codes per byte
 
 
 def test_masks_levels_and_density():
     plan = make_plan()
-    codes = plan.mask_codes[1, 0]
+    codes = plan.mask_codes()[1, 0]
+    assert torch.equal(plan.codes(1, 0), codes)
     assert torch.equal(plan.mask(1, 0, 0.3), codes <= 0)
     assert torch.equal(plan.mask(1, 0, 0.5), codes <= 1)
     assert bool(plan.mask(1, 0, 1.0).all())
     assert torch.equal(plan.mask(1, 0), plan.mask(1, 0, 0.3))  # default density
     assert plan.achieved_density(1.0) == 1.0
-    assert plan.achieved_density(0.3) == pytest.approx((plan.mask_codes == 0).float().mean().item())
+    assert plan.achieved_density(0.3) == pytest.approx((plan.mask_codes() == 0).float().mean().item())
     with pytest.raises(ValueError, match="not stored in this plan"):
         plan.mask(0, 0, 0.2)
     with pytest.raises(TypeError, match="density"):
@@ -122,9 +128,9 @@ def test_load_rejects_other_files_and_damage(tmp_path):
 
     with safe_open(str(path), framework="pt") as fh:
         meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
-    meta["mask_shape"] = "[3, 2, 2, 9, 9]"  # inconsistent with the grid
+    meta["grid"] = "[3, 4, 6]"  # inconsistent with the stored masks
     save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(ValueError, match="mask_codes"):
+    with pytest.raises(ValueError, match="masks must be packed rows"):
         ParoPlan.load(path)
     meta.pop("layers")
     save_file(tensors, str(path), metadata=meta)

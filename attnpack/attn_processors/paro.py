@@ -100,14 +100,21 @@ class ParoCore:
         self.density = plan.density if density is None else float(density)
         plan.level(self.density)  # validates
         self.backend = backend
-        self._patterns: dict[tuple[int, str], BlockSparsePattern] = {}
+        self._orders: dict[str, object] = {}
+        self._current: tuple[int, str, BlockSparsePattern] | None = None
 
     def pattern(self, bucket: int, device: torch.device | str = "cpu") -> BlockSparsePattern:
-        """The block-sparse pattern of timestep ``bucket`` (cached per device)."""
-        key = (bucket, str(device))
-        if key not in self._patterns:
-            plan = self.plan
-            order = paro_token_order(
+        """The block-sparse pattern of timestep ``bucket``.
+
+        Only the current bucket's tile table is kept (steps run in order, so it is rebuilt once per bucket change);
+        the plan itself stays bit-packed on the CPU, as the paper keeps only the current mask on the GPU.
+        """
+        device = str(device)
+        if self._current is not None and self._current[:2] == (bucket, device):
+            return self._current[2]
+        plan = self.plan
+        if device not in self._orders:
+            self._orders[device] = paro_token_order(
                 plan.grid,
                 plan.orders[self.layer],
                 plan.block_size,
@@ -115,14 +122,12 @@ class ParoCore:
                 text_first=plan.text_first,
                 device=device,
             )
-            mask = plan.mask(bucket, self.layer, self.density).to(device)
-            self._patterns[key] = BlockSparsePattern(
-                tile_table_from_dense(mask[None]),
-                order,
-                order,
-                name=f"paro {plan.layers[self.layer]} bucket {bucket}",
-            )
-        return self._patterns[key]
+        order = self._orders[device]
+        mask = plan.mask(bucket, self.layer, self.density).to(device)
+        name = f"paro {plan.layers[self.layer]} bucket {bucket}"
+        pattern = BlockSparsePattern(tile_table_from_dense(mask[None]), order, order, name=name)
+        self._current = (bucket, device, pattern)
+        return pattern
 
     def _backend(self, query, key, value, pattern) -> str | None:
         if self.backend is not None or self.quant is None:

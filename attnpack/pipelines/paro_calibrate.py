@@ -53,7 +53,14 @@ from ..kernels.paro import (
     select_block_masks,
 )
 from .loading import pipeline_defaults
-from .paro_plan import ParoPlan, config_hash, default_timestep_buckets, schedule_bucket
+from .paro_plan import (
+    ParoPlan,
+    config_hash,
+    default_timestep_buckets,
+    mask_bits_for,
+    pack_codes,
+    schedule_bucket,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -388,10 +395,14 @@ def calibrate_paro(
     n_text = -(-text_len // block_size)
     n_tiles = n_text + -(-math.prod(grid) // block_size)
     forced = forced_blocks(n_tiles, range(0, n_text) if text_first else range(n_tiles - n_text, n_tiles))
-    codes = torch.stack(
+    bits = mask_bits_for(len(densities))
+    masks = torch.stack(
         [
             torch.stack(
-                [select_block_masks(state.mass[b, s].cpu(), densities, forced, rule=mask_rule) for s in slots.values()]
+                [
+                    pack_codes(select_block_masks(state.mass[b, s], densities, forced, rule=mask_rule).cpu(), bits)
+                    for s in slots.values()
+                ]
             )
             for b in range(buckets + 1)
         ]
@@ -422,7 +433,8 @@ def calibrate_paro(
         layers=tuple(state.layers),
         heads=state.heads,
         orders=state.orders,
-        mask_codes=codes,
+        masks=masks,
+        mask_bits=bits,
         alpha=alpha,
         quant=quant,
         mask_rule=mask_rule,

@@ -9,9 +9,11 @@ File layout (safetensors):
 
 - ``orders``: ``int8 [L, H]`` order index per layer and head (``0 FHW, 1 FWH, 2 HWF, 3 HFW, 4 WHF, 5 WFH``; images
   ``0 HW, 1 WH``).
-- ``mask_codes``: ``uint8`` bit-packed codes of ``[NB, L, H, T, T]`` blocks (``NB`` timestep buckets, ``T`` blocks
-  per side including text blocks). A block's code is the index of the smallest stored density whose mask keeps it
-  (``len(densities)``: kept only at density 1); ``bits`` per code is 1, 2, 4 or 8.
+- ``masks``: ``uint8 [NB, L, row_bytes]``: per timestep bucket (``NB``) and layer, the ``[H, T, T]`` block codes
+  (``T`` blocks per side, text blocks included) bit-packed into one row. A block's code is the index of the smallest
+  stored density whose mask keeps it (``len(densities)``: kept only at density 1); ``mask_bits`` per code is 1, 2, 4
+  or 8 (1 bit for a single density). Plans stay packed in memory too; one (bucket, layer) row is unpacked when its
+  pattern is built.
 - ``order_metrics`` (optional): ``float32 [L, H, n_orders, 2]`` calibration sparsity and incoherence of every
   candidate order.
 - metadata: format and version, model class, config hash, family, grid, text length and position, steps, block size,
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ParoPlan",
+    "mask_bits_for",
+    "pack_mask_rows",
     "config_hash",
     "timestep_bucket",
     "schedule_bucket",
@@ -82,11 +86,12 @@ def schedule_bucket(step_index: int | None, num_steps: int | None, calibrated_st
     return timestep_bucket(step_index, calibrated_steps, buckets)
 
 
-def _bits_for(max_code: int) -> int:
+def mask_bits_for(num_densities: int) -> int:
+    """Bits per block code for ``num_densities`` stored levels (codes ``0..num_densities``)."""
     for bits in (1, 2, 4, 8):
-        if max_code < (1 << bits):
+        if num_densities < (1 << bits):
             return bits
-    raise ValueError(f"cannot pack codes up to {max_code} in 8 bits (at most 255 density levels).")
+    raise ValueError(f"at most 255 densities can be stored in a plan, got {num_densities}.")
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -112,6 +117,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: Sequence[int]) -> torch
     return values.flatten()[:n].to(torch.uint8).view(*shape)
 
 
+def pack_mask_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``uint8 [..., H, T, T]`` codes -> ``uint8 [..., row_bytes]``: every ``[H, T, T]`` slice packed on its own."""
+    lead = codes.shape[:-3]
+    rows = codes.reshape(-1, math.prod(codes.shape[-3:]))
+    packed = torch.stack([pack_codes(r, bits) for r in rows]) if rows.shape[0] else rows.new_zeros(0, 0)
+    return packed.view(*lead, -1)
+
+
 @dataclasses.dataclass(eq=False)
 class ParoPlan:
     """A calibrated PARO plan for one denoiser, token grid and step schedule.
@@ -128,7 +141,9 @@ class ParoPlan:
         layers: names of the calibrated attention layers, in the order of :attr:`orders`.
         heads: heads per layer.
         orders: ``int8 [L, H]`` axis-order index per layer and head.
-        mask_codes: ``uint8 [timestep_buckets + 1, L, H, T, T]`` nested mask codes (see the module docstring).
+        masks: ``uint8 [timestep_buckets + 1, L, row_bytes]`` bit-packed nested mask codes (:func:`pack_mask_rows`
+            of ``[timestep_buckets + 1, L, H, T, T]`` codes from :func:`~attnpack.kernels.paro.select_block_masks`).
+        mask_bits: bits per code (:func:`mask_bits_for` of the number of densities).
         alpha: weight of sparsity vs. incoherence in the order choice.
         quant: default quantization of :func:`~attnpack.apply_paro` (``"int8"``, ``"fp8"``, ``"int4"`` or ``None``).
         mask_rule: ``"threshold"`` (one mass threshold per head) or ``"row"`` (per query-block row).
@@ -150,7 +165,8 @@ class ParoPlan:
     layers: tuple[str, ...]
     heads: int
     orders: torch.Tensor
-    mask_codes: torch.Tensor
+    masks: torch.Tensor
+    mask_bits: int
     alpha: float = 0.5
     quant: str | None = "int8"
     mask_rule: str = "threshold"
@@ -163,7 +179,7 @@ class ParoPlan:
         self.densities = tuple(float(d) for d in self.densities)
         self.layers = tuple(self.layers)
         self.orders = self.orders.to(torch.int8).cpu()
-        self.mask_codes = self.mask_codes.to(torch.uint8).cpu()
+        self.masks = self.masks.to(torch.uint8).cpu()
         self.validate()
 
     # ------------------------------------------------------------------------------------------------ shape
@@ -186,11 +202,18 @@ class ParoPlan:
     def validate(self) -> None:
         """Raise ``ValueError`` if the fields are inconsistent (a damaged or hand-edited plan)."""
         n_layers, t = len(self.layers), self.num_blocks
-        expect = (self.num_buckets, n_layers, self.heads, t, t)
         if tuple(self.orders.shape) != (n_layers, self.heads):
             raise ValueError(f"ParoPlan.orders must be [{n_layers}, {self.heads}], got {tuple(self.orders.shape)}.")
-        if tuple(self.mask_codes.shape) != expect:
-            raise ValueError(f"ParoPlan.mask_codes must be {list(expect)}, got {list(self.mask_codes.shape)}.")
+        if self.mask_bits not in (1, 2, 4, 8) or (1 << self.mask_bits) <= len(self.densities):
+            raise ValueError(
+                f"ParoPlan.mask_bits={self.mask_bits} cannot hold codes of {len(self.densities)} densities."
+            )
+        expect = (self.num_buckets, n_layers, -(-self.heads * t * t * self.mask_bits // 8))
+        if tuple(self.masks.shape) != expect:
+            raise ValueError(
+                f"ParoPlan.masks must be packed rows {list(expect)} ({self.heads} heads x {t} x {t} blocks at "
+                f"{self.mask_bits} bits), got {list(self.masks.shape)}."
+            )
         n_orders = 6 if len(self.grid) == 3 else 2
         if len(self.grid) not in (2, 3) or bool(((self.orders < 0) | (self.orders >= n_orders)).any()):
             raise ValueError(f"ParoPlan: orders must lie in [0, {n_orders}) for grid {self.grid}.")
@@ -244,13 +267,29 @@ class ParoPlan:
     def mask(self, bucket: int, layer: int, density: float | None = None) -> torch.Tensor:
         """bool ``[H, T, T]`` block mask of ``layer`` (index) in ``bucket`` at ``density``."""
         level = self.level(density)
-        codes = self.mask_codes[bucket, layer]
+        codes = self.codes(bucket, layer)
         return torch.ones_like(codes, dtype=torch.bool) if level is None else codes <= level
+
+    def codes(self, bucket: int, layer: int) -> torch.Tensor:
+        """``uint8 [H, T, T]`` mask codes of one bucket and layer (unpacked)."""
+        t = self.num_blocks
+        return unpack_codes(self.masks[bucket, layer], self.mask_bits, (self.heads, t, t))
+
+    def mask_codes(self) -> torch.Tensor:
+        """All codes, ``uint8 [NB, L, H, T, T]`` (unpacked: mind the memory of large plans)."""
+        return torch.stack(
+            [torch.stack([self.codes(b, i) for i in range(len(self.layers))]) for b in range(self.num_buckets)]
+        )
 
     def achieved_density(self, density: float | None = None) -> float:
         """Mean fraction of kept blocks over buckets, layers and heads."""
         level = self.level(density)
-        return 1.0 if level is None else (self.mask_codes <= level).float().mean().item()
+        if level is None:
+            return 1.0
+        kept = sum(
+            int((self.codes(b, i) <= level).sum()) for b in range(self.num_buckets) for i in range(len(self.layers))
+        )
+        return kept / (self.num_buckets * len(self.layers) * self.heads * self.num_blocks**2)
 
     def order_names(self) -> list[list[str]]:
         from ..kernels.paro.orders import axis_order_names
@@ -325,11 +364,7 @@ class ParoPlan:
         from safetensors.torch import save_file
 
         path = Path(path)
-        bits = _bits_for(len(self.densities))
-        tensors = {
-            "orders": self.orders.contiguous(),
-            "mask_codes": pack_codes(self.mask_codes, bits).contiguous(),
-        }
+        tensors = {"orders": self.orders.contiguous(), "masks": self.masks.contiguous()}
         if self.order_metrics is not None:
             tensors["order_metrics"] = self.order_metrics.float().contiguous()
         metadata = {
@@ -351,8 +386,7 @@ class ParoPlan:
             "alpha": repr(self.alpha),
             "quant": json.dumps(self.quant),
             "mask_rule": self.mask_rule,
-            "mask_bits": str(bits),
-            "mask_shape": json.dumps(list(self.mask_codes.shape)),
+            "mask_bits": str(self.mask_bits),
             "info": json.dumps(self.info, default=str),
         }
         with atomic_path(path) as tmp:
@@ -381,7 +415,6 @@ class ParoPlan:
                 f"{VERSION}. Upgrade attnpack."
             )
         try:
-            shape = json.loads(meta["mask_shape"])
             return cls(
                 model_class=meta["model_class"],
                 config_hash=meta["config_hash"],
@@ -397,7 +430,8 @@ class ParoPlan:
                 layers=tuple(json.loads(meta["layers"])),
                 heads=int(meta["heads"]),
                 orders=tensors["orders"],
-                mask_codes=unpack_codes(tensors["mask_codes"], int(meta["mask_bits"]), shape),
+                masks=tensors["masks"],
+                mask_bits=int(meta["mask_bits"]),
                 alpha=float(meta["alpha"]),
                 quant=json.loads(meta["quant"]),
                 mask_rule=meta["mask_rule"],
