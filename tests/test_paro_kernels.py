@@ -33,7 +33,8 @@ from attnpack.kernels.paro import (
     select_orders,
     unpermute_grid,
 )
-from attnpack.kernels.paro.quant import LOG2E, QUANT_MODES
+from attnpack.kernels.paro.quant import LOG2E, QUANT_MODES, prepare_quantized
+from attnpack.kernels.paro.triton import prepare_quantized_triton
 
 
 def _rand(*shape, seed=0, dtype=torch.float32):
@@ -358,6 +359,22 @@ def test_triton_kernel_matches_reference(quant, dtype, text, batch_table):
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
     via_api = block_sparse_attention(q, k, v, pattern, backend="paro_quant_triton", backend_options={"quant": quant})
     torch.testing.assert_close(via_api, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("quant", ["int8", "fp8", "int4"])
+def test_triton_quantization_prepass_is_bit_identical(quant):
+    grid, bs, text = (2, 3, 5), 16, 7
+    pattern = _pattern(grid, [5, 1, 0], bs, text, 1.0)
+    n = text + math.prod(grid)
+    q, k, v = (_rand(2, 3, n, 24, seed=s, dtype=torch.bfloat16) * 3 for s in (1, 2, 3))
+    ref = prepare_quantized(q, k, v, pattern, QUANT_MODES[quant])
+    out = prepare_quantized_triton(q, k, v, pattern, QUANT_MODES[quant])
+    for name in ("q", "q_scale", "k", "k_scale", "v", "v_scale", "v_mean", "k_mean"):
+        a, b = getattr(ref, name), getattr(out, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        if a.dtype == torch.float8_e4m3fn:  # compare fp8 through its bits
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert torch.equal(a, b), name
 
 
 def test_triton_kernel_full_tables_shared_order():

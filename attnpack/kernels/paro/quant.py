@@ -31,7 +31,15 @@ import torch
 from ..block_sparse import BlockSparsePattern
 
 
-__all__ = ["QuantSpec", "QUANT_MODES", "quant_spec", "quantize_tiles", "prepare_quantized", "quantized_reference"]
+__all__ = [
+    "QuantSpec",
+    "QUANT_MODES",
+    "quant_spec",
+    "quantize_tiles",
+    "smoothing_stats",
+    "prepare_quantized",
+    "quantized_reference",
+]
 
 LOG2E = 1.4426950408889634
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -115,29 +123,44 @@ class Prepared:
         return torch.einsum("bhnd,bhd->bhn", query.float(), self.k_mean) * scale
 
 
+def smoothing_stats(key, value, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(k_mean [B, H, D], v_mean [B, H, Dv], v_scale [B, H, Dv])`` in fp32, shared by both implementations.
+
+    ``v_scale = max_n |V - mean| / pmax`` is computed from the per-channel min and max (exactly the max of the
+    rounded differences, without an fp32 copy of V).
+    """
+    k_mean = key.mean(dim=2, dtype=torch.float32)
+    v_mean = value.mean(dim=2, dtype=torch.float32)
+    v_min, v_max = torch.aminmax(value, dim=2)
+    v_amax = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float())
+    return k_mean, v_mean, torch.where(v_amax > 0, v_amax / spec.pv_max, 1.0)
+
+
+def real_masks(pattern: BlockSparsePattern) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool ``[Hi, T, S]`` masks of the real (non-padding) query and key positions."""
+    qo, ko = pattern.q_order, pattern.kv_order
+    q_real = (qo.index >= 0).view(qo.num_heads, qo.num_tiles, qo.tile_size)
+    k_real = (ko.index >= 0).view(ko.num_heads, ko.num_tiles, ko.tile_size)
+    return q_real, k_real
+
+
 def prepare_quantized(query, key, value, pattern: BlockSparsePattern, spec: QuantSpec) -> Prepared:
     """Smooth, reorder (one gather per tensor) and quantize ``query`` / ``key`` / ``value`` ``[B, H, N, D]``."""
     qo, ko = pattern.q_order, pattern.kv_order
     b, h, _, d = query.shape
     dv = value.shape[-1]
-    k_mean = key.float().mean(dim=2)  # [B, H, D]
-    key = key.float() - k_mean[:, :, None]
-    v_mean = value.float().mean(dim=2)  # [B, H, Dv]
-    value = value.float() - v_mean[:, :, None]
+    k_mean, v_mean, v_scale = smoothing_stats(key, value, spec)
     q_t = qo.permute(query.float()).view(b, h, qo.num_tiles, qo.tile_size, d)
-    k_t = ko.permute(key).view(b, h, ko.num_tiles, ko.tile_size, d)
+    k_t = ko.permute(key.float() - k_mean[:, :, None]).view(b, h, ko.num_tiles, ko.tile_size, d)
     q_q, q_scale = quantize_tiles(q_t, spec.qk_max)
     k_q, k_scale = quantize_tiles(k_t, spec.qk_max)
-    v_amax = value.abs().amax(dim=2)
-    v_scale = torch.where(v_amax > 0, v_amax / spec.pv_max, 1.0)
-    v_scaled = ko.permute(value / v_scale[:, :, None]).view(b, h, ko.num_tiles, ko.tile_size, dv)
+    v_scaled = (value.float() - v_mean[:, :, None]) / v_scale[:, :, None]
+    v_scaled = ko.permute(v_scaled).view(b, h, ko.num_tiles, ko.tile_size, dv)
     if spec.pv_fp8:
         v_q = v_scaled.to(torch.float8_e4m3fn)
     else:
         v_q = _round_half_up(v_scaled).clamp(-spec.pv_max, spec.pv_max).to(torch.int8)
-    q_real = (qo.index >= 0).view(qo.num_heads, qo.num_tiles, qo.tile_size)
-    k_real = (ko.index >= 0).view(ko.num_heads, ko.num_tiles, ko.tile_size)
-    return Prepared(q_q, q_scale, k_q, k_scale, v_q, v_scale, v_mean, q_real, k_real, k_mean)
+    return Prepared(q_q, q_scale, k_q, k_scale, v_q, v_scale, v_mean, *real_masks(pattern), k_mean)
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

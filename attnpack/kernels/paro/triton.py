@@ -19,7 +19,7 @@ import os
 import torch
 
 from ..block_sparse import BlockSparsePattern
-from .quant import LOG2E, prepare_quantized, quant_spec
+from .quant import LOG2E, Prepared, quant_spec, real_masks, smoothing_stats
 
 
 try:
@@ -28,7 +28,7 @@ try:
 except ImportError:  # optional: pip install attnpack[triton]
     triton = None
 
-__all__ = ["quantized_triton", "triton_unusable"]
+__all__ = ["quantized_triton", "prepare_quantized_triton", "triton_unusable"]
 
 
 def _interpreting() -> bool:
@@ -56,16 +56,75 @@ if triton is not None:
 
     @triton.jit
     def _fp8_e4m3_round(x):
-        # fp32 -> e4m3 -> fp32 for 0 <= x <= 448, round to nearest even. Used in the interpreter only, whose own
+        # fp32 -> e4m3 -> fp32 for |x| <= 448, round to nearest even. Used in the interpreter only, whose own
         # float8 cast drops the exponent carry (126.5 -> 64 instead of 128); GPUs use the hardware conversion.
-        e = tl.maximum(tl.floor(tl.log2(tl.maximum(x, 1e-30))), -6.0)
-        e = tl.where(tl.exp2(e) > x, e - 1.0, e)
+        a = tl.abs(x)
+        e = tl.maximum(tl.floor(tl.log2(tl.maximum(a, 1e-30))), -6.0)
+        e = tl.where(tl.exp2(e) > a, e - 1.0, e)
         e = tl.maximum(e, -6.0)
         ulp = tl.exp2(e - 3.0)
-        y = x / ulp
+        y = a / ulp
         r = tl.floor(y + 0.5)
         r = tl.where((r - y == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
-        return tl.minimum(r * ulp, 448.0)
+        r = tl.minimum(r * ulp, 448.0)
+        return tl.where(x < 0, -r, r)
+
+    @triton.jit
+    def _paro_quantize_fwd(
+        X,
+        IDX,
+        MEAN,
+        CSCALE,
+        OUT,
+        TSCALE,
+        H,
+        N,
+        T,
+        D,
+        S,
+        IDX_STRIDE,
+        QMAX: tl.constexpr,
+        MODE: tl.constexpr,
+        HAS_MEAN: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # one tile of one (batch, head): gather its rows through the order, smooth, quantize, store tile-major.
+        # MODE 0: per-tile scale (Q, K); 1: per-channel scale, integers (V); 2: per-channel scale, FP8 (V)
+        t = tl.program_id(0)
+        bh = tl.program_id(1)
+        h = bh % H
+        rows = tl.arange(0, BLOCK)
+        cols = tl.arange(0, BLOCK_D)
+        row_ok = rows < S
+        col_ok = cols < D
+        pos = t * S + rows
+        tok = tl.load(IDX + h * IDX_STRIDE + pos, mask=row_ok, other=-1)
+        real = row_ok & (tok >= 0)
+        src = (bh * N + tl.maximum(tok, 0)).to(tl.int64)
+        x = tl.load(X + src[:, None] * D + cols[None, :], mask=real[:, None] & col_ok[None, :], other=0.0)
+        x = x.to(tl.float32)
+        if HAS_MEAN:
+            x = x - tl.load(MEAN + bh * D + cols, mask=col_ok, other=0.0)[None, :]
+        x = tl.where(real[:, None] & col_ok[None, :], x, 0.0)
+        dst = (bh * T * S + pos).to(tl.int64)
+        out_mask = row_ok[:, None] & col_ok[None, :]
+        if MODE == 0:
+            amax = tl.max(tl.max(tl.abs(x), 1), 0)
+            scale = tl.where(amax > 0, amax / QMAX, 1.0)
+            q = tl.minimum(tl.maximum(tl.floor(x / scale + 0.5), -QMAX), QMAX)
+            tl.store(OUT + dst[:, None] * D + cols[None, :], q.to(tl.int8), mask=out_mask)
+            tl.store(TSCALE + bh * T + t, scale)
+        else:
+            x = x / tl.load(CSCALE + bh * D + cols, mask=col_ok, other=1.0)[None, :]
+            if MODE == 1:
+                q = tl.minimum(tl.maximum(tl.floor(x + 0.5), -QMAX), QMAX)
+                tl.store(OUT + dst[:, None] * D + cols[None, :], q.to(tl.int8), mask=out_mask)
+            else:
+                if UPCAST:
+                    x = _fp8_e4m3_round(x)
+                tl.store(OUT + dst[:, None] * D + cols[None, :], x.to(tl.float8e4nv), mask=out_mask)
 
     @triton.jit
     def _paro_quant_attn_fwd(
@@ -175,6 +234,48 @@ def _pow2(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
+def _quantize(x, order, mean, channel_scale, qmax, mode, out_dtype):
+    """Launch the quantization pre-pass for one tensor ``x [B, H, N, D]`` -> (tile-major ``[B, H, T, S, D]``,
+    per-tile scales ``[B, H, T]`` or ``None``)."""
+    b, h, n, d = x.shape
+    t, sz = order.num_tiles, order.tile_size
+    out = torch.empty(b, h, t, sz, d, device=x.device, dtype=out_dtype)
+    tile_scale = torch.empty(b, h, t, device=x.device, dtype=torch.float32)  # written in mode 0 only
+    _paro_quantize_fwd[(t, b * h)](
+        x.contiguous(),
+        order.index.contiguous(),
+        tile_scale if mean is None else mean.contiguous(),  # placeholders are never read
+        tile_scale if channel_scale is None else channel_scale.contiguous(),
+        out,
+        tile_scale,
+        h,
+        n,
+        t,
+        d,
+        sz,
+        order.num_positions if order.num_heads > 1 else 0,
+        QMAX=qmax,
+        MODE=mode,
+        HAS_MEAN=mean is not None,
+        UPCAST=x.device.type != "cuda",
+        BLOCK=_pow2(sz, 16),
+        BLOCK_D=_pow2(d, 16),
+    )
+    return out, (tile_scale if mode == 0 else None)
+
+
+def prepare_quantized_triton(query, key, value, pattern: BlockSparsePattern, spec) -> Prepared:
+    """:func:`~attnpack.kernels.paro.quant.prepare_quantized` with one fused Triton pass per tensor (gather through
+    the order + smoothing + quantization), bit-identical to the PyTorch version."""
+    qo, ko = pattern.q_order, pattern.kv_order
+    k_mean, v_mean, v_scale = smoothing_stats(key, value, spec)
+    q_q, q_scale = _quantize(query, qo, None, None, spec.qk_max, 0, torch.int8)
+    k_q, k_scale = _quantize(key, ko, k_mean, None, spec.qk_max, 0, torch.int8)
+    v_dtype = torch.float8_e4m3fn if spec.pv_fp8 else torch.int8
+    v_q, _ = _quantize(value, ko, v_mean, v_scale, int(spec.pv_max), 2 if spec.pv_fp8 else 1, v_dtype)
+    return Prepared(q_q, q_scale, k_q, k_scale, v_q, v_scale, v_mean, *real_masks(pattern), k_mean)
+
+
 @torch.no_grad()
 def quantized_triton(
     query: torch.Tensor,
@@ -197,7 +298,7 @@ def quantized_triton(
     b, h, _, d = query.shape
     dv = value.shape[-1]
     scale = d**-0.5 if scale is None else scale
-    prep = prepare_quantized(query, key, value, pattern, spec)
+    prep = prepare_quantized_triton(query, key, value, pattern, spec)
     qo, ko, table = pattern.q_order, pattern.kv_order, pattern.table
     tq, tk, sz = qo.num_tiles, ko.num_tiles, qo.tile_size
     upcast = query.device.type != "cuda"
