@@ -4,8 +4,9 @@ Semantics: :mod:`attnpack.kernels.paro.quant` (the pure-PyTorch reference simula
 One program computes one query tile of one (batch, head): it loads the tile's int8 ``Q`` and its scale, then walks
 only the key tiles the tile table lists (no per-block branch over all tiles), with an online base-2 softmax. ``P`` is
 quantized per block in registers; ``V`` arrives quantized per channel; the per-channel ``V`` scale and mean are folded
-into the epilogue. The tokens are put in PARO's per-head order by one gather per tensor before the kernel (fused
-with smoothing and quantization) and the output by one gather after it.
+into the epilogue. The tokens are put in PARO's per-head order by a pre-pass kernel that gathers each tile's rows
+through the order while smoothing and quantizing them (one read of Q, K, V, int8 writes), and the output rows are
+stored straight to their original positions (the inverse permutation is fused into the store).
 
 Integer and FP8 dots run only on a GPU (FP8 needs compute capability >= 8.9). Under the Triton interpreter
 (``TRITON_INTERPRET=1``, for CPU tests) operands are upcast to fp32 before ``tl.dot``; integer products stay exact.
@@ -142,6 +143,7 @@ if triton is not None:
         OUT,
         LSE,
         H,
+        NQ,
         TQ,
         TK,
         KK,
@@ -172,7 +174,8 @@ if triton is not None:
         dvv = tl.arange(0, BLOCK_DV)
         row_ok = rows < S
         pq = i * S + rows
-        q_real = row_ok & (tl.load(QIDX + h * QI_STRIDE + pq, mask=row_ok, other=-1) >= 0)
+        q_tok = tl.load(QIDX + h * QI_STRIDE + pq, mask=row_ok, other=-1)
+        q_real = row_ok & (q_tok >= 0)
         q_rows = (bh * TQ * S + pq).to(tl.int64)
         q = tl.load(Q + q_rows[:, None] * D + dq[None, :], mask=row_ok[:, None] & (dq[None, :] < D), other=0)
         qs = tl.load(QS + bh * TQ + i)
@@ -224,10 +227,13 @@ if triton is not None:
         l_safe = tl.where(seen, l_i, 1.0)
         out = acc * vs[None, :] / l_safe[:, None]
         out = tl.where(seen[:, None], out + vm[None, :], 0.0)
-        tl.store(OUT + q_rows[:, None] * DV + dvv[None, :], out, mask=row_ok[:, None] & (dvv[None, :] < DV))
+        # scatter the rows back to their original token positions (the inverse permutation, fused into the store)
+        o_rows = (bh * NQ + tl.maximum(q_tok, 0)).to(tl.int64)
+        o_ptrs = OUT + o_rows[:, None] * DV + dvv[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=q_real[:, None] & (dvv[None, :] < DV))
         if RETURN_LSE:
             lse = tl.where(seen, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
-            tl.store(LSE + bh * TQ * S + pq, lse, mask=row_ok)
+            tl.store(LSE + o_rows, lse, mask=q_real)
 
 
 def _pow2(n: int, minimum: int) -> int:
@@ -302,8 +308,9 @@ def quantized_triton(
     qo, ko, table = pattern.q_order, pattern.kv_order, pattern.table
     tq, tk, sz = qo.num_tiles, ko.num_tiles, qo.tile_size
     upcast = query.device.type != "cuda"
-    out = torch.empty(b, h, tq * sz, dv, device=query.device, dtype=torch.float32)
-    lse = torch.empty(b, h, tq * sz, device=query.device, dtype=torch.float32) if return_lse else out
+    nq = query.shape[2]
+    out = torch.empty(b, h, nq, dv, device=query.device, dtype=query.dtype)
+    lse = torch.empty(b, h, nq, device=query.device, dtype=torch.float32) if return_lse else out
     bt, ht, _, kk = table.kv_tiles.shape
     block = _pow2(sz, 16)
     min_d = 16 if upcast else 32  # integer mma needs k >= 32
@@ -322,6 +329,7 @@ def quantized_triton(
         out,
         lse,
         h,
+        nq,
         tq,
         tk,
         kk,
@@ -345,7 +353,6 @@ def quantized_triton(
         num_warps=num_warps or (4 if block <= 64 else 8),
         num_stages=num_stages or 2,
     )
-    result = qo.unpermute(out).to(query.dtype)
     if not return_lse:
-        return result
-    return result, qo.unpermute(lse) + prep.lse_shift(query, scale)
+        return out
+    return out, lse + prep.lse_shift(query, scale)
