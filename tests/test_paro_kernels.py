@@ -391,13 +391,17 @@ def test_triton_kernel_full_tables_shared_order():
 # ------------------------------------------------------------------------------------------------- GPU (full size)
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant", ["int8", "fp8"])
-def test_triton_kernel_full_cogvideox_shape_on_gpu(quant):
+@pytest.mark.parametrize(
+    "grid,text,dim,orders",
+    [((13, 30, 45), 226, 64, [0, 2, 3, 5]), ((21, 45, 80), 0, 128, [1, 4])],
+    ids=["cogvideox", "wan720p"],
+)
+def test_triton_kernel_full_size_on_gpu(quant, grid, text, dim, orders):
     if quant == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs compute capability >= 8.9")
-    grid, text, bs, heads = (13, 30, 45), 226, 64, 4
-    pattern = _pattern(grid, [0, 2, 3, 5], bs, text, 0.3).to("cuda")
+    pattern = _pattern(grid, orders, 64, text, 0.3).to("cuda")
     n = text + math.prod(grid)
-    q, k, v = (_rand(1, heads, n, 64, seed=s, dtype=torch.bfloat16).cuda() for s in (1, 2, 3))
+    q, k, v = (_rand(1, len(orders), n, dim, seed=s, dtype=torch.bfloat16).cuda() for s in (1, 2, 3))
     ref = quantized_reference(q, k, v, pattern, quant=quant)
     out = quantized_triton(q, k, v, pattern, quant=quant)
     assert fidelity(ref.float(), out.float())["cosine"] > 0.99999
