@@ -131,6 +131,8 @@ class _Calibration:
             t = order.num_tiles
             self.mass = torch.zeros(self.buckets + 1, len(self.layers), self.heads, t, t, device=query.device)
             self.bucket_calls = torch.zeros(self.buckets + 1, len(self.layers), dtype=torch.int64)
+        elif self.mass.device != query.device:  # restored from a checkpoint (on the CPU)
+            self.mass = self.mass.to(query.device)
         self.mass[bucket, slot] += mass.to(self.mass.device)
         self.bucket_calls[bucket, slot] += 1
 
