@@ -2,56 +2,54 @@
 
 One command on a GPU machine::
 
-    python benchmarks/paro.py --device cuda --out benchmarks/results/paro_cuda.json
+    python benchmarks/paro.py                 # writes benchmarks/results/paro-cuda.json (paro-cpu.json on CPU)
+    python benchmarks/paro.py --list
 
-For every shape and density it times, in one run and on the same inputs: torch SDPA (dense, its best backend), PARO
-block-sparse attention without quantization (the shared Triton kernel, per-head reordering fused into its loads), and
-PARO with quantized attention (``paro_quant_triton``: permute + smooth + quantize pre-pass, then the INT8 / FP8 kernel).
-Reported: milliseconds (median), speedup vs SDPA, the bound ``1 / achieved density``, the efficiency
-``speedup * density`` (the target is >= 0.8 at density >= 0.2) and the gain of quantization over sparse-only (target
->= 1.3x). Masks come from random block masses through PARO's mask rule (diagonal, text and last blocks kept), orders
-are random per head: latency does not depend on the values.
+Built on the shared harness of ``benchmarks/attention.py`` (its ``Case`` / ``Workload`` / ``run_case``: our time,
+the fastest torch SDPA backend on the same queries and keys, speedup, tile bound, effective TFLOP/s). For every shape
+and density it runs PARO block-sparse attention without quantization (the shared Triton kernel, per-head reordering
+fused into its loads) and with quantization (``paro_quant_triton``: fused permute + smooth + quantize pre-pass, then
+the INT8 / FP8 kernel), and adds PARO's two targets: the efficiency ``speedup x density`` (>= 0.8 at density >= 0.2)
+and the quantization gain over sparse-only (>= 1.3x). Masks come from random block masses through PARO's mask rule
+(diagonal, text and last blocks kept), orders are random per head: latency does not depend on the values.
 
-On CPU (``--device cpu``, the default without CUDA) the shapes are scaled down and the PyTorch references run: that
-checks the script and the plumbing, it says nothing about GPU speed.
+On CPU the shapes are scaled down and the PyTorch references run: that checks the plumbing, not GPU speed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from attnpack.kernels.block_sparse import BlockSparsePattern, block_sparse_attention, tile_table_from_dense  # noqa: E402
-from attnpack.kernels.paro import forced_blocks, paro_token_order, select_block_masks  # noqa: E402
+from _common import machine_info, write_json  # noqa: E402
+from attention import Case, Workload, _rand, run_case  # noqa: E402
 
 
-# name -> (grid, text tokens, heads, head_dim)
+# name -> (grid, text tokens, heads, head_dim, devices)
 SHAPES = {
-    "cogvideox": ((13, 30, 45), 226, 48, 64),  # CogVideoX-5B, 49 frames 480x720: 226 text + 17,550 video tokens
-    "wan": ((21, 45, 80), 0, 40, 128),  # Wan 2.1 14B 720p: 75,600 tokens
+    "cogvideox": ((13, 30, 45), 226, 48, 64, ("cuda",)),  # CogVideoX-5B 49 x 480 x 720: 226 text + 17,550 video
+    "wan720p": ((21, 45, 80), 0, 40, 128, ("cuda",)),  # Wan 2.1 14B 720p: 75,600 tokens
+    "cpu-cogvideox": ((4, 12, 16), 40, 4, 64, ("cpu",)),
+    "cpu-wan": ((4, 12, 20), 0, 4, 128, ("cpu",)),
 }
-SMALL_SHAPES = {
-    "cogvideox": ((4, 12, 16), 40, 4, 64),
-    "wan": ((4, 12, 20), 0, 4, 128),
-}
+DENSITIES = (0.5, 0.3, 0.2)
+QUANTS = (None, "int8", "fp8")
 
 
-def make_pattern(grid, text, heads, density, block, device, seed=0) -> BlockSparsePattern:
+def paro_pattern(grid, text, heads, density, block, device, seed=0):
+    from attnpack.kernels.block_sparse import BlockSparsePattern, tile_table_from_dense
+    from attnpack.kernels.paro import forced_blocks, paro_token_order, select_block_masks
+
     g = torch.Generator().manual_seed(seed)
-    orders = torch.randint(0, 6, (heads,), generator=g)
-    order = paro_token_order(grid, orders, block, text_len=text, device=device)
+    order = paro_token_order(grid, torch.randint(0, 6, (heads,), generator=g), block, text_len=text, device=device)
     t = order.num_tiles
     n_text = -(-text // block)
     mass = torch.rand(heads, t, t, generator=g)
@@ -59,148 +57,100 @@ def make_pattern(grid, text, heads, density, block, device, seed=0) -> BlockSpar
     return BlockSparsePattern(tile_table_from_dense((codes == 0)[None].to(device)), order, order)
 
 
-def timeit(fn, device, warmup, iters) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def paro_case(shape: str, density: float, quant: str | None, block: int) -> Case:
+    grid, text, heads, head_dim, devices = SHAPES[shape]
+    name = f"paro-{shape}-d{density:g}-{quant or 'sparse'}"
 
+    def build(device: torch.device, dtype: torch.dtype, backend: str | None) -> Workload:
+        from attnpack.kernels.block_sparse import block_sparse_attention
 
-def bench_shape(shape, name, args, device, dtype, block, quants, sparse_backend, quant_backend, warmup, iters):
-    grid, text, heads, dim = shape
-    n = text + math.prod(grid)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(args.batch, heads, n, dim, generator=g).to(device, dtype) for _ in range(3))
-
-    def run(pattern, backend, quant=None):
+        n = text + math.prod(grid)
+        q, k, v = (_rand((1, heads, n, head_dim), device, dtype, s) for s in range(3))
+        pattern = paro_pattern(grid, text, heads, density, block, device)
         options = {"quant": quant} if quant else None
-        return timeit(
-            lambda: block_sparse_attention(q, k, v, pattern, backend=backend, backend_options=options),
-            device,
-            warmup,
-            iters,
+
+        def run():
+            with torch.no_grad():
+                return block_sparse_attention(q, k, v, pattern, backend=backend, backend_options=options)
+
+        stats = pattern.stats()
+        visited = pattern.table.visited_tiles()
+        achieved = visited / (heads * pattern.table.num_q_tiles**2)
+        details = dict(
+            shape=shape,
+            grid=list(grid),
+            text_tokens=text,
+            tokens=n,
+            heads=heads,
+            head_dim=head_dim,
+            block_size=block,
+            density=density,
+            achieved_density=round(achieved, 4),
+            quant=quant,
         )
+        pairs = int(round(achieved * n * n * heads))  # tokens attended (padding aside)
+        return Workload(run, (q, k, v), pairs, stats["tile_bound"], details)
 
-    rows = []
-    with torch.no_grad():
-        t_sdpa = timeit(lambda: F.scaled_dot_product_attention(q, k, v), device, warmup, iters)
-        full = make_pattern(grid, text, heads, 1.0, block, device)
-        dense_quant = {quant: run(full, quant_backend, quant) for quant in quants}
-        for density in [float(d) for d in args.densities.split(",")]:
-            pattern = make_pattern(grid, text, heads, density, block, device)
-            achieved = pattern.table.visited_tiles() / (heads * pattern.table.num_q_tiles**2)
-            t_sparse = run(pattern, sparse_backend)
-            row = {
-                "shape": name,
-                "tokens": n,
-                "heads": heads,
-                "head_dim": dim,
-                "batch": args.batch,
-                "density": density,
-                "achieved_density": achieved,
-                "sdpa_ms": t_sdpa,
-                "sparse_ms": t_sparse,
-                "sparse_speedup": t_sdpa / t_sparse,
-                "bound": 1.0 / achieved,
-                "sparse_efficiency": t_sdpa / t_sparse * achieved,
-            }
-            for quant in quants:
-                t_q = run(pattern, quant_backend, quant)
-                row[f"{quant}_ms"] = t_q
-                row[f"{quant}_speedup"] = t_sdpa / t_q
-                row[f"{quant}_gain_over_sparse"] = t_sparse / t_q
-                row[f"{quant}_dense_ms"] = dense_quant[quant]
-                row[f"{quant}_dense_speedup"] = t_sdpa / dense_quant[quant]
-            rows.append(row)
-            print(
-                f"{name:9s} N={n:6d} density {density:.2f} (achieved {achieved:.3f}): SDPA {t_sdpa:9.2f} ms | "
-                f"sparse {t_sparse:9.2f} ms {t_sdpa / t_sparse:5.2f}x (bound {1 / achieved:4.2f}x, "
-                f"efficiency {t_sdpa / t_sparse * achieved:4.2f}) | "
-                + " | ".join(
-                    f"{qn} {row[f'{qn}_ms']:9.2f} ms {row[f'{qn}_speedup']:5.2f}x "
-                    f"(+{row[f'{qn}_gain_over_sparse']:4.2f}x over sparse)"
-                    for qn in quants
-                ),
-                flush=True,
-            )
-    return rows
+    description = f"PARO {shape}, density {density:g}, " + (f"{quant} attention" if quant else "sparse only")
+    return Case(name, description, devices, build)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--shapes", default="cogvideox,wan")
-    parser.add_argument("--densities", default="0.5,0.3,0.2")
-    parser.add_argument("--quant", default=None, help="comma list of int8, fp8, int4 (default: int8, + fp8 on sm89+)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size (2 = CFG batch)")
-    parser.add_argument("--block-size", type=int, default=None, help="default: 64 (32 with --small)")
-    parser.add_argument("--small", action="store_true", help="scaled-down shapes (default on CPU)")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/paro_<device>.json)")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--shapes", nargs="*", default=None, help="default: every shape for the device")
+    parser.add_argument("--densities", nargs="*", type=float, default=list(DENSITIES))
+    parser.add_argument(
+        "--quant", nargs="*", default=None, help="none int8 fp8 int4 (default: none int8, + fp8 on sm89+)"
+    )
+    parser.add_argument("--block-size", type=int, default=None, help="default: 64 (32 for the CPU shapes)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/paro-<device>.json)")
+    parser.add_argument("--list", action="store_true", help="list the shapes and exit")
     args = parser.parse_args(argv)
+    if args.list:
+        for name, (grid, text, heads, dim, devices) in SHAPES.items():
+            print(f"{name:14s} [{', '.join(devices)}] grid {grid} + {text} text, {heads} heads x {dim}")
+        return 0
+    from attnpack._utils import parse_dtype
 
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    if not gpu:
-        dtype = torch.float32
-    small = args.small or not gpu
-    shapes = SMALL_SHAPES if small else SHAPES
-    block = args.block_size or (32 if small else 64)
-    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    iters = args.iters if args.iters is not None else (20 if gpu else 3)
-    quants = args.quant.split(",") if args.quant else ["int8"]
+    dtype = parse_dtype(args.dtype or ("bf16" if gpu else "fp32"))
+    shapes = args.shapes or [s for s, spec in SHAPES.items() if device.type in spec[4]]
+    quants = [None if q == "none" else q for q in args.quant] if args.quant else [None, "int8"]
     if args.quant is None and gpu and torch.cuda.get_device_capability(device) >= (8, 9):
         quants.append("fp8")
-    sparse_backend = None if gpu else "reference"
-    quant_backend = "paro_quant_triton" if gpu else "paro_quant_reference"
-
     results = []
-    for name in args.shapes.split(","):
-        results += bench_shape(
-            shapes[name], name, args, device, dtype, block, quants, sparse_backend, quant_backend, warmup, iters
-        )
-    report = {
-        "benchmark": "paro",
-        "device": torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "dtype": str(dtype).replace("torch.", ""),
-        "small_shapes": small,
-        "block_size": block,
-        "backends": {"sparse": sparse_backend or "auto", "quant": quant_backend},
-        "results": results,
-    }
-    out = Path(args.out or Path(__file__).parent / "results" / f"paro_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
+    for shape in shapes:
+        block = args.block_size or (64 if gpu else 32)
+        for density in args.densities:
+            sparse_time = None
+            for quant in quants:
+                if quant is None:
+                    backend = "triton" if gpu else "reference"
+                else:
+                    backend = "paro_quant_triton" if gpu else "paro_quant_reference"
+                r = run_case(paro_case(shape, density, quant, block), device, dtype, backend, args.repeats)
+                r["bound_inverse_density"] = round(1 / r["achieved_density"], 3)
+                r["efficiency"] = round(r["speedup_over_sdpa"] * r["achieved_density"], 3)
+                if quant is None:
+                    sparse_time = r["time_ms"]
+                elif sparse_time is not None:
+                    r["gain_over_sparse"] = round(sparse_time / r["time_ms"], 3)
+                results.append(r)
+                print(
+                    f"{r['case']:34s} {r['time_ms']:10.3f} ms  sdpa[{r['sdpa_backend']}] {r['sdpa_time_ms']:10.3f} ms"
+                    f"  speedup {r['speedup_over_sdpa']:6.2f}x  1/density {r['bound_inverse_density']:5.2f}x"
+                    f"  efficiency {r['efficiency']:5.2f}"
+                    + (f"  gain over sparse {r['gain_over_sparse']:5.2f}x" if "gain_over_sparse" in r else ""),
+                    flush=True,
+                )
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"paro-{device.type}.json")
+    write_json(out, {"machine": machine_info(device), "cases": results})
     print(f"wrote {out}")
     return 0
-
-
-def _version(name: str) -> str:
-    try:
-        import importlib.metadata
-
-        return importlib.metadata.version(name)
-    except Exception:  # noqa: BLE001
-        return "-"
 
 
 if __name__ == "__main__":

@@ -152,3 +152,21 @@ def test_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch):
     kv = _rand(1, 1, pattern.num_keys, 16)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         block_sparse_attention(q, kv, kv, pattern, backend="triton")
+
+
+def test_triton_splits_tiles_into_blocks():
+    """Query / key tiles split into smaller BLOCK_M / BLOCK_N blocks (what autotuning picks on a GPU)."""
+    order = flat_order(64, 32)
+    visited = torch.tensor([[[[1, 0], [1, 1]], [[0, 1], [1, 0]]]], dtype=torch.bool)
+    never_below = TileMask(lambda b, h, q, kv: kv <= q, triton_fn=_causal_triton, name="causal")
+    full = torch.zeros_like(visited)
+    pattern = BlockSparsePattern(tile_table_from_dense(visited, full), order, order, never_below)
+    q, k, v = (_rand(1, 2, 64, 16, seed=s) for s in range(3))
+    ref = masked_attention(q.cpu(), k.cpu(), v.cpu(), _dense_mask(pattern, 1, 2))
+    out = block_sparse_attention(q, k, v, pattern, backend="triton", backend_options={"block_m": 16, "block_n": 16})
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=0)
+
+
+@triton.jit
+def _causal_triton(b, h, q_idx, kv_idx, P):
+    return kv_idx <= q_idx

@@ -182,7 +182,7 @@ def _case_id(case):
 
 
 # eager FlexAttention on CPU is slow (it evaluates the mask on every pair): every other case
-BACKEND_CASES = [("reference", c) for c in CASES] + [("flex", c) for c in CASES[::2]]
+BACKEND_CASES = [(b, c) for b in ("reference", "tiled") for c in CASES] + [("flex", c) for c in CASES[::2]]
 
 
 @pytest.mark.parametrize("backend,case", BACKEND_CASES, ids=lambda x: x if isinstance(x, str) else _case_id(x))
@@ -227,7 +227,7 @@ def test_neighborhood_attention_half_precision(dtype, backend):
     torch.testing.assert_close(out.double(), _oracle(q, k, v, spec), atol=1e-2, rtol=0)
 
 
-@pytest.mark.parametrize("backend", [None, "reference", "flex"])
+@pytest.mark.parametrize("backend", [None, "reference", "tiled", "flex"])
 def test_full_window_equals_dense_attention(backend):
     grid = (5, 6)
     q, k, v = (_rand(2, 2, 30, 8, seed=s) for s in range(3))
@@ -331,7 +331,7 @@ def test_automatic_choice_logged(caplog):
     with caplog.at_level("DEBUG", logger="attnpack.kernels.neighborhood"):
         neighborhood_attention(q, q, q, grid_shape=(6, 7), window_size=3)
         neighborhood_attention(q, q, q, grid_shape=(6, 7), window_size=-1)
-    assert "picked 'reference' on cpu" in caplog.text
+    assert "picked 'tiled' on cpu" in caplog.text
     assert "full window on every axis" in caplog.text
 
 

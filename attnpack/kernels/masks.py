@@ -48,6 +48,7 @@ __all__ = [
 
 # NATTEN's Hopper tiles (128 tokens): 1-D 128, 2-D (16, 8), 3-D (2, 8, 8)
 _DEFAULT_TILES = {1: (128,), 2: (16, 8), 3: (2, 8, 8)}
+_CPU_TILES = {1: (64,), 2: (8, 8), 3: (2, 4, 8)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,20 @@ class NeighborhoodSpec:
         return self.ndim == 1 and self.window[0] == self.grid[0] and self.causal[0]
 
 
+def _windows(x: torch.Tensor, n: int, k: int, s: int, d: int, causal: bool):
+    """``(group, start, end)`` of axis positions ``x`` (any shape, elementwise): position ``x`` attends
+    ``group + d * j`` for ``j`` in ``[start, end)``."""
+    g, ii = x % d, x // d
+    ng = (n - g + d - 1) // d  # length of the dilation group
+    if causal:
+        leader = torch.minimum((ii // s) * s + (s - 1), ng - 1)  # last query of the stride group
+        return g, (leader - (k - 1)).clamp(min=0), ii + 1
+    wl, wr = k // 2, k // 2 + k % 2 - 1
+    leader = torch.minimum((ii // s) * s + s // 2, ng - 1)  # centre of the stride group
+    centre = torch.minimum(leader.clamp(min=wl), ng - 1 - wr)  # shifted inward at the borders
+    return g, centre - wl, centre + wr + 1
+
+
 def axis_windows(
     n: int, k: int, s: int, d: int, causal: bool, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,20 +99,7 @@ def axis_windows(
 
     Position ``i`` attends positions ``group[i] + d * j`` for ``j`` in ``[start[i], end[i])`` (group-local indices).
     """
-    i = torch.arange(n, device=device)
-    g = i % d
-    ii = i // d
-    ng = (n - g + d - 1) // d
-    if causal:
-        leader = torch.minimum((ii // s) * s + s - 1, ng - 1)
-        start = (leader - k + 1).clamp(min=0)
-        end = ii + 1
-    else:
-        wl, wr = k // 2, k // 2 + k % 2 - 1
-        leader = torch.minimum((ii // s) * s + s // 2, ng - 1)
-        c = torch.minimum(leader.clamp(min=wl), ng - 1 - wr)
-        start, end = c - wl, c + wr + 1
-    return g, start, end
+    return _windows(torch.arange(n, device=device), n, k, s, d, causal)
 
 
 def neighborhood_mask_mod(spec: NeighborhoodSpec):
@@ -110,26 +112,14 @@ def neighborhood_mask_mod(spec: NeighborhoodSpec):
     n_tokens = spec.num_tokens
 
     def mask_mod(b, h, q_idx, kv_idx):
-        ok = kv_idx >= n_tokens
         inside = None
         for a, (n, k, s, d, c) in enumerate(zip(grid, window, stride, dilation, causal)):
-            qa = (q_idx // strides[a]) % n
+            g, start, end = _windows((q_idx // strides[a]) % n, n, k, s, d, c)
             ka = (kv_idx // strides[a]) % n
-            g, ii = qa % d, qa // d
-            ng = (n - g + d - 1) // d
-            if c:
-                leader = torch.minimum((ii // s) * s + (s - 1), ng - 1)
-                start = (leader - (k - 1)).clamp(min=0)
-                end = ii + 1
-            else:
-                wl, wr = k // 2, k // 2 + k % 2 - 1
-                leader = torch.minimum((ii // s) * s + s // 2, ng - 1)
-                centre = torch.minimum(leader.clamp(min=wl), ng - 1 - wr)
-                start, end = centre - wl, centre + wr + 1
             jj = ka // d
             axis_ok = (ka % d == g) & (jj >= start) & (jj < end)
             inside = axis_ok if inside is None else inside & axis_ok
-        return ok | inside
+        return (kv_idx >= n_tokens) | inside
 
     return mask_mod
 
@@ -205,13 +195,16 @@ def neighborhood_tile_masks(
     return visited.reshape(tq, -1), full.reshape(tq, -1)
 
 
-def default_tile_shape(grid: Sequence[int], total: int | None = None) -> tuple[int, ...]:
-    """NATTEN's tile shapes (1-D 128, 2-D (16, 8), 3-D (2, 8, 8)), shrunk to the grid on small axes (powers of two,
-    at least 16 tokens per tile)."""
+def default_tile_shape(grid: Sequence[int], device_type: str = "cuda") -> tuple[int, ...]:
+    """Default N-D tile shape for ``grid``.
+
+    CUDA: NATTEN's 128-token Hopper tiles (1-D 128, 2-D (16, 8), 3-D (2, 8, 8)); elsewhere 64-token tiles (1-D 64,
+    2-D (8, 8), 3-D (2, 4, 8)), which waste less work in the pure-PyTorch path. Axes shorter than the tile shrink
+    to the next power of two; tiles keep at least 16 tokens (the smallest ``tl.dot``).
+    """
     grid = tuple(grid)
-    base = _DEFAULT_TILES.get(len(grid), (1,) * (len(grid) - 1) + (128,))
-    if total is not None:
-        base = (1,) * (len(grid) - 1) + (total,)
+    tiles = _DEFAULT_TILES if device_type == "cuda" else _CPU_TILES
+    base = tiles.get(len(grid), (1,) * (len(grid) - 1) + (tiles[1][0],))
     tile = [min(t, 1 << max(0, (n - 1).bit_length())) for t, n in zip(base, grid)]
     while math.prod(tile) < 16:
         tile[-1] *= 2
@@ -250,7 +243,9 @@ def neighborhood_pattern(
     Queries: the grid in ``q_tile`` boxes (dilation groups kept apart, as NATTEN's token permutation does); keys: the
     grid in ``kv_tile`` boxes, then the additional keys in 1-D tiles of ``prod(kv_tile)``.
     """
-    q_tile = tuple(q_tile) if q_tile is not None else default_tile_shape(spec.grid)
+    if q_tile is None:
+        q_tile = default_tile_shape(spec.grid, torch.device(device).type if device is not None else "cuda")
+    q_tile = tuple(q_tile)
     kv_tile = tuple(kv_tile) if kv_tile is not None else q_tile
     q_order = grid_order(spec.grid, q_tile, dilation=spec.dilation)
     kv_grid = grid_order(spec.grid, kv_tile, dilation=spec.dilation)

@@ -41,6 +41,7 @@ from collections.abc import Callable
 
 import torch
 
+from .._checks import check_qkv
 from .flex import block_sparse_flex, flex_available, flex_block_mask
 from .pattern import (
     BlockSparsePattern,
@@ -152,23 +153,8 @@ else:
 
 
 def _check_inputs(query, key, value, pattern: BlockSparsePattern) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"`{name}` must be a [B, H, N, D] tensor, got {got}.")
-    if not (query.device == key.device == value.device):
-        raise ValueError(
-            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}."
-        )
-    if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}.")
-    b, h, nq, d = query.shape
-    if key.shape[:2] != (b, h) or value.shape[:2] != (b, h) or key.shape[2] != value.shape[2]:
-        raise ValueError(
-            f"key and value must be [B={b}, H={h}, Nk, D], got key {tuple(key.shape)}, value {tuple(value.shape)}."
-        )
-    if key.shape[3] != d:
-        raise ValueError(f"query and key head dims must match, got {d} and {key.shape[3]}.")
+    check_qkv(query, key, value)
+    b, h, nq, _ = query.shape
     if nq != pattern.num_queries or key.shape[2] != pattern.num_keys:
         raise ValueError(
             f"`pattern` is for {pattern.num_queries} queries and {pattern.num_keys} keys, got query with {nq} and "

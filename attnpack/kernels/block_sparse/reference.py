@@ -15,7 +15,7 @@ from .pattern import BlockSparsePattern
 
 __all__ = ["block_sparse_reference"]
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
 def _gather_tiles(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,60 @@ def _tile_update(q, k, v, m_i, l_i, acc, qk_scale, keep, MASKED: tl.constexpr, D
 
 
 @triton.jit
+def _load_kv(k_base, v_base, ki_base, offs_n, NK, stride_kn, stride_vn, offs_d, offs_dv, d_ok, dv_ok,
+             KV_GATHER: tl.constexpr, PARTIAL: tl.constexpr):  # fmt: skip
+    """K^T ``[BLOCK_D, BLOCK_N]`` and V ``[BLOCK_N, BLOCK_DV]`` of tile-major key positions ``offs_n`` (rows gathered
+    through the key order), plus the original key indices (``-1``: padding, only on partial tiles)."""
+    if KV_GATHER:
+        kv_idx = tl.load(ki_base + offs_n)
+    else:
+        kv_idx = tl.where(offs_n < NK, offs_n, -1)
+    if PARTIAL:
+        kv_ok = kv_idx >= 0
+        rows = tl.where(kv_ok, kv_idx, 0).to(tl.int64)
+        k = tl.load(
+            k_base + rows[None, :] * stride_kn + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0
+        )
+        v = tl.load(
+            v_base + rows[:, None] * stride_vn + offs_dv[None, :], mask=kv_ok[:, None] & dv_ok[None, :], other=0.0
+        )
+    else:  # full tiles hold no padding
+        rows = kv_idx.to(tl.int64)
+        k = tl.load(k_base + rows[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vn + offs_dv[None, :], mask=dv_ok[None, :], other=0.0)
+    return k, v, kv_idx
+
+
+@triton.jit
+def _attend_tiles(
+    tbl, i0, i1, q, q_idx, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn, stride_vn,
+    offs_d, offs_dv, d_ok, dv_ok, KV_TILE: tl.constexpr, BLOCK_N: tl.constexpr, KV_GATHER: tl.constexpr,
+    MASK_FN: tl.constexpr, PARTIAL: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over table entries ``[i0, i1)`` (each key tile in ``KV_TILE // BLOCK_N`` blocks). On partial
+    tiles padding keys and, if given, ``MASK_FN`` on original indices are applied; full tiles use no mask."""
+    offs_t = tl.arange(0, BLOCK_N)
+    q_ok = q_idx >= 0
+    q_mask_idx = tl.where(q_ok, q_idx, 0)[:, None]
+    for i in range(i0, i1):
+        kt = tl.load(tbl + i)
+        for j in tl.static_range(KV_TILE // BLOCK_N):
+            offs_n = kt * KV_TILE + j * BLOCK_N + offs_t
+            k, v, kv_idx = _load_kv(
+                k_base, v_base, ki_base, offs_n, NK, stride_kn, stride_vn, offs_d, offs_dv, d_ok, dv_ok,
+                KV_GATHER, PARTIAL,
+            )  # fmt: skip
+            keep = q_ok[:, None]
+            if PARTIAL:
+                kv_ok = kv_idx >= 0
+                keep = kv_ok[None, :] & (q_idx[:, None] >= -1)
+                if MASK_FN is not None:
+                    keep = keep & MASK_FN(b, h, q_mask_idx, tl.where(kv_ok, kv_idx, 0)[None, :], MP)
+            m_i, l_i, acc = _tile_update(q, k, v, m_i, l_i, acc, qk_scale, keep, PARTIAL, DOT_F32)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, Out, LSE, QI, KI, TBL, NKV, NFULL, MP,
     stride_qb, stride_qh, stride_qn,
@@ -67,16 +121,18 @@ def _block_sparse_fwd(
     stride_tb, stride_th, stride_tq,
     stride_cb, stride_ch,
     H, NQ, NK, qk_scale,
-    Q_TILE: tl.constexpr, KV_TILE: tl.constexpr,
+    Q_TILE: tl.constexpr, KV_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     Q_GATHER: tl.constexpr, KV_GATHER: tl.constexpr,
     MASK_FN: tl.constexpr, HAS_LSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
+    # one program: BLOCK_M query rows (a part of query tile q_tile) x one (batch, head)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * Q_TILE + tl.arange(0, Q_TILE)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_tile = pid_m // (Q_TILE // BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if Q_GATHER:
         q_idx = tl.load(QI + h * stride_qih + offs_m)
     else:
@@ -86,7 +142,7 @@ def _block_sparse_fwd(
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < HEAD_DIM_V
-    q_rows = q_idx.to(tl.int64)
+    q_rows = tl.where(q_ok, q_idx, 0).to(tl.int64)
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qn + offs_d[None, :],
         mask=q_ok[:, None] & d_ok[None, :],
@@ -95,47 +151,23 @@ def _block_sparse_fwd(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     ki_base = KI + h * stride_kih
-    tbl = TBL + b * stride_tb + h * stride_th + pid_m * stride_tq
-    n_kv = tl.load(NKV + b * stride_cb + h * stride_ch + pid_m)
-    n_full = tl.load(NFULL + b * stride_cb + h * stride_ch + pid_m)
+    tbl = TBL + b * stride_tb + h * stride_th + q_tile * stride_tq
+    n_kv = tl.load(NKV + b * stride_cb + h * stride_ch + q_tile)
+    n_full = tl.load(NFULL + b * stride_cb + h * stride_ch + q_tile)
 
-    m_i = tl.full([Q_TILE], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([Q_TILE], dtype=tl.float32)
-    acc = tl.zeros([Q_TILE, BLOCK_DV], dtype=tl.float32)
-    offs_t = tl.arange(0, KV_TILE)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    # full tiles: every pair visible, no padding: no mask at all
-    for i in range(0, n_full):
-        kt = tl.load(tbl + i)
-        offs_n = kt * KV_TILE + offs_t
-        if KV_GATHER:
-            kv_rows = tl.load(ki_base + offs_n).to(tl.int64)
-        else:
-            kv_rows = offs_n.to(tl.int64)
-        k = tl.load(k_base + kv_rows[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-        v = tl.load(v_base + kv_rows[:, None] * stride_vn + offs_dv[None, :], mask=dv_ok[None, :], other=0.0)
-        m_i, l_i, acc = _tile_update(q, k, v, m_i, l_i, acc, qk_scale, q_ok[:, None], False, DOT_F32)
-
-    # partial tiles: padding and the in-tile mask on original indices
-    for i in range(n_full, n_kv):
-        kt = tl.load(tbl + i)
-        offs_n = kt * KV_TILE + offs_t
-        if KV_GATHER:
-            kv_idx = tl.load(ki_base + offs_n)
-        else:
-            kv_idx = tl.where(offs_n < NK, offs_n, -1)
-        kv_ok = kv_idx >= 0
-        kv_rows = tl.where(kv_ok, kv_idx, 0).to(tl.int64)
-        k = tl.load(
-            k_base + kv_rows[None, :] * stride_kn + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0
-        )
-        v = tl.load(
-            v_base + kv_rows[:, None] * stride_vn + offs_dv[None, :], mask=kv_ok[:, None] & dv_ok[None, :], other=0.0
-        )
-        keep = kv_ok[None, :] & (q_idx[:, None] >= -1)
-        if MASK_FN is not None:
-            keep = keep & MASK_FN(b, h, tl.where(q_ok, q_idx, 0)[:, None], tl.where(kv_ok, kv_idx, 0)[None, :], MP)
-        m_i, l_i, acc = _tile_update(q, k, v, m_i, l_i, acc, qk_scale, keep, True, DOT_F32)
+    # full tiles first (every pair visible, no padding: no mask at all), then partial tiles (padding + in-tile mask)
+    m_i, l_i, acc = _attend_tiles(
+        tbl, 0, n_full, q, q_idx, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn,
+        stride_vn, offs_d, offs_dv, d_ok, dv_ok, KV_TILE, BLOCK_N, KV_GATHER, None, False, DOT_F32,
+    )  # fmt: skip
+    m_i, l_i, acc = _attend_tiles(
+        tbl, n_full, n_kv, q, q_idx, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn,
+        stride_vn, offs_d, offs_dv, d_ok, dv_ok, KV_TILE, BLOCK_N, KV_GATHER, MASK_FN, True, DOT_F32,
+    )  # fmt: skip
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -146,17 +178,36 @@ def _block_sparse_fwd(
     )
     if HAS_LSE:
         lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        tl.store(LSE + pid_bh * NQ + q_rows, lse, mask=q_ok)
+        tl.store(LSE + pid_bh.to(tl.int64) * NQ + q_rows, lse, mask=q_ok)
 
 
 def _configs():
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in itertools.product((4, 8), (1, 2, 3))]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+        for m, n, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep block sizes that divide the tiles (a query / key tile is split into whole blocks)."""
+    q_tile, kv_tile = kwargs.get("Q_TILE", named_args.get("Q_TILE")), kwargs.get("KV_TILE", named_args.get("KV_TILE"))
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= q_tile
+        and q_tile % c.kwargs["BLOCK_M"] == 0
+        and c.kwargs["BLOCK_N"] <= kv_tile
+        and kv_tile % c.kwargs["BLOCK_N"] == 0
+    ]
+    return kept or [triton.Config({"BLOCK_M": q_tile, "BLOCK_N": kv_tile}, num_warps=4, num_stages=2)]
 
 
 @functools.cache
 def _tuned_kernel():
     return triton.autotune(
-        configs=_configs(), key=["Q_TILE", "KV_TILE", "BLOCK_D", "BLOCK_DV", "Q_GATHER", "KV_GATHER", "DOT_F32"]
+        configs=_configs(),
+        key=["Q_TILE", "KV_TILE", "BLOCK_D", "BLOCK_DV", "Q_GATHER", "KV_GATHER", "DOT_F32", "HAS_LSE"],
+        prune_configs_by={"early_config_prune": _prune},
     )(_block_sparse_fwd)
 
 
@@ -198,10 +249,14 @@ def block_sparse_triton(
     scale: float | None = None,
     return_lse: bool = False,
     autotune: bool | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ):
     """Block-sparse attention with the fused Triton kernel (see :func:`attnpack.kernels.block_sparse_attention`).
 
-    ``autotune``: tune ``num_warps`` / ``num_stages`` per tile shape (default: on CUDA, off in the interpreter).
+    Other options (``backend_options``): ``autotune`` tunes the block sizes (query / key tiles are split into
+    ``BLOCK_M`` / ``BLOCK_N`` blocks), ``num_warps`` and ``num_stages`` per tile shape (default: on CUDA, off in
+    the interpreter); without tuning, ``block_m`` / ``block_n`` (default: whole tiles).
     """
     bsz, heads, nq, dim = query.shape
     nk, dv = key.shape[2], value.shape[-1]
@@ -220,9 +275,20 @@ def block_sparse_triton(
     q_gather, kv_gather = _order_gathers(pattern)
     interp = interpreting()
     use_tuning = (query.device.type == "cuda" and not interp) if autotune is None else autotune
-    kernel = _tuned_kernel() if use_tuning else _block_sparse_fwd
-    extra = {} if use_tuning else {"num_warps": 4, "num_stages": 2}
-    grid = (table.num_q_tiles, bsz * heads)
+    if use_tuning and interp:
+        raise ValueError("`autotune` needs a CUDA device; the Triton interpreter cannot time kernels.")
+    q_tile, kv_tile = pattern.q_tile, pattern.kv_tile
+    if use_tuning:
+        kernel, extra = _tuned_kernel(), {}
+    else:
+        bm, bn = block_m or q_tile, block_n or kv_tile
+        if q_tile % bm or kv_tile % bn or not (_is_pow2(bm) and _is_pow2(bn)):
+            raise ValueError(f"block_m / block_n must be powers of two dividing the tiles ({q_tile}, {kv_tile}).")
+        kernel, extra = _block_sparse_fwd, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2}
+
+    def grid(meta):
+        return (table.num_q_tiles * (q_tile // meta["BLOCK_M"]), bsz * heads)
+
     kernel[grid](
         query, key, value, out, lse, qi, ki, tiles, nkv, nfull, params,
         query.stride(0), query.stride(1), query.stride(2),
@@ -233,7 +299,7 @@ def block_sparse_triton(
         tiles.stride(0), tiles.stride(1), tiles.stride(2),
         nkv.stride(0), nkv.stride(1),
         heads, nq, nk, scale * math.log2(math.e),
-        Q_TILE=pattern.q_tile, KV_TILE=pattern.kv_tile,
+        Q_TILE=q_tile, KV_TILE=kv_tile,
         HEAD_DIM=dim, HEAD_DIM_V=dv,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         Q_GATHER=q_gather, KV_GATHER=kv_gather,

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..block_sparse import BlockSparsePattern, block_sparse_attention, block_sparse_backends, choose_backend
+from .._checks import check_qkv
+from ..block_sparse import BlockSparsePattern, block_sparse_attention, choose_backend
 from ..masks import NeighborhoodSpec, default_tile_shape, neighborhood_pattern
 from .reference import neighborhood_reference
 
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["neighborhood_attention", "normalize_neighborhood_args", "cached_neighborhood_pattern", "BACKENDS"]
 
-BACKENDS = ("reference", "flex", "triton")
+BACKENDS = ("reference", "tiled", "flex", "triton")
 
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
@@ -110,38 +111,23 @@ def cached_neighborhood_pattern(
     device: torch.device | str = "cpu",
 ) -> BlockSparsePattern:
     """:func:`~attnpack.kernels.masks.neighborhood_pattern`, cached per (spec, tiles, extra keys, device)."""
-    q_tile = tuple(q_tile) if q_tile is not None else default_tile_shape(spec.grid)
+    device = torch.device(device)
+    q_tile = tuple(q_tile) if q_tile is not None else default_tile_shape(spec.grid, device.type)
     kv_tile = tuple(kv_tile) if kv_tile is not None else q_tile
     for name, t in (("q_tile_shape", q_tile), ("kv_tile_shape", kv_tile)):
         if len(t) != spec.ndim or not all(isinstance(x, int) and x >= 1 for x in t):
             raise ValueError(f"`{name}` must be {spec.ndim} positive ints (one per axis), got {name}={t!r}.")
-    return _pattern_cached(spec, q_tile, kv_tile, num_extra, str(torch.device(device)))
+    return _pattern_cached(spec, q_tile, kv_tile, num_extra, str(device))
 
 
 def _check_tensors(query, key, value, additional_keys, additional_values, grid) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"`{name}` must be a [B, H, N, D] tensor (N = prod(grid_shape)), got {got}.")
-    if not (query.device == key.device == value.device):
-        raise ValueError(
-            f"query, key and value must be on the same device, got {query.device}, {key.device}, {value.device}."
-        )
-    if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}.")
+    check_qkv(query, key, value, n_hint="N = prod(grid_shape)")
     n = math.prod(grid)
-    if query.shape[2] != n or key.shape[2] != n or value.shape[2] != n:
+    if query.shape[2] != n or key.shape[2] != n:
         raise ValueError(
             f"query, key and value must hold N = prod(grid_shape) = {n} tokens for grid_shape={tuple(grid)}, got "
             f"{query.shape[2]}, {key.shape[2]}, {value.shape[2]}."
         )
-    if key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]:
-        raise ValueError(
-            f"query, key and value must match in batch size and heads, got {tuple(query.shape)}, {tuple(key.shape)}, "
-            f"{tuple(value.shape)}."
-        )
-    if key.shape[3] != query.shape[3]:
-        raise ValueError(f"query and key head dims must match, got {query.shape[3]} and {key.shape[3]}.")
     if (additional_keys is None) != (additional_values is None):
         raise ValueError("`additional_keys` and `additional_values` must be either both tensors or both None.")
     if additional_keys is None:
@@ -209,12 +195,15 @@ def neighborhood_attention(
         scale: softmax scale, default ``D ** -0.5``.
 
     Other Parameters:
-        backend: ``"reference"`` (pure PyTorch, memory ``O(N x window)``, differentiable), ``"flex"``
-            (FlexAttention; backward on CUDA), ``"triton"`` (fused forward kernel; CUDA, or ``TRITON_INTERPRET=1``),
-            or ``None``: full windows run dense SDPA, otherwise Triton on CUDA when no gradient is needed, flex on
-            CUDA, the reference elsewhere. The choice is logged at DEBUG level.
-        q_tile_shape, kv_tile_shape: N-D tile shapes of the flex / Triton backends (default: NATTEN's 128-token
-            tiles, 1-D ``(128,)``, 2-D ``(16, 8)``, 3-D ``(2, 8, 8)``, shrunk on small axes).
+        backend: ``"reference"`` (pure PyTorch: every query gathers its own window; memory ``O(N x window)``;
+            differentiable), ``"tiled"`` (pure PyTorch on the block-sparse tiles: faster on CPU, memory
+            ``O(N x keys visited per tile)``, differentiable), ``"flex"`` (FlexAttention; backward on CUDA),
+            ``"triton"`` (fused forward kernel; CUDA, or ``TRITON_INTERPRET=1``), or ``None``: full windows run
+            dense SDPA, otherwise Triton on CUDA when no gradient is needed, flex on CUDA, ``"tiled"`` elsewhere.
+            The choice is logged at DEBUG level.
+        q_tile_shape, kv_tile_shape: N-D tile shapes of the tiled / flex / Triton backends (default on CUDA:
+            NATTEN's 128-token tiles, 1-D ``(128,)``, 2-D ``(16, 8)``, 3-D ``(2, 8, 8)``; elsewhere 64-token tiles;
+            shrunk on small axes).
 
     Returns:
         ``[B, H, N, Dv]`` in the input dtype.
@@ -230,12 +219,13 @@ def neighborhood_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, additional_keys, additional_values)
     )
-    if backend == "reference" or (backend is None and query.device.type != "cuda"):
-        if backend is None:
-            logger.debug("neighborhood_attention: backend not set; picked 'reference' on %s", query.device.type)
+    if backend == "reference":
         return neighborhood_reference(
             query, key, value, spec, additional_keys=additional_keys, additional_values=additional_values, scale=scale
         )
+    if backend is None and query.device.type != "cuda":
+        logger.debug("neighborhood_attention: backend not set; picked 'tiled' on %s", query.device.type)
+        backend = "tiled"
     pattern = cached_neighborhood_pattern(
         spec, q_tile=q_tile_shape, kv_tile=kv_tile_shape, num_extra=num_extra, device=query.device
     )
@@ -251,8 +241,6 @@ def neighborhood_attention(
             f" (skipped {'; '.join(skipped)})" if skipped else "",
         )
         backend = name
-    if backend not in block_sparse_backends():
-        raise ValueError(
-            f"backend={backend!r} is not available here (is triton installed? `pip install attnpack[triton]`)."
-        )
-    return block_sparse_attention(query, key, value, pattern, scale=scale, backend=backend)
+    return block_sparse_attention(
+        query, key, value, pattern, scale=scale, backend="reference" if backend == "tiled" else backend
+    )

@@ -17,7 +17,7 @@ from ..masks import NeighborhoodSpec, neighborhood_key_indices
 
 __all__ = ["neighborhood_reference"]
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
 def _chunk(q, key, value, extra_k, extra_v, keys, valid, scale):
