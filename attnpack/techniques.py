@@ -33,6 +33,7 @@ __all__ = [
 TECHNIQUE_MODULES: list[str] = [
     "attnpack.attn_processors.clear",
     "attnpack.attn_processors.neighborhood",
+    "attnpack.attn_processors.paro",
 ]
 
 _REGISTRY: dict[str, Technique] = {}
