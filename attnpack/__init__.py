@@ -26,10 +26,18 @@ _EXPORTS: dict[str, str] = {
     "RunState": "attnpack.attn_processors._context",
     "current_run": "attnpack.attn_processors._context",
     "run_overrides": "attnpack.attn_processors._context",
+    # CLEAR
+    "apply_clear": "attnpack.attn_processors.clear",
+    "ClearAttnProcessor": "attnpack.attn_processors.clear",
     # generalized neighborhood attention
     "apply_gna": "attnpack.attn_processors.neighborhood",
     "GNAAttnProcessor": "attnpack.attn_processors.neighborhood",
     "neighborhood_attention": "attnpack.kernels.neighborhood",
+    # PARO
+    "ParoAttnProcessor": "attnpack.attn_processors.paro",
+    "apply_paro": "attnpack.attn_processors.paro",
+    "ParoPlan": "attnpack.pipelines.paro_plan",
+    "calibrate_paro": "attnpack.pipelines.paro_calibrate",
     # pipelines
     "load_pipeline": "attnpack.pipelines.loading",
     "builtin_models": "attnpack.pipelines.loading",
@@ -70,7 +78,11 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .attn_processors._context import RunState, current_run, run_overrides
     from .attn_processors._families import LayerInfo, TokenLayout
+    from .attn_processors.clear import ClearAttnProcessor, apply_clear
     from .attn_processors.neighborhood import GNAAttnProcessor, apply_gna
+    from .attn_processors.paro import ParoAttnProcessor, apply_paro
     from .kernels.neighborhood import neighborhood_attention
     from .pipelines.generation import GenerationSettings, run_generation
     from .pipelines.loading import builtin_models, load_pipeline
+    from .pipelines.paro_calibrate import calibrate_paro
+    from .pipelines.paro_plan import ParoPlan

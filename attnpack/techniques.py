@@ -31,7 +31,9 @@ __all__ = [
 
 # modules that register techniques when imported (one line per technique module)
 TECHNIQUE_MODULES: list[str] = [
+    "attnpack.attn_processors.clear",
     "attnpack.attn_processors.neighborhood",
+    "attnpack.attn_processors.paro",
 ]
 
 _REGISTRY: dict[str, Technique] = {}

@@ -193,3 +193,21 @@ def test_two_pipelines_in_two_threads_do_not_interfere():
         t.join()
     assert not errors
     assert seen == {(64, 64): {(4, 4)}, (64, 128): {(4, 8)}}
+
+
+def test_gradient_checkpoint_recompute_sees_the_run_context():
+    """Recomputed blocks (backward pass) get the run context of their forward, so text length and grid are known."""
+    from attnpack.attn_processors._context import checkpoint_with_run_context
+
+    model = build_tiny_denoiser("flux")
+    inputs = denoiser_inputs(model, grid=(3, 5))
+    core = RecordingCore()
+    with apply_processors(model, core):
+        model.train()
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_run_context)
+        model(**inputs, return_dict=False)[0].square().mean().backward()
+        model.disable_gradient_checkpointing()
+    # 3 layers in the forward pass, the 3 recomputed in the backward pass
+    assert len(core.calls) == 6
+    assert all(c.run is not None and c.run.grid == (3, 5) for c in core.calls)
+    assert all(c.layout.num_text == 8 for c in core.calls)

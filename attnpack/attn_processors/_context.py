@@ -39,6 +39,7 @@ __all__ = [
     "current_run",
     "run_overrides",
     "install_run_context",
+    "checkpoint_with_run_context",
     "ROLE_UNCOND",
     "ROLE_COND",
     "ROLE_PERTURBED",
@@ -147,6 +148,34 @@ def run_overrides(*, roles: Sequence[str] | None = None, **extras: Any) -> Itera
         yield
     finally:
         _OVERRIDES.reset(token)
+
+
+@contextlib.contextmanager
+def _bound_run(run: RunState | None) -> Iterator[None]:
+    token = _CURRENT.set(run)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def checkpoint_with_run_context(module: torch.nn.Module, *args):
+    """A ``gradient_checkpointing_func`` that recomputes blocks with the run context of their forward pass.
+
+    Gradient checkpointing re-runs a block's forward during the backward pass, outside the denoiser call whose hook
+    set :func:`current_run` (and, on CUDA, in autograd's own thread), so processors would see no run context there.
+    Use ``model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_run_context)`` when training
+    with attnpack processors installed.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    run = current_run()
+    return checkpoint(
+        module.__call__,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _bound_run(run)),
+    )
 
 
 # ------------------------------------------------------------------------------------------------- step tracking
