@@ -143,6 +143,62 @@ def test_weights_file_option_only_from_allowed_safetensors(app, allowed, tmp_pat
     assert "only from .safetensors files (never pickle)" in message
 
 
+def test_clear_with_a_weights_file_changes_the_weights_for_that_request_only(app, allowed):
+    """CLEAR loads its checkpoint into the cached pipeline's transformer for one request and restores it after."""
+    from attnpack.attn_processors.clear_weights import clear_parameter_names, save_clear_checkpoint
+    from attnpack.pipelines._tiny import build_tiny_pipeline
+
+    _, _, client = app
+    transformer = build_tiny_pipeline(MODEL).transformer
+    generator = torch.Generator().manual_seed(0)
+    params = dict(transformer.named_parameters())
+    with torch.no_grad():
+        for name in clear_parameter_names(transformer):  # "fine-tuned" weights that visibly change the image
+            params[name].add_(0.2 * torch.randn(params[name].shape, generator=generator))
+    weights = save_clear_checkpoint(allowed / "clear.safetensors", transformer)
+    image, _, _, params = generate(
+        client, seed=5, technique="clear", clear__radius=1, clear__weights=str(weights), clear__backend="reference"
+    )
+    reference = reference_image(
+        MODEL, PROMPT, 5, technique="clear", radius=1, weights=str(weights), backend="reference"
+    )
+    np.testing.assert_array_equal(pixels(image), reference)
+    no_weights = reference_image(MODEL, PROMPT, 5, technique="clear", radius=1, backend="reference")
+    assert not np.array_equal(reference, no_weights)  # the weights mattered
+    assert params["techniques"][0]["weights"] == str(weights.resolve())
+    image, _, _, _ = generate(client, seed=5)  # the next request runs on the original weights
+    np.testing.assert_array_equal(pixels(image), reference_image(MODEL, PROMPT, 5))
+
+
+def test_paro_with_a_plan_file(app, allowed, tmp_path):
+    import attnpack
+    from attnpack.pipelines._tiny import build_tiny_pipeline
+
+    _, _, client = app
+    size = 128  # 8 x 8 image tokens, blocks of 8
+    plan = attnpack.calibrate_paro(
+        build_tiny_pipeline(MODEL),
+        PROMPT,
+        STEPS,
+        density=0.5,
+        block_size=8,
+        quant=None,
+        progress=False,
+        height=size,
+        width=size,
+        max_sequence_length=32,
+    )
+    path = plan.save(allowed / "plan.safetensors")
+    request = dict(seed=5, width=size, height=size, technique="paro", paro__plan=str(path), paro__quant="none")
+    image, _, _, params = generate(client, **request)
+    reference = reference_image(MODEL, PROMPT, 5, technique="paro", size=size, plan=str(path), quant="none")
+    np.testing.assert_array_equal(pixels(image), reference)
+    assert not np.array_equal(reference, reference_image(MODEL, PROMPT, 5, size=size))
+    assert params["techniques"] == [{"name": "paro", "plan": str(path.resolve()), "quant": "none"}]
+    outside = plan.save(tmp_path / "plan.safetensors")
+    assert "outside the folders" in error_of(client, **{**request, "paro__plan": str(outside)})
+
+
 @pytest.mark.parametrize(
     "kwargs, expected",
     [
