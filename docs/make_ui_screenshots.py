@@ -11,22 +11,14 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 from pathlib import Path
 
 from PIL import Image
 
 
-OUT = Path(__file__).resolve().parent / "images"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "images"
 
 
 def _save_small(path: Path, limit: int = 200_000) -> None:
@@ -42,20 +34,18 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from playwright.sync_api import expect, sync_playwright
 
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_ui_support import CHROMIUM_ARGS, launched  # the browser test's flags and launcher
+
     from attnpack.ui import build_demo
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo = build_demo(device="cpu")
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     chromium = os.environ.get("ATTNPACK_CHROMIUM", "/usr/bin/chromium")
     OUT.mkdir(exist_ok=True)
-    try:
+    with launched(build_demo(device="cpu")) as url:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(demo.local_url, wait_until="networkidle")
+            page.goto(url, wait_until="networkidle")
             page.get_by_label("Attention technique").click()
             page.get_by_role("option", name="gna", exact=True).click()
             window = page.get_by_role("textbox", name=re.compile("^window_size")).filter(visible=True)
@@ -79,8 +69,6 @@ def main() -> int:
             expect(page.get_by_role("gridcell", name="gna", exact=True)).to_be_visible(timeout=300_000)
             page.screenshot(path=str(OUT / "ui_info.png"), full_page=True)
             browser.close()
-    finally:
-        demo.close()
     for name in ("ui_generate.png", "ui_info.png"):
         _save_small(OUT / name)
         print(f"wrote {OUT / name} ({(OUT / name).stat().st_size // 1000} KB)")

@@ -14,7 +14,17 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from test_ui_support import STEPS, Watch, chromium_path, launched, need, pixels, reference_image, ui_techniques
+from test_ui_support import (
+    CHROMIUM_ARGS,
+    STEPS,
+    Watch,
+    chromium_path,
+    launched,
+    need,
+    pixels,
+    reference_image,
+    ui_techniques,
+)
 
 from attnpack import read_parameters
 
@@ -27,15 +37,6 @@ from attnpack.ui._runtime import default_loader  # noqa: E402
 
 
 PROMPT = "a red circle left of a blue square"
-# Chromium flags checked on this project's machines: no sandbox (root in CI), no GPU, no background network traffic
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 def test_generate_in_a_real_browser(tmp_path):

@@ -25,6 +25,15 @@ from attnpack.techniques import Option, Technique, available_techniques
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 STEPS = 2
+# Chromium flags checked on this project's machines: no sandbox (root in CI), no GPU, no background network traffic
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def need(module: str, install: str):
