@@ -303,6 +303,14 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
         IRAttnState(masks=None, **state_args)  # validates the options before any generation
         user_ref = _user_masks(reference_masks, reference_boxes, n, height, width, "reference")
         user_tgt = _user_masks(target_masks, target_boxes, n, height, width, "target")
+        if user_tgt is not None:
+            user_tgt = remove_overlaps(user_tgt)
+            emptied = [i for i, m in enumerate(user_tgt) if not bool(m.any())]
+            if emptied:
+                raise ValueError(
+                    f"target regions of subjects {emptied} lie inside other subjects' regions and vanish when overlaps "
+                    "are removed (the smaller region gives up shared pixels); make the regions distinct."
+                )
         tokenizer = self.tokenizer if self.tokenizer is not None else self.tokenizer_2
         use_attention = mask_source == "attention"
         if use_attention:
@@ -351,7 +359,7 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
         # 2. layout: vanilla scene from z_T; retry with new seeds until every subject is found
         layout_images: list = []
         if user_tgt is not None:
-            tgt_masks = remove_overlaps(user_tgt)
+            tgt_masks = user_tgt
             target_noise = self._noise(layout_seed, height, width)
         else:
             tgt_masks = None
@@ -369,9 +377,11 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
                     ]
                 missing = [w for w, m in zip(words, found + [None] * n) if m is None or not bool(m.any())]
                 if not missing and len(found) == n:
-                    layout_seed, layout_images = layout_seed + attempt, [image]
-                    tgt_masks = postprocess_target_masks(torch.stack(found), min_size or None)
-                    break
+                    processed = postprocess_target_masks(torch.stack(found), min_size or None)
+                    missing = [w for w, m in zip(words, processed) if not bool(m.any())]  # lost to overlaps
+                    if not missing:
+                        layout_seed, layout_images, tgt_masks = layout_seed + attempt, [image], processed
+                        break
                 logger.info("layout seed %d: subjects %s not found, retrying", layout_seed + attempt, missing)
             if tgt_masks is None:
                 raise ValueError(
@@ -379,8 +389,6 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
                     f"{layout_seed + max_layout_attempts - 1}); raise `max_layout_attempts`, change the scene prompt, "
                     "or pass `target_boxes`."
                 )
-            if not all(bool(m.any()) for m in tgt_masks):
-                raise ValueError("a target mask became empty after overlap removal; pass `target_boxes` instead.")
 
         # 3. final pass: [ref_1 .. ref_n, target] per CFG half, reference noise + the same z_T
         state = IRAttnState(masks=SubjectMasks(ref_masks, tgt_masks, mask_threshold), **state_args)

@@ -138,26 +138,31 @@ def binarize(soft: torch.Tensor, threshold: str | float = "otsu") -> torch.Tenso
 
     ``threshold``: ``"otsu"`` (textbook Otsu, ``>=``), ``"dreamstory"`` (the official Otsu variant with its ``>``
     comparison and its clamp of the threshold into ``(1e-6, 1 - 1e-6)``) or a number in ``(0, 1)`` (``>``).
-    An all-constant mask (e.g. all zeros) gives ``False`` everywhere.
+    A constant mask is ``True`` everywhere if positive (e.g. a full-image box) and ``False`` if zero; the official
+    normalisation would turn a constant positive mask off.
     """
+    if not (threshold in ("otsu", "dreamstory") or (_is_number(threshold) and 0 < threshold < 1)):
+        raise ValueError(f"`threshold` must be 'otsu', 'dreamstory' or a number in (0, 1), got {threshold!r}.")
     x = soft.float()
-    lo, hi = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
-    norm = (x - lo) / (hi - lo + 1e-8)
-    flat = norm.reshape(-1, *norm.shape[-2:])
+    flat = x.reshape(-1, *x.shape[-2:])
     out = torch.zeros_like(flat, dtype=torch.bool)
-    for i, m in enumerate(flat):
-        if float(m.max()) <= 0.0:
+    for i, raw in enumerate(flat):
+        lo, hi = float(raw.min()), float(raw.max())
+        if hi - lo <= 1e-12:
+            out[i] = raw > 0
             continue
+        m = (raw - lo) / (hi - lo + 1e-8)
         if threshold == "otsu":
             out[i] = m >= otsu_threshold(m)
         elif threshold == "dreamstory":
-            t = min(max(otsu_threshold(m, method="dreamstory"), 1e-6), 1 - 1e-6)
-            out[i] = m > t
-        elif isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold < 1:
-            out[i] = m > float(threshold)
+            out[i] = m > min(max(otsu_threshold(m, method="dreamstory"), 1e-6), 1 - 1e-6)
         else:
-            raise ValueError(f"`threshold` must be 'otsu', 'dreamstory' or a number in (0, 1), got {threshold!r}.")
-    return out.reshape(norm.shape)
+            out[i] = m > float(threshold)
+    return out.reshape(x.shape)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -313,7 +318,7 @@ class AttentionSubjectMaps:
 
     Args:
         token_groups: one list of prompt token positions per subject.
-        steps: ``(start, end)`` fractions of the schedule to aggregate.
+        steps: ``(start, end)`` fractions of the schedule to aggregate (a step counts if its middle lies inside).
         power: ``p`` (official 4).
     """
 
@@ -330,8 +335,10 @@ class AttentionSubjectMaps:
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
     def _active(self, run) -> bool:
-        progress = None if run is None else run.progress
-        return progress is None or self.steps[0] <= progress < self.steps[1]
+        if run is None or run.step_index is None or not run.num_steps:
+            return True
+        middle = (run.step_index + 0.5) / run.num_steps  # a step counts where its middle falls
+        return self.steps[0] <= middle < self.steps[1]
 
     def __call__(self, q, k, v, call):
         out = call.dense(q, k, v)
