@@ -172,14 +172,17 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
 
         Unlike ``DiffusionPipeline.from_pipe``, which casts every shared component to float32 unless ``torch_dtype``
         is given (changing the source pipeline too), the components keep their dtypes; pass ``torch_dtype`` to cast.
+        The progress-bar settings are copied too.
         """
-        if "torch_dtype" in kwargs or "dtype" in kwargs:
-            return super().from_pipe(pipeline, **kwargs)
-        token = _KEEP_DTYPES.set(True)
+        token = None if "torch_dtype" in kwargs or "dtype" in kwargs else _KEEP_DTYPES.set(True)
         try:
-            return super().from_pipe(pipeline, **kwargs)
+            new = super().from_pipe(pipeline, **kwargs)
         finally:
-            _KEEP_DTYPES.reset(token)
+            if token is not None:
+                _KEEP_DTYPES.reset(token)
+        if getattr(pipeline, "_progress_bar_config", None) is not None:
+            new.set_progress_bar_config(**pipeline._progress_bar_config)
+        return new
 
     def to(self, *args, **kwargs):
         if _KEEP_DTYPES.get() and not args and set(kwargs) == {"dtype"}:

@@ -27,6 +27,7 @@ from ..attn_processors.isolation import mask_bbox
 
 
 __all__ = [
+    "AttentionSubjectMaps",
     "Box",
     "SubjectMasks",
     "as_mask",
@@ -35,6 +36,7 @@ __all__ = [
     "close_mask",
     "mask_bbox",
     "otsu_threshold",
+    "overlay_masks",
     "postprocess_target_masks",
     "remove_overlaps",
     "resize_mask",
@@ -70,7 +72,7 @@ def as_mask(mask: Any, *, argument: str = "mask", size: tuple[int, int] | None =
     except ImportError:  # pragma: no cover - pillow is a dependency
         pass
     if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(np.ascontiguousarray(mask))
+        mask = torch.from_numpy(np.array(mask))  # a copy: PIL-backed arrays are read-only
     if not torch.is_tensor(mask):
         raise TypeError(f"`{argument}` must be a tensor, a numpy array or a PIL image, got {type(mask).__name__}.")
     mask = mask.detach().cpu()
@@ -386,3 +388,31 @@ class AttentionSubjectMaps:
 
     def __repr__(self) -> str:
         return f"AttentionSubjectMaps(subjects={len(self.token_groups)}, steps={self.steps})"
+
+
+# ------------------------------------------------------------------------------------------------- pictures
+SUBJECT_COLORS = ((230, 60, 60), (60, 120, 230), (60, 190, 90), (230, 170, 40), (170, 80, 200), (40, 190, 200))
+
+
+def overlay_masks(image, masks, *, alpha: float = 0.45, boxes: bool = True):
+    """A PIL image of ``image`` (PIL or ``[H, W, 3]`` float in [0, 1]) with ``masks [n, H, W]`` tinted in one colour
+    per subject and, with ``boxes``, their bounding boxes outlined."""
+    from PIL import Image, ImageDraw
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray((np.clip(np.asarray(image), 0, 1) * 255).round().astype(np.uint8))
+    base = np.asarray(image.convert("RGB")).astype(np.float32)
+    masks = torch.as_tensor(np.asarray(masks)).bool()
+    for i, m in enumerate(masks):
+        color = np.array(SUBJECT_COLORS[i % len(SUBJECT_COLORS)], dtype=np.float32)
+        sel = m.numpy()
+        base[sel] = (1 - alpha) * base[sel] + alpha * color
+    out = Image.fromarray(base.round().astype(np.uint8))
+    if boxes:
+        draw = ImageDraw.Draw(out)
+        for i, m in enumerate(masks):
+            box = mask_bbox(m)
+            if box is not None:
+                x0, y0, x1, y1 = box
+                draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=SUBJECT_COLORS[i % len(SUBJECT_COLORS)], width=1)
+    return out
