@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +149,14 @@ class _GridMasks:
 
 
 @dataclasses.dataclass
+class _TargetLayout:
+    blocks: list[tuple[int, torch.Tensor]]  # (subject j, reference-j token indices of its appended keys)
+    mask: torch.Tensor | None  # [1, 1, N, K] boolean (or additive with a reference bias); None: plain attention
+    key_subject: torch.Tensor  # [K]: j for reference-j keys, -1 for the target's own keys
+    key_position: torch.Tensor  # [K]: target token position of each key
+
+
+@dataclasses.dataclass
 class IRAttnState:
     """Per-generation IR-Diffusion state, owned by the pipeline and passed to the processors through
     ``run_overrides(roles=..., ir_diffusion=state)``.
@@ -192,6 +200,7 @@ class IRAttnState:
         self._grids: dict[tuple, _GridMasks] = {}
         self._groups: dict[tuple[str, ...], list[_Group]] = {}
         self._keep: dict[tuple, torch.Tensor] = {}
+        self._layouts: dict[tuple, _TargetLayout] = {}
 
     @property
     def num_subjects(self) -> int:
@@ -268,6 +277,60 @@ class IRAttnState:
             self._keep[key] = (torch.rand(n, h * w, generator=generator) >= self.dropout).to(device)
         return self._keep[key]
 
+    def target_layout(
+        self, grid: tuple[int, int], step: int | None, extended: bool, dtype: torch.dtype, device: torch.device
+    ) -> _TargetLayout:
+        """Which reference keys the target queries get and the mask of the target's SDPA call (shared by every layer
+        of a grid within a step, so it is built once per step)."""
+        key = (tuple(grid), step if extended else None, extended, dtype, str(device))
+        if key in self._layouts:
+            return self._layouts[key]
+        if len(self._layouts) > 16:  # entries of earlier steps are never needed again
+            self._layouts.clear()
+        gm = self.grid_masks(grid, device)
+        n_tok = grid[0] * grid[1]
+        blocks, mask_blocks, subjects, positions = [], [], [], []
+        if extended:
+            keep = self.keep_mask(grid, step, device)
+            for j in range(self.num_subjects):
+                query_ok = gm.target[j] & keep[j]
+                if not bool(query_ok.any()):  # official: an all-dropped mask falls back to the full mask
+                    query_ok = gm.target[j]
+                if self.reposition:
+                    pos, src = gm.positions[j], gm.sources[j]
+                else:
+                    key_ok = gm.reference[j] & keep[j]
+                    if not bool(key_ok.any()):
+                        key_ok = gm.reference[j]
+                    pos = src = torch.nonzero(key_ok).flatten()
+                if pos.numel() == 0 or not bool(query_ok.any()):
+                    continue  # no target region or no reference subject at this grid: the block gets no weight
+                blocks.append((j, src))
+                mask_blocks.append(query_ok[:, None].expand(n_tok, pos.numel()))
+                subjects.append(torch.full_like(pos, j))
+                positions.append(pos)
+        own = gm.allowed if self.isolation else None
+        mask = None
+        if blocks or own is not None:
+            if own is None:
+                own = torch.ones(n_tok, n_tok, dtype=torch.bool, device=device)
+            allowed = torch.cat([*mask_blocks, own], dim=1) if blocks else own
+            mask = allowed
+            if self.reference_bias and blocks:
+                bias = torch.zeros(allowed.shape[1], dtype=dtype, device=device)
+                bias[: allowed.shape[1] - n_tok] = self.reference_bias
+                mask = torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=dtype, device=device))
+            mask = mask[None, None]
+        own_pos = torch.arange(n_tok, device=device)
+        layout = _TargetLayout(
+            blocks,
+            mask,
+            torch.cat([*subjects, torch.full_like(own_pos, -1)]),
+            torch.cat([*positions, own_pos]),
+        )
+        self._layouts[key] = layout
+        return layout
+
     def extended_active(self, run) -> bool:
         progress = None if run is None else run.progress
         return progress is None or self.ir_steps[0] <= progress < self.ir_steps[1]
@@ -312,7 +375,6 @@ class IsolationRepositionCore:
         _no_model_mask(call)
         groups = state.groups(call.run.roles)
         grid = _grid(call)
-        gm = state.grid_masks(grid, q.device)
         extended = self.extended and state.extended_active(call.run)
         targets = [g.target for g in groups]
         others = [r for r in range(q.shape[0]) if r not in targets]
@@ -320,64 +382,18 @@ class IsolationRepositionCore:
         out = torch.empty_like(q)
         if others:
             out[others] = call.dense(q[others], k[others], v[others], mask=None)
-        keys, values, mask, info = self._target_inputs(q, k, v, groups, gm, state, grid, extended, call)
-        out[targets] = call.dense(q[targets], keys, values, mask=mask)
+        layout = state.target_layout(grid, call.run.step_index, extended, q.dtype, q.device)
+        keys, values = k[targets], v[targets]
+        if layout.blocks:
+            refs = [[g.references[j] for g in groups] for j, _ in layout.blocks]
+            keys = torch.cat([*(k[r][:, :, src] for r, (_, src) in zip(refs, layout.blocks)), keys], dim=2)
+            values = torch.cat([*(v[r][:, :, src] for r, (_, src) in zip(refs, layout.blocks)), values], dim=2)
+        out[targets] = call.dense(q[targets], keys, values, mask=layout.mask)
         if state.observer is not None:
-            info.update(keys=keys, values=values, mask=mask, targets=targets, extended=extended)
+            info = dict(keys=keys, values=values, mask=layout.mask, targets=targets, extended=extended)
+            info.update(key_subject=layout.key_subject, key_position=layout.key_position)
             state.observer("self", call, q, k, v, out, info)
         return out
-
-    @staticmethod
-    def _target_inputs(q, k, v, groups, gm: _GridMasks, state: IRAttnState, grid, extended: bool, call):
-        """Keys, values ``[G, H, K, D]`` and mask ``[1, 1, N, K]`` (or ``None``) of the target queries."""
-        targets = [g.target for g in groups]
-        n_tok = q.shape[2]
-        key_blocks, value_blocks, mask_blocks, subject_of_key, position_of_key = [], [], [], [], []
-        if extended:
-            keep = state.keep_mask(grid, call.run.step_index, q.device)
-            for j in range(state.num_subjects):
-                rows = [g.references[j] for g in groups]
-                query_ok = gm.target[j] & keep[j]
-                if not bool(query_ok.any()):  # official: an all-dropped mask falls back to the full mask
-                    query_ok = gm.target[j]
-                if state.reposition:
-                    pos, src = gm.positions[j], gm.sources[j]
-                else:
-                    key_ok = gm.reference[j] & keep[j]
-                    if not bool(key_ok.any()):
-                        key_ok = gm.reference[j]
-                    pos = src = torch.nonzero(key_ok).flatten()
-                if pos.numel() == 0 or not bool(query_ok.any()):
-                    continue  # no target region or no reference subject at this grid: the block gets no weight
-                key_blocks.append(k[rows][:, :, src])
-                value_blocks.append(v[rows][:, :, src])
-                mask_blocks.append(query_ok[:, None].expand(n_tok, pos.numel()))
-                subject_of_key.append(torch.full_like(pos, j))
-                position_of_key.append(pos)
-        own = gm.allowed if state.isolation else None
-        info: dict[str, Any] = {}
-        if not key_blocks and own is None:
-            mask = None
-            keys, values = k[targets], v[targets]
-        else:
-            keys = torch.cat([*key_blocks, k[targets]], dim=2)
-            values = torch.cat([*value_blocks, v[targets]], dim=2)
-            if own is None:
-                own = torch.ones(n_tok, n_tok, dtype=torch.bool, device=q.device)
-            allowed = torch.cat([*mask_blocks, own], dim=1)
-            if state.reference_bias and key_blocks:
-                n_ref = allowed.shape[1] - n_tok
-                bias = torch.zeros(allowed.shape[1], dtype=q.dtype, device=q.device)
-                bias[:n_ref] = state.reference_bias
-                mask = torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=q.dtype, device=q.device))
-            else:
-                mask = allowed
-            mask = mask[None, None]
-        if state.observer is not None:
-            own_pos = torch.arange(n_tok, device=q.device)
-            info["key_subject"] = torch.cat([*subject_of_key, torch.full_like(own_pos, -1)])
-            info["key_position"] = torch.cat([*position_of_key, own_pos])
-        return keys, values, mask, info
 
     def __repr__(self) -> str:
         return f"IsolationRepositionCore(extended={self.extended})"
