@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "builtin_models": "attnpack.pipelines.loading",
     "GenerationSettings": "attnpack.pipelines.generation",
     "run_generation": "attnpack.pipelines.generation",
+    "IRDiffusionPipeline": "attnpack.pipelines.ir_diffusion",
     # outputs
     "save_image": "attnpack._io",
     "save_video": "attnpack._io",
@@ -67,4 +68,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .attn_processors._context import RunState, current_run, run_overrides
     from .attn_processors._families import LayerInfo, TokenLayout
     from .pipelines.generation import GenerationSettings, run_generation
+    from .pipelines.ir_diffusion import IRDiffusionPipeline
     from .pipelines.loading import builtin_models, load_pipeline

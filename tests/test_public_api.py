@@ -12,6 +12,7 @@ EXPECTED = {
     "AttnPackProcessor",
     "DenseCore",
     "GenerationSettings",
+    "IRDiffusionPipeline",
     "LayerInfo",
     "ProcessorHandle",
     "RunState",
