@@ -13,7 +13,7 @@ from attnpack.pipelines.ir_diffusion import IRDiffusionPipeline
 from attnpack.pipelines.masks import box_mask
 
 
-SIZE, STEPS = 128, 3  # 128 px -> 16x16 latent -> 8x8 attention grid on the tiny UNet
+SIZE, STEPS = 128, 2  # 128 px -> 16x16 latent -> 8x8 attention grid on the tiny UNet
 SUBJECTS = [
     {"prompt": "a photo of a red cat", "word": "cat"},
     {"prompt": "a photo of a blue dog", "word": "dog"},
@@ -173,7 +173,7 @@ def test_segmenter_callable_and_layout_retry(base, pipe):
         SCENE,
         height=64,
         width=64,
-        num_inference_steps=2,
+        num_inference_steps=1,
         output_type="pil",
         seed=7,
         mask_source=segmenter,
@@ -217,6 +217,7 @@ def test_dropout_is_seeded(pipe, boxes_run):
         (dict(dropout=1.5), "dropout"),
         (dict(mask_source="sam"), "mask_source"),
         (dict(seed=-1), "seed"),
+        (dict(ir_layers="down_blocks.7"), "`ir_layers` entry"),
     ],
 )
 def test_user_errors(pipe, kwargs, match):

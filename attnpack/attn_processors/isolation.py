@@ -56,6 +56,7 @@ __all__ = [
     "mask_bbox",
     "reposition_index",
     "reposition_tokens",
+    "resolve_ir_layers",
 ]
 
 STATE_KEY = "ir_diffusion"
@@ -459,7 +460,8 @@ def default_ir_layers(unet: torch.nn.Module) -> list[str]:
     return decoder[len(decoder) // 18 :]
 
 
-def _resolve_ir_layers(unet: torch.nn.Module, ir_layers) -> set[str]:
+def resolve_ir_layers(unet: torch.nn.Module, ir_layers) -> set[str]:
+    """The module names selected by ``ir_layers`` (see :func:`apply_ir_diffusion`); raises for unknown layers."""
     if ir_layers is None:
         return set(default_ir_layers(unet))
     if isinstance(ir_layers, (list, tuple)) and len(ir_layers) == 0:
@@ -492,7 +494,7 @@ def apply_ir_diffusion(pipe_or_unet, ir_layers=None) -> ProcessorHandle:
             f"IR-Diffusion needs a UNet (SDXL architecture), got {type(unet).__name__}; "
             "DiT models (SD3, FLUX, ...) are not supported."
         )
-    chosen = _resolve_ir_layers(unet, ir_layers)
+    chosen = resolve_ir_layers(unet, ir_layers)
 
     def factory(info: LayerInfo):
         if info.kind == "self":

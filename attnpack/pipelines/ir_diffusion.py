@@ -34,7 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..attn_processors._apply import apply_processors
 from ..attn_processors._context import ROLE_REFERENCE, ROLE_TARGET, run_overrides
-from ..attn_processors.isolation import STATE_KEY, IRAttnState, apply_ir_diffusion
+from ..attn_processors.isolation import STATE_KEY, IRAttnState, apply_ir_diffusion, resolve_ir_layers
 from .masks import (
     OFFICIAL_CLOSE_KERNEL,
     OFFICIAL_MIN_MASK_SIZE,
@@ -148,6 +148,21 @@ def _user_masks(masks, boxes, n: int, height: int, width: int, name: str) -> tor
     return torch.stack(out)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Masking:
+    """How the automatic masks are made (see :meth:`IRDiffusionPipeline.__call__`)."""
+
+    source: str | Segmenter
+    threshold: str | float
+    size: tuple[int, int]
+    attention_steps: tuple[float, float]
+    bottom_trim: int
+    min_size: int | None
+    close_kernel: int
+    ref_tokens: list[list[int]] | None  # built-in attention source: word tokens in each subject prompt
+    scene_tokens: list[list[int]] | None  # ... and in the scene prompt
+
+
 class IRDiffusionPipeline(StableDiffusionXLPipeline):
     r"""IR-Diffusion (arXiv 2411.19261) on SDXL-architecture models (SDXL, Playground v2.5).
 
@@ -190,7 +205,7 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
         return super().to(*args, **kwargs)
 
     @torch.no_grad()
-    def __call__(  # noqa: C901 - the phases of the official driver, kept in one readable place
+    def __call__(
         self,
         subjects: Sequence[Mapping[str, str] | IRSubject],
         scene_prompt: str,
@@ -314,13 +329,26 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
                     f"target regions of subjects {emptied} lie inside other subjects' regions and vanish when overlaps "
                     "are removed (the smaller region gives up shared pixels); make the regions distinct."
                 )
+        resolve_ir_layers(self.unet, ir_layers)  # a bad layer name fails now, not after the first phases
         tokenizer = self.tokenizer if self.tokenizer is not None else self.tokenizer_2
         use_attention = mask_source == "attention"
-        if use_attention:
-            ref_tokens = [
+        masking = _Masking(
+            source=mask_source,
+            threshold=mask_threshold,
+            size=(height, width),
+            attention_steps=tuple(attention_mask_steps),
+            bottom_trim=reference_bottom_trim,
+            min_size=min_size or None,
+            close_kernel=kernel,
+            ref_tokens=[
                 _word_tokens(tokenizer, s.prompt, s.word, f"subjects[{i}]['prompt']") for i, s in enumerate(items)
             ]
-            scene_tokens = [_word_tokens(tokenizer, scene_prompt, s.word, "`scene_prompt`") for s in items]
+            if use_attention and user_ref is None
+            else None,
+            scene_tokens=[_word_tokens(tokenizer, scene_prompt, s.word, "`scene_prompt`") for s in items]
+            if use_attention and user_tgt is None
+            else None,
+        )
         common = dict(
             negative_prompt=negative_prompt,
             height=height,
@@ -329,69 +357,20 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
             guidance_scale=guidance_scale,
             **kwargs,
         )
-        words = [s.word for s in items]
 
         # 1. references: vanilla, one per subject, same initial noise
         ref_noise = self._noise(seed, height, width)
-        references, auto_ref = [], []
-        for i, subject in enumerate(items):
-            maps = (
-                AttentionSubjectMaps([ref_tokens[i]], attention_mask_steps)
-                if use_attention and user_ref is None
-                else None
-            )
-            with self._phase(f"IR reference {i + 1}/{n}"):
-                image = self._vanilla(subject.prompt, ref_noise, common, maps)
-            references.append(image)
-            if user_ref is None:
-                mask = maps.masks((height, width), mask_threshold)[0] if maps is not None else None
-                if mask is None:
-                    found = mask_source(self._to_pil(image), [subject.word])
-                    mask = None if found is None or found[0] is None else as_mask(found[0], size=(height, width))
-                if mask is None or not bool(mask.any()):
-                    raise ValueError(
-                        f"no mask found for subject {i} ({subject.word!r}) in its reference image; pass "
-                        "`reference_masks` / `reference_boxes`, or change `seed` or the subject prompt."
-                    )
-                trimmed = trim_bottom(mask, reference_bottom_trim)
-                if not bool(trimmed.any()):
-                    logger.warning("subject %d lies in the bottom of its reference: its mask is kept untrimmed", i)
-                auto_ref.append(trimmed if bool(trimmed.any()) else mask)
-        ref_masks = user_ref if user_ref is not None else torch.stack(auto_ref)
+        references, ref_masks = self._references(items, ref_noise, common, masking, user_ref)
 
-        # 2. layout: vanilla scene from z_T; retry with new seeds until every subject is found
+        # 2. layout: vanilla scene from z_T (retrying with new seeds until every subject is found), unless given
         layout_images: list = []
         if user_tgt is not None:
-            tgt_masks = user_tgt
-            target_noise = self._noise(layout_seed, height, width)
+            tgt_masks, target_noise = user_tgt, self._noise(layout_seed, height, width)
         else:
-            tgt_masks = None
-            for attempt in range(max_layout_attempts):
-                target_noise = self._noise(layout_seed + attempt, height, width)
-                maps = AttentionSubjectMaps(scene_tokens, attention_mask_steps) if use_attention else None
-                with self._phase(f"IR layout (seed {layout_seed + attempt})"):
-                    image = self._vanilla(scene_prompt, target_noise, common, maps)
-                if maps is not None:
-                    found = list(maps.masks((height, width), mask_threshold))
-                else:
-                    found = list(mask_source(self._to_pil(image), words) or [])
-                    found = [
-                        None if m is None else close_mask(as_mask(m, size=(height, width)), kernel) for m in found
-                    ]
-                missing = [w for w, m in zip(words, found + [None] * n) if m is None or not bool(m.any())]
-                if not missing and len(found) == n:
-                    processed = postprocess_target_masks(torch.stack(found), min_size or None)
-                    missing = [w for w, m in zip(words, processed) if not bool(m.any())]  # lost to overlaps
-                    if not missing:
-                        layout_seed, layout_images, tgt_masks = layout_seed + attempt, [image], processed
-                        break
-                logger.info("layout seed %d: subjects %s not found, retrying", layout_seed + attempt, missing)
-            if tgt_masks is None:
-                raise ValueError(
-                    f"no layout with every subject found in {max_layout_attempts} attempts (seeds {layout_seed}.."
-                    f"{layout_seed + max_layout_attempts - 1}); raise `max_layout_attempts`, change the scene prompt, "
-                    "or pass `target_boxes`."
-                )
+            tgt_masks, target_noise, layout_seed, image = self._layout(
+                items, scene_prompt, layout_seed, max_layout_attempts, common, masking
+            )
+            layout_images = [image]
 
         # 3. final pass: [ref_1 .. ref_n, target] per CFG half, reference noise + the same z_T
         state = IRAttnState(masks=SubjectMasks(ref_masks, tgt_masks, mask_threshold), **state_args)
@@ -422,6 +401,70 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
         if not return_dict:
             return out.images, out.reference_images
         return out
+
+    # ---------------------------------------------------------------- phases
+    def _references(self, items, noise, common, masking: _Masking, user_masks):
+        """Phase 1: one vanilla image per subject (``[H, W, 3]`` arrays) and the reference masks ``bool [n, H, W]``."""
+        images, masks = [], []
+        for i, subject in enumerate(items):
+            maps = (
+                AttentionSubjectMaps([masking.ref_tokens[i]], masking.attention_steps) if masking.ref_tokens else None
+            )
+            with self._phase(f"IR reference {i + 1}/{len(items)}"):
+                image = self._vanilla(subject.prompt, noise, common, maps)
+            images.append(image)
+            if user_masks is not None:
+                continue
+            if maps is not None:
+                mask = maps.masks(masking.size, masking.threshold)[0]
+            else:
+                found = masking.source(self._to_pil(image), [subject.word])
+                mask = None if not found or found[0] is None else as_mask(found[0], size=masking.size)
+            if mask is None or not bool(mask.any()):
+                raise ValueError(
+                    f"no mask found for subject {i} ({subject.word!r}) in its reference image; pass "
+                    "`reference_masks` / `reference_boxes`, or change `seed` or the subject prompt."
+                )
+            trimmed = trim_bottom(mask, masking.bottom_trim)
+            if not bool(trimmed.any()):
+                logger.warning("subject %d lies in the bottom of its reference: its mask is kept untrimmed", i)
+            masks.append(trimmed if bool(trimmed.any()) else mask)
+        return images, (user_masks if user_masks is not None else torch.stack(masks))
+
+    def _layout(self, items, scene_prompt, layout_seed, attempts, common, masking: _Masking):
+        """Phase 2: vanilla scenes from ``layout_seed``, ``+ 1``, ... until every subject has a target mask.
+
+        Returns ``(target_masks [n, H, W], z_T, the seed used, the layout image)``.
+        """
+        words = [s.word for s in items]
+        for attempt in range(attempts):
+            seed = layout_seed + attempt
+            noise = self._noise(seed, *masking.size)
+            maps = (
+                AttentionSubjectMaps(masking.scene_tokens, masking.attention_steps) if masking.scene_tokens else None
+            )
+            with self._phase(f"IR layout (seed {seed})"):
+                image = self._vanilla(scene_prompt, noise, common, maps)
+            if maps is not None:
+                found = list(maps.masks(masking.size, masking.threshold))
+            else:
+                found = list(masking.source(self._to_pil(image), words) or [])
+                found = [
+                    None if m is None else close_mask(as_mask(m, size=masking.size), masking.close_kernel)
+                    for m in found
+                ]
+            missing = [w for w, m in zip(words, found + [None] * len(words)) if m is None or not bool(m.any())]
+            if not missing and len(found) == len(words):
+                masks = postprocess_target_masks(torch.stack(found), masking.min_size)
+                missing = [w for w, m in zip(words, masks) if not bool(m.any())]  # lost to overlaps
+                if not missing:
+                    return masks, noise, seed, image
+            logger.info("layout seed %d: subjects %s not found, retrying", seed, missing)
+        raise ValueError(
+            f"no layout with every subject found in {attempts} attempts (seeds {layout_seed}.."
+            f"{layout_seed + attempts - 1}); raise `max_layout_attempts`, change the scene prompt, or pass "
+            "`target_boxes`."
+        )
 
     # ---------------------------------------------------------------- helpers
     def _noise(self, seed: int, height: int, width: int) -> torch.Tensor:
