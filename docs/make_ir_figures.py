@@ -36,7 +36,9 @@ def labelled(image: Image.Image, text: str, band: int = 14) -> Image.Image:
 
 
 def row(images, gap: int = 6) -> Image.Image:
-    canvas = Image.new("RGB", (sum(i.width for i in images) + gap * (len(images) - 1), max(i.height for i in images)), WHITE)
+    canvas = Image.new(
+        "RGB", (sum(i.width for i in images) + gap * (len(images) - 1), max(i.height for i in images)), WHITE
+    )
     x = 0
     for im in images:
         canvas.paste(im, (x, 0))
@@ -45,7 +47,9 @@ def row(images, gap: int = 6) -> Image.Image:
 
 
 def column(images, gap: int = 6) -> Image.Image:
-    canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images) + gap * (len(images) - 1)), WHITE)
+    canvas = Image.new(
+        "RGB", (max(i.width for i in images), sum(i.height for i in images) + gap * (len(images) - 1)), WHITE
+    )
     y = 0
     for im in images:
         canvas.paste(im, (0, y))
@@ -137,9 +141,13 @@ def fig_routing():
     info = {}
     state = IRAttnState(masks=Fixed(), dropout_seed=1, observer=lambda *args: info.update(args[-1]))
     layer = LayerInfo("up_blocks.0.attentions.0.transformer_blocks.2.attn1", 0, "unet", "self", 0, heads, d)
-    run = RunState(family="unet", grid=grid, step_index=0, num_steps=50, batch_size=3, roles=("reference",) * 2 + ("target",))
+    run = RunState(
+        family="unet", grid=grid, step_index=0, num_steps=50, batch_size=3, roles=("reference",) * 2 + ("target",)
+    )
     run.extras = {STATE_KEY: state}
-    call = AttentionCall(None, layer, TokenLayout.self_attention(n_tok, grid), None, run, AttnPackProcessor(DenseCore(), layer))
+    call = AttentionCall(
+        None, layer, TokenLayout.self_attention(n_tok, grid), None, run, AttnPackProcessor(DenseCore(), layer)
+    )
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, heads, n_tok, d, generator=g) * 0.5 for _ in range(3))
     IsolationRepositionCore(extended=True)(q, k, v, call)
@@ -193,11 +201,17 @@ def fig_pipeline():
         token_view[m.view(16, 16).numpy()] = np.array(SUBJECT_COLORS[i]) / 255
     masks = row(
         [
-            labelled(overlay_masks(out.reference_images[i], out.reference_masks[i][None]).resize((thumb, thumb)), f"reference {i + 1}")
+            labelled(
+                overlay_masks(out.reference_images[i], out.reference_masks[i][None], alpha=0.7).resize((thumb, thumb)),
+                f"reference {i + 1} + mask",
+            )
             for i in range(2)
         ]
         + [
-            labelled(overlay_masks(out.layout_images[0], out.target_masks).resize((thumb, thumb)), "layout + target masks"),
+            labelled(
+                overlay_masks(out.layout_images[0], out.target_masks, alpha=0.7).resize((thumb, thumb)),
+                "layout + target masks",
+            ),
             labelled(to_image(token_view, thumb // 16), "target masks, 16x16 grid"),
         ]
     )
