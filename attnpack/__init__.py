@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "builtin_models": "attnpack.pipelines.loading",
     "GenerationSettings": "attnpack.pipelines.generation",
     "run_generation": "attnpack.pipelines.generation",
+    "IRDiffusionPipeline": "attnpack.pipelines.ir_diffusion",
     # outputs
     "save_image": "attnpack._io",
     "save_video": "attnpack._io",
@@ -83,6 +84,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .attn_processors.paro import ParoAttnProcessor, apply_paro
     from .kernels.neighborhood import neighborhood_attention
     from .pipelines.generation import GenerationSettings, run_generation
+    from .pipelines.ir_diffusion import IRDiffusionPipeline
     from .pipelines.loading import builtin_models, load_pipeline
     from .pipelines.paro_calibrate import calibrate_paro
     from .pipelines.paro_plan import ParoPlan

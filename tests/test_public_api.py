@@ -14,6 +14,7 @@ EXPECTED = {
     "DenseCore",
     "GNAAttnProcessor",
     "GenerationSettings",
+    "IRDiffusionPipeline",
     "LayerInfo",
     "ParoAttnProcessor",
     "ParoPlan",
