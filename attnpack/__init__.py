@@ -31,6 +31,11 @@ _EXPORTS: dict[str, str] = {
     "builtin_models": "attnpack.pipelines.loading",
     "GenerationSettings": "attnpack.pipelines.generation",
     "run_generation": "attnpack.pipelines.generation",
+    # head-level perturbation guidance
+    "apply_head_perturbation": "attnpack.pipelines.guidance",
+    "HeadPerturbationGuidance": "attnpack.pipelines.guiders",
+    "search_heads": "attnpack.pipelines.head_search",
+    "presets": "attnpack.presets",
     # outputs
     "save_image": "attnpack._io",
     "save_video": "attnpack._io",
@@ -44,7 +49,9 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'attnpack' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = importlib.import_module(module)
+    if module != f"{__name__}.{name}":  # a name defined in the module (else: the submodule itself)
+        value = getattr(value, name)
     globals()[name] = value
     return value
 
@@ -54,6 +61,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from . import presets
     from ._io import read_parameters, save_image, save_video
     from .attn_processors._apply import (
         AttentionCall,
@@ -67,4 +75,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .attn_processors._context import RunState, current_run, run_overrides
     from .attn_processors._families import LayerInfo, TokenLayout
     from .pipelines.generation import GenerationSettings, run_generation
+    from .pipelines.guidance import apply_head_perturbation
+    from .pipelines.guiders import HeadPerturbationGuidance
+    from .pipelines.head_search import search_heads
     from .pipelines.loading import builtin_models, load_pipeline

@@ -30,7 +30,9 @@ __all__ = [
 ]
 
 # modules that register techniques when imported (one line per technique module)
-TECHNIQUE_MODULES: list[str] = []
+TECHNIQUE_MODULES: list[str] = [
+    "attnpack.pipelines.guidance",
+]
 
 _REGISTRY: dict[str, Technique] = {}
 _LOADED = False
