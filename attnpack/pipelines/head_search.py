@@ -119,29 +119,34 @@ class _State:
         self.processes = processes
         self.rounds: list[RoundReport] = []
         self.partial: dict[str, Any] = {}
-        if path is not None and path.exists():
-            self._load()
+        if path is None:
+            return
+        if path.exists():
+            data = self._read(path)
+            self.rounds = [RoundReport(**r) for r in data.get("rounds", [])]
+            self.partial = data.get("partial") or {}
+        for name in _rank_files(path):  # slices scored by the processes of a distributed run
+            part = self._read(Path(name))
+            if part.get("round") == len(self.rounds):
+                self._merge_partial(part)
 
-    def _load(self) -> None:
-        data = json.loads(self.path.read_text())
+    def _read(self, path: Path) -> dict:
+        data = json.loads(path.read_text())
         if data.get("version") != STATE_VERSION:
-            raise ValueError(f"`state_path` {str(self.path)!r} has state version {data.get('version')!r}, expected 1.")
+            raise ValueError(
+                f"state file {str(path)!r} has version {data.get('version')!r}, expected {STATE_VERSION}."
+            )
         old = data.get("settings", {})
         changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
         if changed:
             raise ValueError(
-                f"`state_path` {str(self.path)!r} was written by a search with other settings ({', '.join(changed)} "
-                "differ); use the same settings to resume, or another state file."
+                f"state file {str(path)!r} was written by a search with other settings ({', '.join(changed)} "
+                "differ); use the same settings to resume, or another `state_path`."
             )
-        self.rounds = [RoundReport(**r) for r in data.get("rounds", [])]
-        self.partial = data.get("partial") or {}
-        for name in _rank_files(self.path):  # slices scored by other processes of a distributed run
-            part = json.loads(Path(name).read_text())
-            if part.get("round") == len(self.rounds):
-                self._merge_partial(part)
+        return data
 
     def _merge_partial(self, part: dict) -> None:
-        if self.partial.get("round") != part.get("round"):
+        if self.partial.get("round") != part["round"]:
             self.partial = {"round": part.get("round"), "baseline": None, "scores": {}}
         self.partial.setdefault("scores", {}).update(part.get("scores", {}))
         if part.get("baseline") is not None:
@@ -162,7 +167,8 @@ class _State:
         if self.processes.count == 1:
             self.save()
         else:
-            _write_json(Path(f"{self.path}.rank{self.processes.index}.json"), self.partial)
+            part = {"version": STATE_VERSION, "settings": self.settings, **self.partial}
+            _write_json(Path(f"{self.path}.rank{self.processes.index}.json"), part)
 
     def finish_round(self, report: RoundReport) -> None:
         self.rounds.append(report)
