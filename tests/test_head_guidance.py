@@ -320,7 +320,7 @@ def _run_modular(modular, guider, steps=2, **kwargs):
     return np.asarray(out)
 
 
-def test_guider_on_modular_sd3_matches_the_pipeline_hook(pipes):
+def test_guider_on_modular_sd3_matches_the_pipeline_hook(pipes, tmp_path):
     from attnpack import HeadPerturbationGuidance
 
     pipe = _pipe(pipes, "tiny-sd3")
@@ -334,8 +334,9 @@ def test_guider_on_modular_sd3_matches_the_pipeline_hook(pipes):
         ref = _run(pipe, "tiny-sd3", negative_prompt="", guidance_scale=5.0)
     np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=0)
     assert dict(pipe.transformer.attn_processors) == before  # the guider removed its processors
-    config = HeadPerturbationGuidance.from_config(guider.config)
-    assert config.heads == ["L1H2", "L0"] and config.softness == 0.5
+    guider.save_pretrained(tmp_path)
+    loaded = HeadPerturbationGuidance.from_pretrained(tmp_path)
+    assert loaded.heads == ["L1H2", "L0"] and loaded.softness == 0.5 and loaded.perturbed_guidance_scale == 2.0
 
 
 def test_guider_on_modular_sdxl_matches_diffusers_pag_guider(pipes):
