@@ -365,3 +365,19 @@ def test_guider_on_modular_sdxl_matches_diffusers_pag_guider(pipes):
     cfg = _run_modular(modular, ClassifierFreeGuidance(guidance_scale=5.0), 4)
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
     assert np.abs(ours - cfg).max() > 1e-3
+
+
+def test_uncond_pass_needs_the_cond_pass_first():
+    model = build_tiny_denoiser("flux")
+    inputs = denoiser_inputs(model)
+    with apply_head_perturbation(model, "L0H0"), torch.no_grad():
+        with model.cache_context("cond"):
+            cond = model(**inputs, return_dict=False)[0]
+        with model.cache_context("uncond"):  # gets the same shift as the cond pass before it
+            uncond = model(**inputs, return_dict=False)[0]
+        torch.testing.assert_close(uncond, cond, atol=1e-6, rtol=0)
+        with (
+            pytest.raises(RuntimeError, match="without the conditional pass before it"),
+            model.cache_context("uncond"),
+        ):
+            model(**inputs, return_dict=False)

@@ -163,7 +163,10 @@ class HeadGuidanceHook(ModelHook):
         if scale == 0.0 or not set(roles) <= {ROLE_UNCOND, ROLE_COND}:
             return forward(*args, **kwargs)
         cond_rows, uncond_rows = state.rows(ROLE_COND), state.rows(ROLE_UNCOND)
-        if not cond_rows:  # a separate unconditional pass: shift it like the conditional one before it
+        if not cond_rows:
+            if state.cache_name != ROLE_UNCOND:
+                return forward(*args, **kwargs)
+            # a separate unconditional pass: shift it like the conditional one before it
             output = forward(*args, **kwargs)
             shift = self._take_pending(state)
             return _with_sample(output, _sample_of(output) + shift.to(_sample_of(output).dtype))
