@@ -59,6 +59,27 @@ def test_blend_with_key_padding_mask(kind, scope):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_blend_in_query_chunks_with_query_dependent_text_mask(kind, monkeypatch):
+    """Image-scope targets are computed QUERY_CHUNK image queries at a time; a per-query mask on text keys is used."""
+    import attnpack.attn_processors.head_perturbation as hp
+
+    monkeypatch.setattr(hp, "QUERY_CHUNK", 4)
+    n_img, n_txt = 11, 7
+    q, k, v = _qkv(2, 3, n_img + n_txt, 8, seed=7)
+    layout = TokenLayout.joint(n_img, n_txt, None, text_first=True)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(2, 1, n_img + n_txt, n_img + n_txt, dtype=torch.bool)
+    mask[..., layout.text] = torch.rand(2, 1, n_img + n_txt, n_txt, generator=g) > 0.4
+    out = dense_attention(q, k, v, mask)
+    for scope in TOKEN_SCOPES:
+        ours = blend_heads(out, q, k, v, layout, 0.8, kind, scope, mask=mask)
+        ref = reference_perturbed_attention(
+            q, k, v, image=layout.image, text=layout.text, u=0.8, kind=kind, scope=scope, mask=mask
+        )
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_self_attention_layout_ignores_scope(kind):
     q, k, v = _qkv(1, 2, 13, 8, seed=2)
     layout = TokenLayout.self_attention(13, None)
@@ -112,6 +133,14 @@ def test_core_perturbs_only_selected_heads_and_rows():
     torch.testing.assert_close(out[2, [1, 3]], v[2, [1, 3]], atol=0, rtol=0)
     everything = HeadPerturbationCore([0], softness=1.0, rows="all")(q, k, v, call)
     torch.testing.assert_close(everything[:, 0], v[:, 0], atol=0, rtol=0)
+    # non-contiguous rows and heads, soft blend, against the explicit reference
+    run = RunState(family="unet", batch_size=3, roles=("perturbed", "cond", "perturbed"))
+    call = AttentionCall(None, None, layout, None, run, _NoBackend())
+    soft = HeadPerturbationCore([0, 2, 3], softness=0.3, kind="uniform")(q, k, v, call)
+    ref = reference_perturbed_attention(q, k, v, u=0.3, kind="uniform")
+    torch.testing.assert_close(soft[[0, 2]][:, [0, 2, 3]], ref[[0, 2]][:, [0, 2, 3]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(soft[1], dense[1], atol=0, rtol=0)
+    torch.testing.assert_close(soft[[0, 2], 1], dense[[0, 2], 1], atol=0, rtol=0)
 
 
 def test_core_keeps_autograd_working():

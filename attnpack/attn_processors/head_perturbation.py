@@ -147,6 +147,73 @@ def _attend_with_extra_key(
     return out[..., :d] + out[..., d : d + 1] * extra_value
 
 
+# image queries per chunk of the image-scope targets: bounds the extra memory to about one chunk of queries
+QUERY_CHUNK = 1024
+
+
+def _check_layout(query: torch.Tensor, key: torch.Tensor, layout: TokenLayout, token_scope: str) -> bool:
+    """Whether the image-scope path applies (joint image + text layout); raises for unsupported layouts."""
+    n_q, n_k = query.shape[-2], key.shape[-2]
+    if n_q != n_k:
+        raise ValueError(
+            f"head perturbation needs self- or joint attention (as many keys as queries), got {n_q=}, {n_k=}."
+        )
+    if token_scope == "full" or layout.text is None or layout.num_text == 0:
+        return False
+    if layout.image is None or layout.key_image != layout.image or layout.key_text != layout.text:
+        raise ValueError(f"`token_scope='image'` needs a joint image + text layout, got {layout}.")
+    return True
+
+
+def _target_chunks(query, key, value, layout, kind, token_scope, mask, scale, dense):
+    """Yield ``(rows, target)``: ``A' v`` for the query rows ``rows`` (``target [b, h, n_rows or 1, d]``)."""
+    n, d = query.shape[-2], query.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    everything = slice(0, n)
+    if not _check_layout(query, key, layout, token_scope):
+        if kind == "identity":
+            yield everything, value
+        elif kind == "uniform":
+            if mask is None:
+                yield everything, value.mean(dim=-2, keepdim=True)
+            else:  # uniform over the keys each query may see: the softmax of the mask alone
+                yield everything, dense(torch.zeros_like(query), key, value, mask=mask, scale=scale)
+        else:
+            q_mean = query.mean(dim=-2, keepdim=True)
+            if mask is not None and mask.shape[-2] != 1:
+                q_mean = q_mean.expand_as(query)
+            yield everything, dense(q_mean, key, value, mask=mask, scale=scale)
+        return
+
+    img, txt = layout.image, layout.text
+    if kind == "query_mean":
+        q_mean = query[:, :, img].mean(dim=-2, keepdim=True)
+        rows_mask = _key_columns(mask, everything, img)
+        if rows_mask is not None and rows_mask.shape[-2] != 1:
+            q_mean = q_mean.expand(-1, -1, img.stop - img.start, -1)
+        yield img, dense(q_mean, key, value, mask=rows_mask, scale=scale)
+        return
+    k_txt, v_txt = key[:, :, txt], value[:, :, txt]
+    if kind == "uniform":  # n_img keys sharing the mean image logit q . mean(k_img)
+        k_mean = key[:, :, img].float().mean(dim=-2, keepdim=True)
+        v_mean = value[:, :, img].mean(dim=-2, keepdim=True)
+    for start in range(img.start, img.stop, QUERY_CHUNK):
+        rows = slice(start, min(start + QUERY_CHUNK, img.stop))
+        q = query[:, :, rows]
+        if kind == "identity":  # the own key, with its own logit
+            extra_logit = (q.float() * key[:, :, rows].float()).sum(dim=-1) * scale
+            extra_value = value[:, :, rows]
+        else:
+            extra_logit = (q.float() @ k_mean.transpose(-1, -2)).squeeze(-1) * scale + math.log(img.stop - img.start)
+            extra_value = v_mean
+        chunk_mask = _key_columns(mask, txt, rows)
+        yield rows, _attend_with_extra_key(q, k_txt, v_txt, extra_logit, extra_value, scale, chunk_mask, dense)
+
+
+def _default_dense(q, k, v, mask=None, scale=None):
+    return dense_attention(q, k, v, mask, scale=scale)
+
+
 def perturbation_target(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -166,7 +233,8 @@ def perturbation_target(
         layout: where image and text tokens sit (``layout.text is None`` for pure self-attention).
         kind, token_scope: the perturbation (module docstring).
         mask: the model's attention mask for these rows (bool, True = attend, or additive), broadcastable to
-            ``[b, h, N, N]``; ``None`` for no mask.
+            ``[b, h, N, N]``; ``None`` for no mask. With ``token_scope="image"`` only its text-key columns are used
+            (padding masks); image keys are always visible to the image-scope targets.
         scale: softmax scale (default ``1 / sqrt(d)``).
         dense: ``dense(q, k, v, mask=..., scale=...)`` on ``[B, H, N, D]`` (default: diffusers' dispatcher).
 
@@ -175,56 +243,19 @@ def perturbation_target(
         ``token_scope="full"``, the image span for ``"image"``; other rows keep their attention).
     """
     _check_kind_scope(kind, token_scope)
-    dense = dense or (lambda q, k, v, mask=None, scale=None: dense_attention(q, k, v, mask, scale=scale))
-    n_q, n_k, d = query.shape[-2], key.shape[-2], query.shape[-1]
-    if n_q != n_k:
-        raise ValueError(
-            f"head perturbation needs self- or joint attention (as many keys as queries), got {n_q=}, {n_k=}."
-        )
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    everything = slice(0, n_q)
-    if token_scope == "full" or layout.text is None or layout.num_text == 0:
-        if kind == "identity":
-            return value, everything
-        if kind == "uniform":
-            if mask is None:
-                return value.mean(dim=-2, keepdim=True), everything
-            # uniform over the keys each query may see: softmax of the mask alone
-            return dense(torch.zeros_like(query), key, value, mask=mask, scale=scale), everything
-        q_mean = query.mean(dim=-2, keepdim=True)
-        if mask is None or mask.shape[-2] == 1:
-            return dense(q_mean, key, value, mask=mask, scale=scale), everything
-        return dense(q_mean.expand_as(query), key, value, mask=mask, scale=scale), everything
+    chunks = list(_target_chunks(query, key, value, layout, kind, token_scope, mask, scale, dense or _default_dense))
+    rows = slice(chunks[0][0].start, chunks[-1][0].stop)
+    return (chunks[0][1] if len(chunks) == 1 else torch.cat([t for _, t in chunks], dim=-2)), rows
 
-    if layout.image is None or layout.key_image != layout.image or layout.key_text != layout.text:
-        raise ValueError(f"`token_scope='image'` needs a joint image + text layout, got {layout}.")
-    img, txt = layout.image, layout.text
-    q_img = query[:, :, img]
-    if kind == "query_mean":
-        q_mean = q_img.mean(dim=-2, keepdim=True)
-        rows_mask = _key_columns(mask, everything, img)
-        if rows_mask is None or rows_mask.shape[-2] == 1:
-            return dense(q_mean, key, value, mask=rows_mask, scale=scale), img
-        return dense(q_mean.expand_as(q_img), key, value, mask=rows_mask, scale=scale), img
-    k_img, v_img = key[:, :, img], value[:, :, img]
-    if kind == "identity":  # the own key, with its own logit
-        extra_logit = (q_img.float() * k_img.float()).sum(dim=-1) * scale
-        extra_value = v_img
-    else:  # uniform: n_img keys sharing the mean image logit q . mean(k_img)
-        k_mean = k_img.float().mean(dim=-2, keepdim=True)
-        extra_logit = (q_img.float() @ k_mean.transpose(-1, -2)).squeeze(-1) * scale + math.log(q_img.shape[-2])
-        extra_value = v_img.mean(dim=-2, keepdim=True)
-    target = _attend_with_extra_key(
-        q_img,
-        key[:, :, txt],
-        value[:, :, txt],
-        extra_logit,
-        extra_value,
-        scale,
-        _key_columns(mask, txt, img),
-        dense,
-    )
-    return target, img
+
+def _blend_(out, query, key, value, layout, softness, kind, token_scope, mask, scale, dense) -> None:
+    """``out[..., rows, :] = (1 - u) out + u A' v`` in place, one chunk of query rows at a time."""
+    for rows, target in _target_chunks(query, key, value, layout, kind, token_scope, mask, scale, dense):
+        part = out[:, :, rows]
+        if softness == 1.0:
+            part.copy_(target.expand_as(part))
+        else:
+            part.mul_(1.0 - softness).add_(target.to(part.dtype), alpha=softness)
 
 
 def blend_heads(
@@ -245,19 +276,41 @@ def blend_heads(
 
     All tensors are ``[b, h, N, d]`` for the perturbed rows and heads only; returns a new tensor of that shape.
     """
-    target, rows = perturbation_target(
-        query, key, value, layout, kind, token_scope, mask=mask, scale=scale, dense=dense
-    )
-    u = float(softness)
+    _check_kind_scope(kind, token_scope)
     result = out.clone()
-    part = out[:, :, rows]
-    result[:, :, rows] = target.to(out.dtype).expand_as(part) if u == 1.0 else (1.0 - u) * part + u * target
+    _blend_(
+        result, query, key, value, layout, float(softness), kind, token_scope, mask, scale, dense or _default_dense
+    )
     return result
+
+
+def _runs(indices: Sequence[int]) -> list[slice]:
+    """Sorted indices as maximal contiguous slices: ``[0, 1, 2, 5]`` -> ``[slice(0, 3), slice(5, 6)]``."""
+    runs: list[slice] = []
+    for i in sorted(indices):
+        if runs and runs[-1].stop == i:
+            runs[-1] = slice(runs[-1].start, i + 1)
+        else:
+            runs.append(slice(i, i + 1))
+    return runs
+
+
+def _mask_part(mask: torch.Tensor | None, rows: slice, heads: slice) -> torch.Tensor | None:
+    if mask is None or mask.ndim < 4:
+        return mask
+    if mask.shape[0] > 1:
+        mask = mask[rows]
+    if mask.shape[1] > 1:
+        mask = mask[:, heads]
+    return mask
 
 
 # ------------------------------------------------------------------------------------------------- core
 class HeadPerturbationCore:
     """Attention core: dense attention, then SoftPAG on the selected heads of the perturbed batch rows.
+
+    The blend is written in place into views of the attention output (contiguous runs of rows and heads), so the
+    extra memory is the target of one chunk of queries (for ``identity`` with ``token_scope="full"``: none).
 
     Args:
         heads: head indices of this layer to perturb.
@@ -295,35 +348,27 @@ class HeadPerturbationCore:
         rows = self._rows(call, query.shape[0])
         if not rows or not self.heads or self.softness == 0.0:
             return out
-        device = query.device
-        row_idx = torch.tensor(rows, device=device)
-        head_idx = torch.tensor(self.heads, device=device)
-
-        def pick(x: torch.Tensor) -> torch.Tensor:
-            return x.index_select(0, row_idx).index_select(1, head_idx)
-
-        mask = call.mask
-        if mask is not None:
-            if mask.ndim == 4 and mask.shape[0] > 1:
-                mask = mask.index_select(0, row_idx)
-            if mask.ndim == 4 and mask.shape[1] > 1:
-                mask = mask.index_select(1, head_idx)
-        blended = blend_heads(
-            pick(out),
-            pick(query),
-            pick(key),
-            pick(value),
-            call.layout,
-            self.softness,
-            self.kind,
-            self.token_scope,
-            mask=mask,
-            dense=lambda q, k, v, mask=None, scale=None: call.dense(q, k, v, mask=mask, scale=scale),
-        )
-        index = (row_idx[:, None], head_idx[None, :])
         if torch.is_grad_enabled() and out.requires_grad:
-            return out.index_put(index, blended)
-        out[index] = blended
+            out = out.clone()  # autograd: blend into a copy, never into the attention kernel's saved output
+
+        def dense(q, k, v, mask=None, scale=None):
+            return call.dense(q, k, v, mask=mask, scale=scale)
+
+        for r in _runs(rows):
+            for h in _runs(self.heads):
+                _blend_(
+                    out[r, h],
+                    query[r, h],
+                    key[r, h],
+                    value[r, h],
+                    call.layout,
+                    self.softness,
+                    self.kind,
+                    self.token_scope,
+                    _mask_part(call.mask, r, h),
+                    None,
+                    dense,
+                )
         return out
 
     def __repr__(self) -> str:
