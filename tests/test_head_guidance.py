@@ -60,6 +60,37 @@ def test_reproduces_diffusers_pag_pipelines(pipes, name, pag_cls, pag_layers, he
     assert np.abs(ours - base).max() > 1e-3  # PAG changed the image, so the comparison means something
 
 
+@pytest.mark.parametrize(
+    "name, base_cls, pag_cls, pag_layers, heads",
+    [
+        ("tiny-sd15", "StableDiffusionImg2ImgPipeline", "StableDiffusionPAGImg2ImgPipeline", ["mid"], "L3"),
+        (
+            "tiny-sd3",
+            "StableDiffusion3Img2ImgPipeline",
+            "StableDiffusion3PAGImg2ImgPipeline",
+            [r"transformer_blocks\.1\.attn$"],
+            "L1",
+        ),
+    ],
+)
+def test_reproduces_diffusers_pag_img2img(pipes, name, base_cls, pag_cls, pag_layers, heads):
+    """img2img starts mid-schedule: the adaptive scale must use the timesteps actually run."""
+    import diffusers
+    from PIL import Image
+
+    pipe = getattr(diffusers, base_cls).from_pipe(_pipe(pipes, name))
+    pag = getattr(diffusers, pag_cls).from_pipe(pipe, pag_applied_layers=pag_layers)
+    for p in (pipe, pag):
+        p.set_progress_bar_config(disable=True)
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    kw = dict(image=image, strength=0.6, num_inference_steps=5, guidance_scale=5.0, output_type="np")
+    kw.update({k: v for k, v in TINY_MODELS[name][2].items() if k == "max_sequence_length"})
+    ref = pag(PROMPT, generator=torch.Generator().manual_seed(0), pag_scale=2.0, pag_adaptive_scale=0.001, **kw)
+    with apply_head_perturbation(pipe, heads, scale=2.0, token_scope="image", adaptive_scale=0.001):
+        ours = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kw)
+    np.testing.assert_allclose(ours.images, ref.images, atol=2e-5, rtol=0)
+
+
 def test_sd3_full_scope_differs_from_diffusers_pag(pipes):
     """HeadHunter's full-sequence identity is not diffusers' image-only mask on joint attention."""
     pipe = _pipe(pipes, "tiny-sd3")

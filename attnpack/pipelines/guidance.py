@@ -289,8 +289,8 @@ def apply_head_perturbation(
     """Head-level perturbation guidance (SoftPAG / HeadHunter) on an unmodified diffusers pipeline.
 
     Works on ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``,
-    ``FluxPipeline`` and ``WanPipeline`` (and their img2img / inpaint variants), or on a bare denoiser (then every
-    call is treated as conditional, without a schedule).
+    ``FluxPipeline`` and ``WanPipeline`` (their img2img / inpaint variants call the denoiser the same way), or on a
+    bare denoiser (then every call is treated as conditional, without a schedule).
 
     Args:
         pipe: the pipeline (or denoiser).
