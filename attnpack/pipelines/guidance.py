@@ -185,7 +185,7 @@ class HeadGuidanceHook(ModelHook):
 
         if self.settings.separate_pass:
             output = forward(*args, **kwargs)
-            perturbed = self._rebind(bound, lambda x: rows_of(x), batch)
+            perturbed = self._rebind(bound, rows_of, batch)
             with run_overrides(roles=(ROLE_PERTURBED,) * len(cond_rows)):
                 eps_ptb = _sample_of(forward(*perturbed.args, **perturbed.kwargs))
             eps = _sample_of(output)
