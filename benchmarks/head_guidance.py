@@ -22,7 +22,11 @@ the resident size follows live memory). After one warm-up step the kernel's peak
 peak minus the resident size right after building the model (so the step's inputs count too). Times are the median of
 ``--repeats`` further steps.
 
-    python benchmarks/head_guidance.py --sizes 512 1024 --out benchmarks/results/head_guidance_cpu.json
+A second part times one joint attention layer (batch 3, one perturbed row) with each processor, interleaved in one
+process, as ratios against the stock SDPA processor and the theoretical extra work (``--layer-sizes``).
+
+    python benchmarks/head_guidance.py --sizes 512 1024 --layer-sizes --out benchmarks/results/head_guidance_cpu.json
+    python benchmarks/head_guidance.py --sizes --layer-sizes 512 1024 --out benchmarks/results/head_guidance_layer_cpu.json
 """
 
 from __future__ import annotations
@@ -193,15 +197,79 @@ def worker(mode: str, size: int, layers: int, repeats: int) -> dict:
     }
 
 
+def layer_times(size: int, repeats: int) -> list[dict]:
+    """One SD3-medium joint attention layer, batch [uncond, cond, perturbed]: stock SDPA processor, attnpack head
+    perturbation (all 24 heads with image scope; 3 heads soft with full scope) and diffusers' PAG processor, timed
+    interleaved in one process (median of ``repeats`` after a warm-up round)."""
+    import torch
+    from diffusers.models.attention_processor import JointAttnProcessor2_0, PAGCFGJointAttnProcessor2_0
+
+    from attnpack.attn_processors import list_layers
+    from attnpack.attn_processors._context import _CURRENT, RunState
+    from attnpack.attn_processors.head_perturbation import HeadPerturbationAttnProcessor, HeadPerturbationCore
+
+    torch.set_grad_enabled(False)
+    model = _model(1)
+    attn = model.transformer_blocks[0].attn
+    info = list_layers(model)[0]
+    g = torch.Generator().manual_seed(0)
+    n_img = (size // 16) ** 2
+    hidden = torch.randn(3, n_img, 1536, generator=g)
+    context = torch.randn(3, TEXT_TOKENS, 1536, generator=g)
+    processors = {
+        "sdpa": JointAttnProcessor2_0(),
+        "attnpack_all_heads_image": HeadPerturbationAttnProcessor(
+            HeadPerturbationCore(range(24), token_scope="image"), info
+        ),
+        "attnpack_3_heads_soft_full": HeadPerturbationAttnProcessor(
+            HeadPerturbationCore([1, 5, 17], softness=0.5), info
+        ),
+        "diffusers_pag": PAGCFGJointAttnProcessor2_0(),
+    }
+    # the run context a denoiser hook would set: the third row is the perturbed one (private API: benchmark only)
+    token = _CURRENT.set(RunState(family="sd3", batch_size=3, roles=("uncond", "cond", "perturbed")))
+    times: dict[str, list[float]] = {name: [] for name in processors}
+    try:
+        for _ in range(repeats + 1):
+            for name, proc in processors.items():
+                attn.set_processor(proc)
+                start = time.perf_counter()
+                attn(hidden_states=hidden, encoder_hidden_states=context)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        _CURRENT.reset(token)
+    base = statistics.median(times["sdpa"][1:])
+    # extra work over the batch-3 SDPA: the image-scope target attends the perturbed row's image queries over the text
+    # keys plus one extra key (n_txt + 1 of n keys, 1 of 3 rows); the other variants only copy or blend
+    extra = {"attnpack_all_heads_image": (TEXT_TOKENS + 1) / (n_img + TEXT_TOKENS) / 3}
+    rows = []
+    for name, values in times.items():
+        median = statistics.median(values[1:])
+        rows.append(
+            {
+                "layer_mode": name,
+                "size": size,
+                "tokens": n_img + TEXT_TOKENS,
+                "batch": 3,
+                "median_s": round(median, 4),
+                "vs_sdpa": round(median / base, 3),
+                "theoretical_vs_sdpa": round(1 + extra.get(name, 0.0), 3),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[512], help="image sizes for the step memory / time")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--explicit-max-size", type=int, default=512, help="skip explicit_maps above this size")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the workers")
     parser.add_argument("--out", default="benchmarks/results/head_guidance_cpu.json")
+    parser.add_argument("--layer-sizes", type=int, nargs="*", default=[512], help="image sizes for the layer timing")
+    parser.add_argument("--layer-repeats", type=int, default=3)
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -242,6 +310,12 @@ def main() -> None:
                 r["time_vs_stock_batch3"] = round(r["step_s_median"] / base["step_s_median"], 3)
             if cfg:
                 r["time_vs_stock_cfg"] = round(r["step_s_median"] / cfg["step_s_median"], 3)
+    layer = []
+    for size in args.layer_sizes:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        layer += layer_times(size, args.layer_repeats)
+        print(json.dumps(layer[-4:]), file=sys.stderr)
     report = {
         "device": "cpu",
         "cpu": platform.processor() or platform.machine(),
@@ -250,6 +324,7 @@ def main() -> None:
         "layers": args.layers,
         "theoretical_time_vs_stock_cfg": 1.5,  # one extra row in a batch of 2
         "results": results,
+        "layer_timing": layer,
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     from attnpack._io import atomic_path
