@@ -368,6 +368,7 @@ def test_guider_on_modular_sd3_matches_the_pipeline_hook(pipes, tmp_path):
     guider.save_pretrained(tmp_path)
     loaded = HeadPerturbationGuidance.from_pretrained(tmp_path)
     assert loaded.heads == ["L1H2", "L0"] and loaded.softness == 0.5 and loaded.perturbed_guidance_scale == 2.0
+    assert HeadPerturbationGuidance(heads=[(1, 2), 0, "sd3-medium/blue"]).config.heads == ["L1H2", "L0", "L0H23"]
 
 
 def test_guider_on_modular_sdxl_matches_diffusers_pag_guider(pipes):

@@ -87,7 +87,9 @@ class HeadPerturbationGuidance(BaseGuidance):
         super().__init__(start, stop, enabled)
         if heads is None:
             raise ValueError("`heads` must be given, e.g. HeadPerturbationGuidance(heads=['L1H10']).")
-        parse_heads(heads)  # syntax check now; layer / head counts are checked against the denoiser
+        # syntax check now (layer / head counts are checked against the denoiser); stored as JSON-friendly strings
+        heads = [f"L{layer}" if head is None else f"L{layer}H{head}" for layer, head in parse_heads(heads)]
+        self.register_to_config(heads=heads)
         _check_kind_scope(kind, token_scope)
         if not 0.0 <= perturbed_guidance_start < perturbed_guidance_stop <= 1.0:
             raise ValueError(

@@ -419,8 +419,8 @@ def search_heads(
                     rows.append((f"+{head}\n{report.scores[head]:.4g}", generator.images([*selected, head])))
                 save_image(contact_sheet(rows), out_dir / f"round_{r:02d}.png", {"round": r + 1, **settings})
                 _write_outputs(out_dir, state, settings)
+            state.clear_rank_files()  # the main process, before the others may write the next round's files
             processes.barrier()
-            state.clear_rank_files()
             logger.info("round %d: selected %s", r + 1, report.selected)
     finally:
         pipe.set_progress_bar_config(**progress_config)
