@@ -125,24 +125,26 @@ def _attend_with_extra_key(
     """Attention of ``query`` over ``key`` plus one extra key per query whose logit and value are given.
 
     ``query [b, h, n, d]``, ``key/value [b, h, m, d]``, ``extra_logit [b, h, n]`` (already scaled),
-    ``extra_value [b, h, n or 1, d]``. Computed with one dense attention call on head dimension ``d + 1`` (padded to
-    a multiple of 8 for fused kernels): the extra key is a unit vector on the added channel, the query carries
-    ``extra_logit / scale`` there, and the extra value marks the added channel, whose output is the extra key's
-    weight ``w``; the result is ``out[..., :d] + w * extra_value``.
+    ``extra_value [b, h, n or 1, d]``. Computed with one dense attention call on head dimension ``d + 2`` (padded to
+    a multiple of 8 for fused kernels): the extra key is 1 on the two added channels, where the query carries
+    ``extra_logit / scale`` split into a rounded part and its remainder (so half precision keeps the logit to about
+    16 bits); the extra value is 1 on the first added channel, whose output is the extra key's weight ``w``. The
+    result is ``out[..., :d] + w * extra_value``.
     """
     b, h, n, d = query.shape
     m = key.shape[-2]
-    d_aug = -(-(d + 1) // 8) * 8
-    pad = d_aug - d - 1
+    d_aug = -(-(d + 2) // 8) * 8
     dtype = query.dtype
-    q_aug = torch.cat(
-        [query, (extra_logit / scale).to(dtype).unsqueeze(-1), query.new_zeros(b, h, n, pad)],
-        dim=-1,
-    )
-    unit = query.new_zeros(b, h, 1, d_aug)
-    unit[..., d] = 1
-    k_aug = torch.cat([torch.cat([key, key.new_zeros(b, h, m, 1 + pad)], dim=-1), unit], dim=-2)
-    v_aug = torch.cat([torch.cat([value, value.new_zeros(b, h, m, 1 + pad)], dim=-1), unit], dim=-2)
+    logit = extra_logit.float() / scale
+    high = logit.to(dtype)
+    low = (logit - high.float()).to(dtype)
+    q_aug = torch.cat([query, high.unsqueeze(-1), low.unsqueeze(-1), query.new_zeros(b, h, n, d_aug - d - 2)], dim=-1)
+    unit_k = query.new_zeros(b, h, 1, d_aug)
+    unit_k[..., d : d + 2] = 1
+    unit_v = query.new_zeros(b, h, 1, d_aug)
+    unit_v[..., d] = 1
+    k_aug = torch.cat([torch.cat([key, key.new_zeros(b, h, m, d_aug - d)], dim=-1), unit_k], dim=-2)
+    v_aug = torch.cat([torch.cat([value, value.new_zeros(b, h, m, d_aug - d)], dim=-1), unit_v], dim=-2)
     out = dense(q_aug, k_aug, v_aug, mask=_append_key_column(mask, n), scale=scale)
     return out[..., :d] + out[..., d : d + 1] * extra_value
 
