@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 
@@ -57,12 +56,3 @@ def reference_perturbed_attention(q, k, v, *, image=None, text=None, u=1.0, kind
         target[:, :, image] = new_logits[:, :, image].softmax(-1)
     mixed = (1 - u) * attn + u * target
     return (mixed @ v).to(dtype)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine, two threads per test oversubscribe it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

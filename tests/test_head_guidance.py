@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from head_reference import reference_perturbed_attention, single_thread  # noqa: F401
+from head_reference import reference_perturbed_attention
 
 from attnpack.attn_processors import apply_processors
 from attnpack.attn_processors.head_perturbation import resolve_heads

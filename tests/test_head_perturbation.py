@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from head_reference import reference_perturbed_attention, single_thread  # noqa: F401
+from head_reference import reference_perturbed_attention
 from helpers import forward
 
 from attnpack.attn_processors import AttentionCall, apply_processors, list_layers

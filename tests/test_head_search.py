@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from head_reference import single_thread  # noqa: F401
 from PIL import Image
 
 import attnpack.pipelines.head_search as head_search
