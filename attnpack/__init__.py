@@ -43,6 +43,12 @@ _EXPORTS: dict[str, str] = {
     "builtin_models": "attnpack.pipelines.loading",
     "GenerationSettings": "attnpack.pipelines.generation",
     "run_generation": "attnpack.pipelines.generation",
+    "IRDiffusionPipeline": "attnpack.pipelines.ir_diffusion",
+    # head-level perturbation guidance
+    "apply_head_perturbation": "attnpack.pipelines.guidance",
+    "HeadPerturbationGuidance": "attnpack.pipelines.guiders",
+    "search_heads": "attnpack.pipelines.head_search",
+    "presets": "attnpack.presets",
     # outputs
     "save_image": "attnpack._io",
     "save_video": "attnpack._io",
@@ -56,7 +62,9 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'attnpack' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = importlib.import_module(module)
+    if module != f"{__name__}.{name}":  # a name defined in the module (else: the submodule itself)
+        value = getattr(value, name)
     globals()[name] = value
     return value
 
@@ -66,6 +74,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from . import presets
     from ._io import read_parameters, save_image, save_video
     from .attn_processors._apply import (
         AttentionCall,
@@ -83,6 +92,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .attn_processors.paro import ParoAttnProcessor, apply_paro
     from .kernels.neighborhood import neighborhood_attention
     from .pipelines.generation import GenerationSettings, run_generation
+    from .pipelines.guidance import apply_head_perturbation
+    from .pipelines.guiders import HeadPerturbationGuidance
+    from .pipelines.head_search import search_heads
+    from .pipelines.ir_diffusion import IRDiffusionPipeline
     from .pipelines.loading import builtin_models, load_pipeline
     from .pipelines.paro_calibrate import calibrate_paro
     from .pipelines.paro_plan import ParoPlan

@@ -34,6 +34,7 @@ TECHNIQUE_MODULES: list[str] = [
     "attnpack.attn_processors.clear",
     "attnpack.attn_processors.neighborhood",
     "attnpack.attn_processors.paro",
+    "attnpack.pipelines.guidance",
 ]
 
 _REGISTRY: dict[str, Technique] = {}

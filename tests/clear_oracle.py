@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from attnpack.kernels.reference import masked_attention
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on a busy 2-core machine thread synchronisation costs 100x the arithmetic (import this fixture
-    into a test module to run its tests with one torch thread)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def oracle_mask(grid, text_len, radius, down_factor=1) -> torch.Tensor:

@@ -47,15 +47,6 @@ def temperature_technique(monkeypatch):
     monkeypatch.setitem(techniques._REGISTRY, "temperature", TEMPERATURE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy 2-core machine slows OpenMP down badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd15():
     """An independent copy of the built-in tiny SD 1.5 (same weights as `-m tiny-sd15`)."""

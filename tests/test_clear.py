@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from clear_oracle import OracleCore, one_thread  # noqa: F401 (autouse fixture)
+from clear_oracle import OracleCore
 from helpers import forward
 from safetensors.torch import save_file
 

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from clear_oracle import one_thread  # noqa: F401 (autouse fixture)
 from PIL import Image
 
 import attnpack

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from clear_oracle import OracleCore, one_thread  # noqa: F401 (autouse fixture)
+from clear_oracle import OracleCore
 from PIL import Image
 
 import attnpack

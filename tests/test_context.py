@@ -124,6 +124,24 @@ def test_steps_timesteps_and_cfg_roles_sd15():
     assert runs[3].roles == ("cond",)
 
 
+def test_img2img_step_index_without_scheduler_begin_index():
+    """SD img2img with DDIM (no `begin_index`) skips the first timesteps: the step index counts from where it starts."""
+    import numpy as np
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pipe(build_tiny_pipeline("tiny-sd15"))
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
+    core = RecordingCore()
+    with apply_processors(pipe, core, layers=0):
+        _run(pipe, image=image, strength=0.6, num_inference_steps=5, guidance_scale=1.0)
+    runs = [c.run for c in core.calls]
+    timesteps = [float(t) for t in pipe.scheduler.timesteps]  # the full schedule; the last 3 are run
+    assert [r.step_index for r in runs] == [2, 3, 4] and all(r.num_steps == 5 for r in runs)
+    assert [timesteps[r.step_index] for r in runs] == [r.timestep for r in runs]
+
+
 def test_roles_from_cache_context_wan():
     pipe = build_tiny_pipeline("tiny-wan")
     core = RecordingCore()

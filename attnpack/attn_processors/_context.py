@@ -188,6 +188,7 @@ class _SchedulerStepTracker:
         self.scheduler = scheduler
         self.count = 0
         self.refs = 0
+        self.offset: int | None = None  # first step's index when the scheduler has no begin_index (see position)
         self._orig_step = scheduler.__dict__.get("step")
         self._orig_set = scheduler.__dict__.get("set_timesteps")
         step_fn, set_fn = scheduler.step, scheduler.set_timesteps
@@ -202,6 +203,7 @@ class _SchedulerStepTracker:
         @functools.wraps(set_fn)
         def set_timesteps(*args, **kwargs):
             self.count = 0
+            self.offset = None
             return set_fn(*args, **kwargs)
 
         scheduler.step = step
@@ -227,12 +229,19 @@ class _SchedulerStepTracker:
                 setattr(self.scheduler, name, orig)
         self.scheduler.__dict__.pop(self.ATTR, None)
 
-    def position(self) -> tuple[int | None, int | None]:
+    def position(self, timestep: float | None = None) -> tuple[int | None, int | None]:
+        """``(step index, number of timesteps)``. img2img pipelines skip the first timesteps: the offset is the
+        scheduler's ``begin_index`` or, for schedulers without one (DDIM, ...), the index of the first denoiser
+        call's timestep in ``scheduler.timesteps``."""
         timesteps = getattr(self.scheduler, "timesteps", None)
         num = len(timesteps) if timesteps is not None else None
         begin = getattr(self.scheduler, "begin_index", None)
-        begin = begin if isinstance(begin, int) else 0
-        return begin + self.count, num
+        if isinstance(begin, int):
+            return begin + self.count, num
+        if self.offset is None and self.count == 0 and timestep is not None and timesteps is not None:
+            matches = (torch.as_tensor(timesteps, dtype=torch.float64) - timestep).abs() < 1e-3
+            self.offset = int(matches.nonzero()[0, 0]) if bool(matches.any()) else 0
+        return (self.offset or 0) + self.count, num
 
 
 class _CacheContextReceiver(StateManager):
@@ -434,7 +443,7 @@ class RunContextHook(ModelHook):
 
     def _step_position(self, timestep: float | None) -> tuple[int | None, int | None]:
         if self._tracker is not None:
-            return self._tracker.position()
+            return self._tracker.position(timestep)
         if timestep is None:
             return None, None
         if self._last_timestep is not None:
