@@ -97,7 +97,8 @@ def test_endpoint_parameters_come_from_the_technique_registry(app):
     _, _, client = app
     info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
     names = [p["parameter_name"] for p in info["parameters"]]
-    expected = [f"{t}__{o.name}" for t, tech in ui_techniques().items() for o in tech.options]
+    # documented rule: <technique>__<option>, with "-" (head-guidance) and other non-identifier characters as "_"
+    expected = [f"{t.replace('-', '_')}__{o.name}" for t, tech in ui_techniques().items() for o in tech.options]
     assert names[-len(expected) :] == expected
     assert names[:3] == ["model", "prompt", "negative_prompt"]
 

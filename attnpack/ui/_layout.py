@@ -10,7 +10,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from ._runtime import MAX_SEED, Runtime, UIConfig
+from ._runtime import MAX_SEED, UIConfig
 
 
 __all__ = [
@@ -22,7 +22,7 @@ __all__ = [
     "parameters_panel",
     "pick_seed",
     "make_settings",
-    "save_result",
+    "request_settings",
 ]
 
 
@@ -161,24 +161,6 @@ def make_settings(
     return settings
 
 
-def save_result(runtime: Runtime, result, seed: int) -> tuple[str | None, str | None]:
-    """Write the first image (PNG) or video (MP4, or GIF without imageio-ffmpeg) with its parameters embedded.
-
-    Returns ``(image_path, video_path)``, one of them ``None``. Every request gets its own new file.
-    """
-    from .._io import save_image, save_video
-    from .._utils import is_available
-
-    if result.is_video:
-        suffix = ".mp4" if is_available("imageio_ffmpeg") else ".gif"
-        path = runtime.output_path(seed, suffix)
-        save_video(result.images[0], path, result.parameters)
-        return None, str(path)
-    path = runtime.output_path(seed, ".png")
-    save_image(result.images[0], path, result.parameters)
-    return str(path), None
-
-
 def result_views():
     """The result image (its download is the PNG with the parameters embedded) and a video player for video models
     (hidden until a video model returns a result)."""
@@ -204,3 +186,21 @@ def parameters_panel():
 
     with gr.Accordion("Parameters of the last result", open=False):
         return gr.JSON(label="Parameters")
+
+
+def request_settings(
+    config: UIConfig,
+    prompt: str,
+    negative_prompt: str | None,
+    seed,
+    randomize_seed: bool,
+    width=None,
+    height=None,
+    steps=None,
+    guidance=None,
+    num_frames=None,
+):
+    """:func:`pick_seed` then :func:`make_settings`, in the order of :meth:`Advanced.inputs` after the prompt; the
+    seed actually used is ``settings.seed``."""
+    used_seed = pick_seed(seed, randomize_seed)
+    return make_settings(config, prompt, negative_prompt, used_seed, width, height, steps, guidance, num_frames)

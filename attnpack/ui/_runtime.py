@@ -27,7 +27,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UIConfig", "Runtime", "default_loader", "user_errors", "device_lock", "MAX_SEED"]
+__all__ = ["UIConfig", "Runtime", "installed", "default_loader", "user_errors", "device_lock", "MAX_SEED"]
 
 MAX_SEED = 2**31 - 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -279,13 +279,33 @@ def user_errors(what: str = "Generation") -> Iterator[None]:
         raise gr.Error(f"{what} failed: {type(exc).__name__}: {exc}", title="Error") from None
 
 
+@contextlib.contextmanager
+def installed(
+    pipe, techniques: Sequence[tuple[Any, Mapping[str, Any]]] = (), attention_backend: str | None = None
+) -> Iterator[Any]:
+    """Install ``techniques`` (``[(Technique, parsed options)]``) and the attention backend on ``pipe`` for the
+    block; on exit, whatever happened, remove them in reverse order (processors, hooks and weights restored)."""
+    handles = []
+    try:
+        for technique, options in techniques:
+            handles.append(technique.apply(pipe, **options))
+        if attention_backend:
+            from ..attn_processors._apply import set_attention_backend
+
+            handles.append(set_attention_backend(pipe, attention_backend))
+        yield pipe
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+
+
 class Runtime:
     """The model cache and the device of one UI instance.
 
     ``loader(model) -> pipeline`` is called with a name that passed :func:`resolve_model` (a built-in name, an
     absolute folder or a Hub id). Pipelines are cached per name (at most ``config.max_cached_models``); techniques
-    are installed per request and removed in ``finally`` (:meth:`session`), so a cached pipeline never carries one
-    request's processors into the next.
+    are installed per request and removed in ``finally`` (:func:`installed`), so a cached pipeline never carries one
+    request's processors, hooks or weights into the next.
     """
 
     def __init__(self, loader: Callable[[str], Any], config: UIConfig):
@@ -313,33 +333,33 @@ class Runtime:
         return pipe
 
     @contextlib.contextmanager
-    def session(
-        self,
-        model: str,
-        techniques: Sequence[tuple[Any, Mapping[str, Any]]] = (),
-        attention_backend: str | None = None,
-    ) -> Iterator[Any]:
-        """Hold the device, load (or reuse) ``model`` and install ``techniques`` (``[(Technique, parsed options)]``)
-        for one request.
-
-        On exit, whatever happened, the techniques and the attention backend are removed (in reverse order), leaving
-        the cached pipeline exactly as it was loaded.
-        """
+    def session(self, model: str) -> Iterator[Any]:
+        """Hold the device and yield the (cached or newly loaded) pipeline of ``model``, checked by
+        :func:`resolve_model`. Install techniques inside with :func:`installed`."""
         name = resolve_model(model, self.config)
         with self.lock:
-            pipe = self._pipeline(name)
-            handles = []
-            try:
-                for technique, options in techniques:
-                    handles.append(technique.apply(pipe, **options))
-                if attention_backend:
-                    from ..attn_processors._apply import set_attention_backend
+            yield self._pipeline(name)
 
-                    handles.append(set_attention_backend(pipe, attention_backend))
-                yield pipe
-            finally:
-                for handle in reversed(handles):
-                    handle.remove()
+    def generate(
+        self,
+        model: str,
+        settings,
+        techniques: Sequence[tuple[Any, Mapping[str, Any]]] = (),
+        attention_backend: str | None = None,
+        extra_parameters: Mapping[str, Any] | None = None,
+    ) -> tuple[str | None, str | None, dict[str, Any]]:
+        """One generation with ``techniques`` installed for it only; returns ``(image_path, video_path,
+        parameters)`` (see :meth:`save`)."""
+        from ..pipelines.generation import run_generation
+
+        extra = {
+            "techniques": [{"name": tech.name, **opts} for tech, opts in techniques],
+            "attention_backend": attention_backend or "default",
+            **(extra_parameters or {}),
+        }
+        with self.session(model) as pipe, installed(pipe, techniques, attention_backend):
+            result = run_generation(pipe, settings, extra_parameters=extra)
+        return (*self.save(result, settings.seed), result.parameters)
 
     # -- outputs
     @property
@@ -349,6 +369,23 @@ class Runtime:
             atexit.register(shutil.rmtree, self._output_dir, ignore_errors=True)
         self._output_dir.mkdir(parents=True, exist_ok=True)
         return self._output_dir
+
+    def save(self, result, seed: int) -> tuple[str | None, str | None]:
+        """Write the first image (PNG) or video (MP4, or GIF without imageio-ffmpeg) of a
+        :class:`~attnpack.pipelines.generation.GenerationResult` with its parameters embedded, to a new file.
+
+        Returns ``(image_path, video_path)``, one of them ``None``.
+        """
+        from .._io import save_image, save_video
+        from .._utils import is_available
+
+        if result.is_video:
+            path = self.output_path(seed, ".mp4" if is_available("imageio_ffmpeg") else ".gif")
+            save_video(result.images[0], path, result.parameters)
+            return None, str(path)
+        path = self.output_path(seed, ".png")
+        save_image(result.images[0], path, result.parameters)
+        return str(path), None
 
     def output_path(self, seed: int, suffix: str) -> Path:
         """A new file name for one output: never shared between requests."""

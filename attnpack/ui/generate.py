@@ -8,13 +8,11 @@ from typing import Any
 
 from ._layout import (
     advanced_settings,
-    make_settings,
     model_picker,
     parameters_panel,
-    pick_seed,
     prompt_row,
+    request_settings,
     result_views,
-    save_result,
     toggle_result_views,
 )
 from ._runtime import Runtime, user_errors
@@ -39,8 +37,6 @@ def _backend_choices() -> list[tuple[str, str]]:
 def build_generate_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
     """Add the tab (inside the current ``gr.Tabs``)."""
     import gradio as gr
-
-    from ..pipelines.generation import run_generation
 
     config = runtime.config
     with gr.Tab("Generate", id="generate"):
@@ -80,23 +76,13 @@ def build_generate_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
         Returns the image file (PNG, parameters embedded), the video file (MP4 or GIF, video models only), the seed
         actually used, and the parameters."""
         with user_errors():
-            used_seed = pick_seed(seed, randomize_seed)
-            settings = make_settings(
-                config, prompt, negative_prompt, used_seed, width, height, steps, guidance, num_frames
+            settings = request_settings(
+                config, prompt, negative_prompt, seed, randomize_seed, width, height, steps, guidance, num_frames
             )
             specs = controls.specs(technique, technique_options, config)
             progress(0.0, desc=f"loading {model}")
-            with runtime.session(model, specs, attention_backend or None) as pipe:
-                result = run_generation(
-                    pipe,
-                    settings,
-                    extra_parameters={
-                        "techniques": [{"name": tech.name, **opts} for tech, opts in specs],
-                        "attention_backend": attention_backend or "default",
-                    },
-                )
-            image_path, video_path = save_result(runtime, result, used_seed)
-        return image_path, video_path, used_seed, result.parameters
+            image_path, video_path, parameters = runtime.generate(model, settings, specs, attention_backend or None)
+        return image_path, video_path, settings.seed, parameters
 
     event = gr.on(
         triggers=[run.click, prompt.submit],

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ._layout import make_settings, model_picker, pick_seed
-from ._runtime import Runtime, user_errors
+from ._runtime import Runtime, installed, user_errors
 from ._techniques import technique_controls
 
 
@@ -122,7 +122,7 @@ def build_info_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
             rows, frames = [], []
             for name, spec in (("stock", []), (technique, specs)):
                 progress(0.0, desc=f"{name}: warm-up")
-                with runtime.session(model, spec) as pipe:
+                with runtime.session(model) as pipe, installed(pipe, spec):
                     run_generation(pipe, settings)
                     times = []
                     for _ in range(int(repeats)):
