@@ -301,6 +301,48 @@ def test_model_cache_loads_each_model_once(app):
     assert len(demo.attnpack_runtime.loaded_models()) <= 2  # max_cached_models
 
 
+# ------------------------------------------------------------------------------------------------ head guidance
+def head_guidance(client, api_name="/head_guidance", **kwargs):
+    args = dict(model=MODEL, prompt=PROMPT, steps=STEPS, randomize_seed=False, seed=5, **kwargs)
+    return client.predict(**args, api_name=api_name)
+
+
+def test_head_guidance_equals_apply_head_perturbation(app):
+    _, _, client = app
+    image, _, seed, params = head_guidance(client, heads="L0H0, L1H1", scale=3.0, softness=0.5, token_scope="image")
+    options = dict(heads="L0H0,L1H1", scale=3.0, softness=0.5, token_scope="image")
+    reference = reference_image(MODEL, PROMPT, 5, technique="head-guidance", **options)
+    np.testing.assert_array_equal(pixels(image), reference)
+    assert not np.array_equal(reference, reference_image(MODEL, PROMPT, 5))
+    (spec,) = params["techniques"]
+    assert spec["heads"] == ["L0H0", "L1H1"] and spec["softness"] == 0.5 and spec["token_scope"] == "image"
+    assert read_parameters(image)["techniques"] == params["techniques"]
+    # a preset found on FLUX.1-dev names a layer the tiny model does not have: the library's message comes through
+    with pytest.raises(gradio_client.exceptions.AppError, match="34"):
+        head_guidance(client, presets=["flux-dev/bokeh"])
+    with pytest.raises(gradio_client.exceptions.AppError, match="`heads` is empty"):
+        head_guidance(client)
+
+
+def test_head_grid_rows_are_heads_and_columns_softness(app):
+    _, _, client = app
+    grid, seed, params = head_guidance(client, "/head_grid", heads="L0H0; L1", scale=3.0, softness_grid="0, 1")
+    assert params["grid"]["rows"] == [["L0H0"], ["L1"]] and params["grid"]["softness"] == [0.0, 1.0]
+    assert read_parameters(grid)["grid"] == params["grid"]
+    full = pixels(grid)
+    stock = reference_image(MODEL, PROMPT, 5)
+    for cell in params["grid"]["cells"]:
+        x0, y0, x1, y1 = cell["box"]
+        heads, u = cell["heads"][0], cell["softness"]
+        expected = reference_image(MODEL, PROMPT, 5, technique="head-guidance", heads=heads, scale=3.0, softness=u)
+        np.testing.assert_array_equal(full[y0:y1, x0:x1], expected)
+        # u = 0 perturbs nothing: the pipeline's own image (up to rounding: the batch carries the extra rows)
+        assert (np.abs(expected.astype(int) - stock).max() <= 1) == (u == 0.0)
+    for softness_grid, message in [("0, 2", "`softness_values` must be"), (",".join(["1"] * 37), "at most 36")]:
+        with pytest.raises(gradio_client.exceptions.AppError, match=message):
+            head_guidance(client, "/head_grid", heads="L0H0", softness_grid=softness_grid)
+
+
 # ------------------------------------------------------------------------------------------------ queue
 def test_queue_is_bounded_and_serial():
     watch = Watch(default_loader(device="cpu"), block=True)

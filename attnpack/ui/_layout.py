@@ -43,6 +43,10 @@ class Advanced:
         """In the order of the handlers' arguments (after ``model`` and ``prompt``)."""
         return [getattr(self, f.name) for f in dataclasses.fields(self)]
 
+    def named(self) -> dict[str, Any]:
+        """``{argument name: component}`` for ``inputs_kwargs``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
 
 def model_picker(config: UIConfig):
     import gradio as gr
@@ -73,7 +77,7 @@ def advanced_settings(config: UIConfig, *, frames: bool = True) -> Iterator[Adva
     import gradio as gr
 
     with gr.Accordion("Advanced settings", open=False):
-        negative = gr.Textbox(label="Negative prompt", placeholder="(none)", lines=1)
+        negative = gr.Textbox(label="Negative prompt", value="", placeholder="(none)", lines=1)
         with gr.Row():
             seed = gr.Number(label="Seed", value=0, precision=0, info=f"0..{MAX_SEED}; the seed used is shown here")
             randomize = gr.Checkbox(label="Randomize seed", value=True)

@@ -60,12 +60,13 @@ def build_demo(
 
     Returns:
         the ``gr.Blocks`` app, queued with concurrency 1 per device and ``max_size=queue_size``, with named API
-        endpoints ``/generate``, ``/info`` and ``/benchmark``. ``demo.attnpack_runtime`` is its
+        endpoints ``/generate``, ``/head_guidance``, ``/head_grid``, ``/info`` and ``/benchmark``. ``demo.attnpack_runtime`` is its
         :class:`~attnpack.ui._runtime.Runtime` (pipeline cache, configuration).
     """
     gr = require("gradio", "ui", "The attnpack UI")
     from ..techniques import available_techniques
     from .generate import build_generate_tab
+    from .head_guidance import build_head_guidance_tab
     from .info import build_info_tab
 
     config = UIConfig(
@@ -90,6 +91,8 @@ def build_demo(
         gr.Markdown(INTRO)
         with gr.Tabs():
             build_generate_tab(runtime, techniques)
+            if "head-guidance" in techniques:
+                build_head_guidance_tab(runtime, techniques["head-guidance"])
             build_info_tab(runtime, techniques)
     demo.queue(default_concurrency_limit=1, max_size=config.queue_size, api_open=False)
     demo.attnpack_runtime = runtime
