@@ -343,6 +343,100 @@ def test_head_grid_rows_are_heads_and_columns_softness(app):
             head_guidance(client, "/head_grid", heads="L0H0", softness_grid=softness_grid)
 
 
+# ------------------------------------------------------------------------------------------------ IR-Diffusion
+SUBJECTS = [{"prompt": "a photo of a cat", "word": "cat"}, {"prompt": "a photo of a dog", "word": "dog"}]
+SCENE = "a cat and a dog on the beach"
+LEFT, RIGHT = (0, 0, 32, 64), (32, 0, 64, 64)
+_IR: dict = {}
+
+
+def ir_reference(**kwargs):
+    """Scene and references from IRDiffusionPipeline called directly on a fresh tiny SDXL (no UI)."""
+    from attnpack import IRDiffusionPipeline
+    from attnpack.pipelines._tiny import build_tiny_pipeline
+
+    if "pipe" not in _IR:
+        _IR["pipe"] = IRDiffusionPipeline.from_pipe(build_tiny_pipeline("tiny-sdxl"))
+    out = _IR["pipe"](SUBJECTS, SCENE, height=64, width=64, num_inference_steps=STEPS, seed=0, **kwargs)
+    return [np.asarray(im.convert("RGB")) for im in [out.images[0], *out.reference_images]]
+
+
+def ir(client, rows=None, **kwargs):
+    rows = rows or [[s["prompt"], s["word"], ", ".join(map(str, b)), ""] for s, b in zip(SUBJECTS, (LEFT, RIGHT))]
+    table = {"headers": ["prompt", "word", "target box", "reference box"], "data": rows, "metadata": None}
+    args = dict(model="tiny-sdxl", scene=SCENE, subjects=table, steps=STEPS, randomize_seed=False, seed=0)
+    return client.predict(**{**args, **kwargs}, api_name="/ir_diffusion")
+
+
+def box_mask(box, layer=False) -> np.ndarray:
+    """A 64 x 64 mask painted inside ``box``: ``uint8 [H, W]``, or an RGBA editor layer (painted = opaque)."""
+    x0, y0, x1, y1 = box
+    mask = np.zeros((64, 64, 4) if layer else (64, 64), np.uint8)
+    mask[y0:y1, x0:x1] = 255
+    return mask
+
+
+def upload(path, array):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+    return gradio_client.handle_file(str(path))
+
+
+def test_ir_diffusion_with_boxes_matches_the_pipeline(app):
+    _, _, client = app
+    gallery, masks, seed, params = ir(client, target_source="boxes")
+    assert [g["caption"] for g in gallery] == ["scene", "reference 1: cat", "reference 2: dog"] and seed == 0
+    for got, expected in zip(gallery, ir_reference(target_boxes=[LEFT, RIGHT])):
+        np.testing.assert_array_equal(pixels(got["image"]), expected)
+    assert read_parameters(gallery[0]["image"])["image"] == "scene" and params["masks"]["target"] == "boxes"
+    assert pixels(masks).shape[1] > 3 * 64  # references and scene side by side
+
+
+def test_ir_diffusion_uploaded_and_drawn_masks(app, tmp_path):
+    _, _, client = app
+    files = [upload(tmp_path / f"m{i}.png", box_mask(b)) for i, b in enumerate((LEFT, RIGHT))]
+    expected = ir_reference(target_masks=[box_mask(LEFT), box_mask(RIGHT)])
+    gallery, _, _, params = ir(client, target_source="uploaded", target_files=files)
+    for got, want in zip(gallery, expected):
+        np.testing.assert_array_equal(pixels(got["image"]), want)
+    layers = [upload(tmp_path / f"l{i}.png", box_mask(b, layer=True)) for i, b in enumerate((LEFT, RIGHT))]
+    drawing = {"background": None, "layers": layers, "composite": layers[0]}
+    gallery, _, _, params = ir(client, target_source="drawn", target_drawing=drawing)
+    np.testing.assert_array_equal(pixels(gallery[0]["image"]), expected[0])
+    assert params["masks"] == {"target": "drawn", "reference": "automatic"}
+
+
+def test_ir_diffusion_automatic_masks(app):
+    _, _, client = app
+    gallery, masks, _, params = ir(client)  # default: automatic target and reference masks (layout pass)
+    np.testing.assert_array_equal(pixels(gallery[0]["image"]), ir_reference()[0])
+    assert isinstance(params["layout_seed"], int) and params["masks"] == {
+        "target": "automatic",
+        "reference": "automatic",
+    }
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(model="tiny-flux"), "IR-Diffusion needs an SDXL-architecture model"),
+        (
+            dict(target_source="uploaded", target_files=[]),
+            "`target_files` needs one mask image per subject (2), got 0",
+        ),
+        (dict(target_source="boxes", rows=[["a photo of a cat", "cat", "1, 2", ""]]), "must be four pixel numbers"),
+        (dict(rows=[["", "", "", ""]]), "`subjects` is empty"),
+        (dict(rows=[["a photo of a cat", "", "", ""]]), "`subjects` row 1 needs a prompt and a word"),
+    ],
+)
+def test_ir_diffusion_errors(app, kwargs, expected):
+    _, _, client = app
+    with pytest.raises(gradio_client.exceptions.AppError) as info:
+        ir(client, **kwargs)
+    assert expected in str(info.value)
+
+
 # ------------------------------------------------------------------------------------------------ queue
 def test_queue_is_bounded_and_serial():
     watch = Watch(default_loader(device="cpu"), block=True)

@@ -23,6 +23,7 @@ __all__ = [
     "pick_seed",
     "make_settings",
     "request_settings",
+    "labelled_grid",
 ]
 
 
@@ -48,12 +49,12 @@ class Advanced:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def model_picker(config: UIConfig):
+def model_picker(config: UIConfig, value: str | None = None):
     import gradio as gr
 
     return gr.Dropdown(
-        choices=list(config.models),
-        value=config.default_model,
+        choices=list(dict.fromkeys([*config.models, *([value] if value else [])])),
+        value=value or config.default_model,
         allow_custom_value=True,
         label="Model",
         info="a built-in name, a local diffusers folder (inside the allowed folders) or a Hub id",
@@ -208,3 +209,31 @@ def request_settings(
     seed actually used is ``settings.seed``."""
     used_seed = pick_seed(seed, randomize_seed)
     return make_settings(config, prompt, negative_prompt, used_seed, width, height, steps, guidance, num_frames)
+
+
+GAP = 4
+
+
+def labelled_grid(cells: list[list[Any]], row_labels: list[str], col_labels: list[str]):
+    """Paste ``cells[r][c]`` (PIL images of one size) into a grid with labels on the left and on top.
+
+    Returns the image and the pixel box ``(x0, y0, x1, y1)`` of every cell, row by row.
+    """
+    from PIL import Image, ImageDraw
+
+    w, h = cells[0][0].size
+    left = 8 + 7 * max(len(label) for label in row_labels)
+    top = 20
+    grid = Image.new("RGB", (left + len(col_labels) * (w + GAP), top + len(row_labels) * (h + GAP)), "white")
+    draw = ImageDraw.Draw(grid)
+    boxes = []
+    for c, label in enumerate(col_labels):
+        draw.text((left + c * (w + GAP) + 2, 4), label, fill="black")
+    for r, label in enumerate(row_labels):
+        y = top + r * (h + GAP)
+        draw.text((4, y + h // 2 - 6), label, fill="black")
+        for c, cell in enumerate(cells[r]):
+            x = left + c * (w + GAP)
+            grid.paste(cell.convert("RGB"), (x, y))
+            boxes.append((x, y, x + w, y + h))
+    return grid, boxes

@@ -60,7 +60,7 @@ def build_demo(
 
     Returns:
         the ``gr.Blocks`` app, queued with concurrency 1 per device and ``max_size=queue_size``, with named API
-        endpoints ``/generate``, ``/head_guidance``, ``/head_grid``, ``/info`` and ``/benchmark``. ``demo.attnpack_runtime`` is its
+        endpoints ``/generate``, ``/head_guidance``, ``/head_grid``, ``/ir_diffusion``, ``/info`` and ``/benchmark``. ``demo.attnpack_runtime`` is its
         :class:`~attnpack.ui._runtime.Runtime` (pipeline cache, configuration).
     """
     gr = require("gradio", "ui", "The attnpack UI")
@@ -68,6 +68,7 @@ def build_demo(
     from .generate import build_generate_tab
     from .head_guidance import build_head_guidance_tab
     from .info import build_info_tab
+    from .ir_diffusion import build_ir_diffusion_tab
 
     config = UIConfig(
         default_model=default_model,
@@ -93,6 +94,7 @@ def build_demo(
             build_generate_tab(runtime, techniques)
             if "head-guidance" in techniques:
                 build_head_guidance_tab(runtime, techniques["head-guidance"])
+            build_ir_diffusion_tab(runtime)
             build_info_tab(runtime, techniques)
     demo.queue(default_concurrency_limit=1, max_size=config.queue_size, api_open=False)
     demo.attnpack_runtime = runtime

@@ -13,6 +13,7 @@ from typing import Any
 
 from ._layout import (
     advanced_settings,
+    labelled_grid,
     model_picker,
     parameters_panel,
     prompt_row,
@@ -23,10 +24,9 @@ from ._layout import (
 from ._runtime import Runtime, installed, user_errors
 
 
-__all__ = ["build_head_guidance_tab", "head_rows", "softness_values", "labelled_grid", "MAX_GRID_CELLS"]
+__all__ = ["build_head_guidance_tab", "head_rows", "softness_values", "MAX_GRID_CELLS"]
 
 MAX_GRID_CELLS = 36
-GAP = 4
 # request fields (API parameter names) that go to the settings and to the technique's options
 SETTING_INPUTS = (
     "prompt",
@@ -62,31 +62,6 @@ def softness_values(text: str) -> list[float]:
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
         raise ValueError(f"`softness_values` must be one or more numbers in [0, 1], got {text!r}.")
     return values
-
-
-def labelled_grid(cells: list[list[Any]], row_labels: list[str], col_labels: list[str]):
-    """Paste ``cells[r][c]`` (PIL images of one size) into a grid with labels on the left and on top.
-
-    Returns the image and the pixel box ``(x0, y0, x1, y1)`` of every cell, row by row.
-    """
-    from PIL import Image, ImageDraw
-
-    w, h = cells[0][0].size
-    left = 8 + 7 * max(len(label) for label in row_labels)
-    top = 20
-    grid = Image.new("RGB", (left + len(col_labels) * (w + GAP), top + len(row_labels) * (h + GAP)), "white")
-    draw = ImageDraw.Draw(grid)
-    boxes = []
-    for c, label in enumerate(col_labels):
-        draw.text((left + c * (w + GAP) + 2, 4), label, fill="black")
-    for r, label in enumerate(row_labels):
-        y = top + r * (h + GAP)
-        draw.text((4, y + h // 2 - 6), label, fill="black")
-        for c, cell in enumerate(cells[r]):
-            x = left + c * (w + GAP)
-            grid.paste(cell.convert("RGB"), (x, y))
-            boxes.append((x, y, x + w, y + h))
-    return grid, boxes
 
 
 def _preset_choices() -> list[tuple[str, str]]:
