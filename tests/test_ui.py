@@ -317,6 +317,18 @@ def test_head_guidance_equals_apply_head_perturbation(app):
     (spec,) = params["techniques"]
     assert spec["heads"] == ["L0H0", "L1H1"] and spec["softness"] == 0.5 and spec["token_scope"] == "image"
     assert read_parameters(image)["techniques"] == params["techniques"]
+    # the same technique from the Generate tab: preset names (with "/") are heads, not paths
+    image, _, _, params = generate(
+        client,
+        seed=5,
+        technique="head-guidance",
+        head_guidance__heads="L0H0, L1H1",
+        head_guidance__softness=0.5,
+        head_guidance__token_scope="image",
+    )
+    np.testing.assert_array_equal(pixels(image), reference)
+    message = error_of(client, technique="head-guidance", head_guidance__heads="flux-dev/bokeh")
+    assert "names layer 34" in message
     # a preset found on FLUX.1-dev names a layer the tiny model does not have: the library's message comes through
     with pytest.raises(gradio_client.exceptions.AppError, match="34"):
         head_guidance(client, presets=["flux-dev/bokeh"])

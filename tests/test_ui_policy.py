@@ -110,11 +110,15 @@ def test_weight_files_inside_allowed_folders_and_safetensors_only(tree, tmp_path
             check_weights_file(str(path), cfg, argument="clear__weights")
 
 
-def test_which_text_values_are_paths(tmp_path):
-    for text in ("int8", "plan", "flex", "none", "0.25"):
+def test_which_text_values_are_paths(tmp_path, monkeypatch):
+    for text in ("int8", "plan", "flex", "none", "0.25", "sd3-medium/dark", "L1H10"):
         assert not looks_like_path(text)
-    for text in ("a/b", "~/w.safetensors", "./w", "w.safetensors", "w.bin", "x\\y"):
+    for text in ("/a/b", "~/w.safetensors", "./w", "../w", "w.safetensors", "w.bin", "x\\y", "plans/p.safetensors"):
         assert looks_like_path(text)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "plans" / "p").write_bytes(b"x")
+    assert looks_like_path("plans/p")  # an existing relative path, whatever its name
 
 
 def test_seeds():

@@ -172,12 +172,13 @@ def resolve_model(choice: str, config: UIConfig) -> str:
 
 
 def looks_like_path(text: str) -> bool:
-    """Whether a text option value names a file (so that it must pass :func:`check_weights_file`)."""
+    """Whether a text option value names a file (so that it must pass :func:`check_weights_file`): an absolute,
+    home or relative path (``/``, ``~``, ``.``, a Windows ``\\``), a name with a weights suffix, or anything that
+    exists on disk. Names such as ``int8`` or a head preset ``sd3-medium/dark`` are not paths."""
     text = text.strip()
     return (
-        "/" in text
+        text.startswith(("/", "~", "."))
         or "\\" in text
-        or text.startswith(("~", "."))
         or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES))
         or os.path.exists(text)
     )

@@ -130,8 +130,11 @@ class TechniqueControls:
             if tech != technique or value is None or (isinstance(value, str) and not value.strip()):
                 continue
             kind = self.techniques[tech].option(option).kind
-            if kind in ("str", "strs") and isinstance(value, str) and looks_like_path(value):
+            if kind == "str" and isinstance(value, str) and looks_like_path(value):
                 value = check_weights_file(value, config, argument=api_name)
+            elif kind == "strs" and isinstance(value, str):
+                items = [v.strip() for v in value.split(",") if v.strip()]
+                value = [check_weights_file(v, config, argument=api_name) if looks_like_path(v) else v for v in items]
             raw[option] = value
         tech = self.techniques[technique]
         for name in _required(tech):
