@@ -234,7 +234,7 @@ def _register() -> None:
                     "pooled global tokens over d x d cells (1 = none; released: 1, 4)",
                     minimum=1,
                 ),
-                Option("weights", "str", None, "CLEAR checkpoint (.safetensors, official key format)"),
+                Option("weights", "path", None, "CLEAR checkpoint (.safetensors, official key format)"),
                 Option("proportional_attention", "bool", False, "official high-resolution softmax scaling"),
                 Option(
                     "backend", "str", None, "kernel: triton, flex, reference (default automatic)", choices=BACKENDS

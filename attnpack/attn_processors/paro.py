@@ -223,7 +223,7 @@ register_technique(
         "(CogVideoX, Wan, FLUX; needs a plan from `attnpack calibrate-paro`)",
         apply=apply_paro,
         options=(
-            Option("plan", "str", None, "path of a PARO plan (.safetensors) from `attnpack calibrate-paro`"),
+            Option("plan", "path", None, "path of a PARO plan (.safetensors) from `attnpack calibrate-paro`"),
             Option("quant", "str", "plan", "quantization: plan, none, int8, fp8, int4", choices=QUANT_CHOICES),
             Option(
                 "density", "float", None, "fraction of blocks kept (a density stored in the plan, or 1)", None, 0, 1

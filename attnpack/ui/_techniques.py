@@ -130,7 +130,7 @@ class TechniqueControls:
             if tech != technique or value is None or (isinstance(value, str) and not value.strip()):
                 continue
             kind = self.techniques[tech].option(option).kind
-            if kind == "str" and isinstance(value, str) and looks_like_path(value):
+            if kind == "path" or (kind == "str" and isinstance(value, str) and looks_like_path(value)):
                 value = check_weights_file(value, config, argument=api_name)
             elif kind == "strs" and isinstance(value, str):
                 items = [v.strip() for v in value.split(",") if v.strip()]
