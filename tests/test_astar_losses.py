@@ -14,6 +14,7 @@ from attnpack.pipelines._astar_maps import (
     concept_token_indices,
     gaussian_kernel,
     otsu_thresholds,
+    prompt_tokens,
     render_attention_maps,
     smooth_maps,
 )
@@ -198,6 +199,19 @@ def test_concept_token_indices_errors():
         concept_token_indices(tok, "a " * 80 + "dog", ["dog"])
     with pytest.raises(TypeError, match="concepts"):
         concept_token_indices(tok, "a cat", "cat")
+
+
+def test_prompt_tokens_positions_pieces_and_words():
+    tok = build_clip_tokenizer()
+    prompt = "a bright-red hat"
+    rows = prompt_tokens(tok, prompt)
+    ids = tok(prompt).input_ids
+    assert [r[0] for r in rows] == list(range(1, len(ids) - 1))  # the positions token_indices takes
+    assert [r[1] for r in rows] == tok.convert_ids_to_tokens(ids)[1:-1]
+    # hand-read from the pieces a</w> b right</w> -</w> red</w> h at</w>: the prompt word each belongs to
+    assert [r[2] for r in rows] == ["a", "bright", "bright", "-", "red", "hat", "hat"]
+    long = prompt_tokens(tok, "a " * 80 + "dog")
+    assert len(long) == tok.model_max_length - 2 and "dog" not in [r[2] for r in long]  # truncated like the model
 
 
 # ------------------------------------------------------------------------------------------------- schedule, pictures

@@ -89,20 +89,6 @@ _SAME_NAME = (
 )
 
 
-def _pipeline_for(pipe, model: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from ..pipelines.astar import AStarPipeline, AStarXLPipeline
-
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        return AStarXLPipeline.from_pipe(pipe)
-    if isinstance(pipe, StableDiffusionPipeline):
-        return AStarPipeline.from_pipe(pipe)
-    raise ValueError(
-        f"A-STAR runs on Stable Diffusion 1.x/2.x and SDXL pipelines; {model!r} is a {type(pipe).__name__}."
-    )
-
-
 def _load_masks(paths):
     from PIL import Image
 
@@ -117,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .._io import check_output_path, save_image
-    from .._utils import package_versions
+    from ..pipelines.astar import astar_parameters, astar_pipeline_for
     from ..pipelines.generation import GenerationSettings
     from ..pipelines.loading import pipeline_defaults
 
@@ -128,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"`--attn-res` takes N or H W, got {args.attn_res}.")
     masks = _load_masks(args.layout_masks) if args.layout_masks else None
     pipe = load_from_args(args)
-    astar = _pipeline_for(pipe, args.model)
+    astar = astar_pipeline_for(pipe, args.model)
     defaults = pipeline_defaults(pipe)
     height, width = args.height or defaults.get("height"), args.width or defaults.get("width")
     options = {name: getattr(args, name) for name in _SAME_NAME}
@@ -153,30 +139,22 @@ def run(args: argparse.Namespace) -> int:
         if backend is not None:
             backend.remove()
     seconds = time.perf_counter() - start
-    altered = [r for r in result.losses if "total" in r]
-    parameters = {
-        "model": args.model,
-        "pipeline": type(astar).__name__,
-        "technique": "a-star",
-        "prompt": args.prompt,
-        "seed": args.seed,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "height": height,
-        "width": width,
-        "astar": {k: v for k, v in options.items() if k not in ("concepts", "token_indices", "negative_prompt")},
-        "negative_prompt": args.negative_prompt,
-        "concepts": result.concepts,
-        "token_indices": result.token_indices[0],
-        "layout_masks": list(args.layout_masks or []),
-        "loss_first_step": altered[0] if altered else None,
-        "loss_last_step": altered[-1] if altered else None,
-        "attention_backend": args.attention_backend or "default",
-        "dtype": str(astar.unet.dtype).replace("torch.", ""),
-        "device": str(astar.unet.device),
-        "seconds": round(seconds, 3),
-        "versions": package_versions(),
-    }
+    parameters = astar_parameters(
+        astar,
+        result,
+        options,
+        model=args.model,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        height=height,
+        width=width,
+        layout_masks=list(args.layout_masks or []),
+        attention_backend=args.attention_backend or "default",
+        seconds=round(seconds, 3),
+    )
     save_image(result.images[0], out, parameters)
     print(f"wrote {out} ({seconds:.2f} s)", file=sys.stderr)
     if maps_path is not None:

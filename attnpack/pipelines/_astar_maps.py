@@ -27,6 +27,7 @@ __all__ = [
     "concept_maps",
     "concept_token_indices",
     "prompt_token_count",
+    "prompt_tokens",
     "render_attention_maps",
     "save_attention_maps",
     "step_size_schedule",
@@ -265,6 +266,35 @@ def concept_token_indices(tokenizer, prompt: str, concepts: Sequence[str]) -> li
                 "Use a word of the prompt or pass `token_indices`."
             )
         out.append(positions)
+    return out
+
+
+def prompt_tokens(tokenizer, prompt: str) -> list[tuple[int, str, str]]:
+    """The prompt's tokens as the losses index them: ``[(position, token, word), ...]`` for positions ``1..n``.
+
+    ``position`` is what ``token_indices`` takes (0 is the start token, not listed; nor are the end and padding
+    tokens, nor tokens beyond the text encoder's length). ``token`` is the tokenizer's piece (e.g. ``"c"``, ``"at</w>"``)
+    and ``word`` the prompt word it belongs to, the text a concept must contain (``""`` for tokenizers without
+    character offsets).
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"`prompt` must be a string, got {type(prompt).__name__}.")
+    max_len = tokenizer.model_max_length
+    try:
+        enc = tokenizer(prompt, truncation=True, max_length=max_len, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError):
+        enc, offsets = tokenizer(prompt, truncation=True, max_length=max_len), None
+    ids = enc["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(list(ids))
+    words = [(m.start(), m.end(), m.group()) for m in re.finditer(r"\w+|[^\w\s]+", prompt)]
+    out = []
+    for position in range(1, len(ids) - 1):
+        word = ""
+        if offsets is not None:
+            start, end = offsets[position]
+            word = next((w for s, e, w in words if s < end and e > start), "")
+        out.append((position, pieces[position], word))
     return out
 
 

@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ from ._astar_maps import (
     layout_masks_to_grid,
     otsu_thresholds,
     prompt_token_count,
+    prompt_tokens,
     retention_loss,
     save_attention_maps,
     segregation_loss,
@@ -66,6 +67,9 @@ __all__ = [
     "smooth_maps",
     "concept_maps",
     "concept_token_indices",
+    "prompt_tokens",
+    "astar_pipeline_for",
+    "astar_parameters",
     "step_size_schedule",
     "save_attention_maps",
 ]
@@ -592,3 +596,44 @@ class AStarXLPipeline(_AStarMixin, StableDiffusionXLPipeline):
         if self.watermark is not None:
             image = self.watermark.apply_watermark(image)
         return self.image_processor.postprocess(image, output_type=output_type), None
+
+
+def astar_pipeline_for(pipe, model: str | None = None) -> AStarPipeline | AStarXLPipeline:
+    """The A-STAR pipeline for an existing pipeline (sharing its components): :class:`AStarXLPipeline` for an SDXL
+    pipeline, :class:`AStarPipeline` for an SD 1.x/2.x one.
+
+    Raises:
+        ValueError: for any other pipeline (A-STAR needs a UNet with text cross-attention); ``model`` names it.
+    """
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        return AStarXLPipeline.from_pipe(pipe)
+    if isinstance(pipe, StableDiffusionPipeline):
+        return AStarPipeline.from_pipe(pipe)
+    name = f"{model!r} is" if model else "this is"
+    raise ValueError(
+        f"A-STAR runs on Stable Diffusion 1.x/2.x and SDXL pipelines (a UNet with text cross-attention); {name} a "
+        f"{type(pipe).__name__}. Pick an SD or SDXL model (built in: tiny-sd15, tiny-sdxl)."
+    )
+
+
+def astar_parameters(astar, result: AStarPipelineOutput, options: Mapping[str, Any], **base: Any) -> dict[str, Any]:
+    """The parameters to embed in an A-STAR image: ``base`` (model, prompt, seed, steps, size, ...), then the
+    pipeline, the concepts and their token positions (first sample), the A-STAR ``options`` the call used (without
+    the concept choice), the losses at the first and last altered steps, dtype, device and package versions."""
+    from .._utils import package_versions
+
+    altered = [r for r in (result.losses or []) if "total" in r]
+    skip = ("concepts", "token_indices", "negative_prompt")
+    return {
+        **base,
+        "pipeline": type(astar).__name__,
+        "technique": "a-star",
+        "concepts": result.concepts,
+        "token_indices": result.token_indices[0] if result.token_indices else None,
+        "astar": {k: v for k, v in options.items() if k not in skip},
+        "loss_first_step": altered[0] if altered else None,
+        "loss_last_step": altered[-1] if altered else None,
+        "dtype": str(astar.unet.dtype).replace("torch.", ""),
+        "device": str(astar.unet.device),
+        "versions": package_versions(),
+    }
