@@ -49,6 +49,11 @@ _EXPORTS: dict[str, str] = {
     "HeadPerturbationGuidance": "attnpack.pipelines.guiders",
     "search_heads": "attnpack.pipelines.head_search",
     "presets": "attnpack.presets",
+    # A-STAR
+    "AStarPipeline": "attnpack.pipelines.astar",
+    "AStarXLPipeline": "attnpack.pipelines.astar",
+    "segregation_loss": "attnpack.pipelines.astar",
+    "retention_loss": "attnpack.pipelines.astar",
     # outputs
     "save_image": "attnpack._io",
     "save_video": "attnpack._io",
@@ -91,6 +96,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .attn_processors.neighborhood import GNAAttnProcessor, apply_gna
     from .attn_processors.paro import ParoAttnProcessor, apply_paro
     from .kernels.neighborhood import neighborhood_attention
+    from .pipelines.astar import AStarPipeline, AStarXLPipeline, retention_loss, segregation_loss
     from .pipelines.generation import GenerationSettings, run_generation
     from .pipelines.guidance import apply_head_perturbation
     from .pipelines.guiders import HeadPerturbationGuidance

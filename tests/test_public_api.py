@@ -8,6 +8,10 @@ import attnpack
 
 EXPECTED = {
     "__version__",
+    "AStarPipeline",
+    "AStarXLPipeline",
+    "segregation_loss",
+    "retention_loss",
     "AttentionCall",
     "AttnPackProcessor",
     "ClearAttnProcessor",

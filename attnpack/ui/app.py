@@ -60,11 +60,13 @@ def build_demo(
 
     Returns:
         the ``gr.Blocks`` app, queued with concurrency 1 per device and ``max_size=queue_size``, with named API
-        endpoints ``/generate``, ``/head_guidance``, ``/head_grid``, ``/ir_diffusion``, ``/info`` and ``/benchmark``. ``demo.attnpack_runtime`` is its
+        endpoints ``/generate``, ``/head_guidance``, ``/head_grid``, ``/ir_diffusion``, ``/astar``, ``/astar_tokens``,
+        ``/info`` and ``/benchmark``. ``demo.attnpack_runtime`` is its
         :class:`~attnpack.ui._runtime.Runtime` (pipeline cache, configuration).
     """
     gr = require("gradio", "ui", "The attnpack UI")
     from ..techniques import available_techniques
+    from .astar import build_astar_tab
     from .generate import build_generate_tab
     from .head_guidance import build_head_guidance_tab
     from .info import build_info_tab
@@ -95,6 +97,7 @@ def build_demo(
             if "head-guidance" in techniques:
                 build_head_guidance_tab(runtime, techniques["head-guidance"])
             build_ir_diffusion_tab(runtime)
+            build_astar_tab(runtime)
             build_info_tab(runtime, techniques)
     demo.queue(default_concurrency_limit=1, max_size=config.queue_size, api_open=False)
     demo.attnpack_runtime = runtime
