@@ -167,6 +167,28 @@ def test_triton_splits_tiles_into_blocks():
     torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=0)
 
 
+def test_default_blocks_split_large_tiles_on_cuda_only():
+    """Without tuning, CUDA splits tiles into FlashAttention-sized blocks that divide them; the interpreter keeps
+    whole tiles. (Autotuning is opt-in: compiling every config made a first H200 call take minutes.)"""
+    from attnpack.kernels.block_sparse.triton import default_blocks
+
+    assert default_blocks(128, 128, 128, cuda=False) == (128, 128, 4, 2)
+    for q_tile, kv_tile, dim in [(128, 128, 128), (256, 64, 64), (16, 16, 64), (64, 256, 128), (128, 512, 64)]:
+        bm, bn, warps, stages = default_blocks(q_tile, kv_tile, dim, cuda=True)
+        assert bm <= 128 and bn <= 64 and q_tile % bm == 0 and kv_tile % bn == 0 and min(bm, bn) >= 16
+        assert warps in (4, 8) and stages >= 1
+    assert default_blocks(128, 128, 128, cuda=True)[2] == 8
+
+
+def test_triton_block_sizes_are_checked():
+    order = flat_order(64, 32)
+    visited = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    pattern = BlockSparsePattern(tile_table_from_dense(visited, visited), order, order, None)
+    q = _rand(1, 1, 64, 16)
+    with pytest.raises(ValueError, match="block_m"):
+        block_sparse_attention(q, q, q, pattern, backend="triton", backend_options={"block_m": 24})
+
+
 @triton.jit
 def _causal_triton(b, h, q_idx, kv_idx, P):
     return kv_idx <= q_idx

@@ -13,7 +13,6 @@ operands are upcast to fp32 before ``tl.dot`` (bf16 dots are wrong in the interp
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import os
 
@@ -181,11 +180,32 @@ def _block_sparse_fwd(
         tl.store(LSE + pid_bh.to(tl.int64) * NQ + q_rows, lse, mask=q_ok)
 
 
+# Opt-in tuning space (``backend_options={"autotune": True}``). Every config is compiled on the first use of a tile
+# shape, so the space is kept small: with the earlier 24-config space the first full-size test on an H200 did not
+# finish in about 6 minutes (compile time the suspected cause; not verified).
+_TUNING_SPACE = (
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+    (128, 32, 4, 2),
+    (64, 64, 4, 2),
+    (64, 64, 4, 3),
+    (64, 128, 4, 2),
+    (64, 32, 4, 2),
+)  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+
+
 def _configs():
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-        for m, n, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
-    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _TUNING_SPACE]
+
+
+def default_blocks(q_tile: int, kv_tile: int, head_dim: int, cuda: bool) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` used without tuning. On CUDA: FlashAttention-style blocks of at
+    most 128 query x 64 key rows (8 warps for 128-row blocks at head_dim >= 128); in the interpreter: whole tiles."""
+    if not cuda:
+        return q_tile, kv_tile, 4, 2
+    bm, bn = min(q_tile, 128), min(kv_tile, 64)
+    return bm, bn, (8 if bm >= 128 and head_dim >= 128 else 4), 2
 
 
 def _prune(configs, named_args, **kwargs):
@@ -255,8 +275,9 @@ def block_sparse_triton(
     """Block-sparse attention with the fused Triton kernel (see :func:`attnpack.kernels.block_sparse_attention`).
 
     Other options (``backend_options``): ``autotune`` tunes the block sizes (query / key tiles are split into
-    ``BLOCK_M`` / ``BLOCK_N`` blocks), ``num_warps`` and ``num_stages`` per tile shape (default: on CUDA, off in
-    the interpreter); without tuning, ``block_m`` / ``block_n`` (default: whole tiles).
+    ``BLOCK_M`` / ``BLOCK_N`` blocks), ``num_warps`` and ``num_stages`` per tile shape (default off: each of the
+    8 configs is compiled on the first call of a tile shape); without
+    tuning, ``block_m`` / ``block_n`` (default: :func:`default_blocks`).
     """
     bsz, heads, nq, dim = query.shape
     nk, dv = key.shape[2], value.shape[-1]
@@ -274,17 +295,23 @@ def block_sparse_triton(
     params = mask.params if mask is not None and mask.params is not None else table.num_kv
     q_gather, kv_gather = _order_gathers(pattern)
     interp = interpreting()
-    use_tuning = (query.device.type == "cuda" and not interp) if autotune is None else autotune
+    use_tuning = bool(autotune)
     if use_tuning and interp:
         raise ValueError("`autotune` needs a CUDA device; the Triton interpreter cannot time kernels.")
     q_tile, kv_tile = pattern.q_tile, pattern.kv_tile
     if use_tuning:
         kernel, extra = _tuned_kernel(), {}
     else:
-        bm, bn = block_m or q_tile, block_n or kv_tile
-        if q_tile % bm or kv_tile % bn or not (_is_pow2(bm) and _is_pow2(bn)):
-            raise ValueError(f"block_m / block_n must be powers of two dividing the tiles ({q_tile}, {kv_tile}).")
-        kernel, extra = _block_sparse_fwd, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2}
+        dbm, dbn, warps, stages = default_blocks(
+            q_tile, kv_tile, max(dim, dv), query.device.type == "cuda" and not interp
+        )
+        bm, bn = block_m or dbm, block_n or dbn
+        if q_tile % bm or kv_tile % bn or not (_is_pow2(bm) and _is_pow2(bn)) or min(bm, bn) < 16:
+            raise ValueError(
+                f"`block_m` / `block_n` must be powers of two >= 16 dividing the tiles ({q_tile}, {kv_tile}); "
+                f"got {bm}, {bn}."
+            )
+        kernel, extra = _block_sparse_fwd, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
     def grid(meta):
         return (table.num_q_tiles * (q_tile // meta["BLOCK_M"]), bsz * heads)
