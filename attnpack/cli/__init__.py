@@ -18,7 +18,7 @@ import sys
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 # subcommand modules, in --help order
-COMMAND_MODULES = ["generate", "info"]
+COMMAND_MODULES = ["generate", "info", "train_toy"]
 
 USER_ERRORS = (ValueError, TypeError, ImportError, OSError)  # OSError: missing files, permissions, full disks
 
