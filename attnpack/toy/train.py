@@ -147,7 +147,7 @@ def default_config(stage: str) -> TrainConfig:
         return TrainConfig(
             stage="toy-sd",
             steps=6000,
-            batch_size=64,
+            batch_size=32,
             lr=1e-3,
             data_seed=3,
             seed=3,
@@ -161,7 +161,7 @@ def default_config(stage: str) -> TrainConfig:
         return TrainConfig(
             stage="toy-flux",
             steps=6000,
-            batch_size=64,
+            batch_size=32,
             lr=1e-3,
             data_seed=4,
             seed=4,
@@ -655,7 +655,8 @@ def train(
             st.export(final, tmp)
             sub = tmp / getattr(st, "denoiser_name", "")
             (sub / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            log = dict(summary, exported=str(target), torch=torch.__version__, threads=torch.get_num_threads())
+            log = {k: v for k, v in summary.items() if k != "exported"}
+            log.update(torch=torch.__version__, threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
             log["loss_curve"] = [float(np.mean(losses[i : i + 100])) for i in range(0, len(losses), 100)]
             (sub / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
         summary["exported"] = str(target)
