@@ -9,6 +9,7 @@ from attnpack.toy.data import (
     CELLS,
     COLORS,
     SHAPES,
+    SIZES,
     PromptSpec,
     ToyScenes,
     parse_prompt,
@@ -128,6 +129,19 @@ def test_parse_prompt_errors(prompt, message):
 def test_sample_scene_checks_num_objects():
     with pytest.raises(ValueError, match="`num_objects` must be 1, 2 or 3, got 4"):
         sample_scene(np.random.default_rng(0), 4)
+
+
+def test_object_sizes_follow_the_size_words_and_can_be_overridden():
+    for s in SCENES:
+        for o in s.objects:
+            lo, hi = SIZES[o.size]
+            assert lo <= o.radius <= hi
+    small = {"small": (3.0, 4.0), "large": (5.0, 6.0)}
+    radii = [o.radius for i in range(50) for o in scene_at(7, i, sizes=small).objects]
+    assert 3.0 <= min(radii) and max(radii) <= 6.0
+    assert ToyScenes(seed=7, sizes=small)[3]["scene"] == scene_at(7, 3, sizes=small)
+    with pytest.raises(ValueError, match="`sizes` must map 'small' and 'large'"):
+        scene_at(7, 0, sizes={"small": (3.0, 4.0)})
 
 
 def test_prompt_set_and_dataset_items():

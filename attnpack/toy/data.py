@@ -58,8 +58,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (235, 235, 235),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
-# object radius in pixels (center to farthest point) for each size word
-SIZES: dict[str, tuple[float, float]] = {"small": (6.0, 8.0), "large": (10.0, 12.5)}
+# object radius range in pixels (center to farthest point) for each size word; a dataset can use other ranges
+# (``sizes=``): the VAE was trained on smaller objects, the evaluator on the union of both
+SIZES: dict[str, tuple[float, float]] = {"small": (8.0, 10.0), "large": (12.0, 14.5)}
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 BACKGROUNDS: tuple[str, ...] = ("plain", "stripes", "checker", "noise", "gradient")
 
@@ -137,8 +138,24 @@ def _describe(obj: ToyObject, with_size: bool) -> str:
     return f"a {obj.size} {obj.name}" if with_size else f"a {obj.name}"
 
 
-def sample_scene(rng: np.random.Generator, num_objects: int | None = None) -> Scene:
-    """Draw a random scene (1-3 objects with distinct color+shape pairs) and its caption from ``rng``."""
+def _check_sizes(sizes: dict | None) -> dict[str, tuple[float, float]]:
+    if sizes is None:
+        return SIZES
+    if set(sizes) != set(SIZES) or not all(0 < float(lo) <= float(hi) <= 20 for lo, hi in sizes.values()):
+        raise ValueError(
+            f"`sizes` must map 'small' and 'large' to (min, max) radii in pixels within (0, 20], got {sizes!r}."
+        )
+    return {k: (float(lo), float(hi)) for k, (lo, hi) in sizes.items()}
+
+
+def sample_scene(
+    rng: np.random.Generator, num_objects: int | None = None, sizes: dict[str, tuple[float, float]] | None = None
+) -> Scene:
+    """Draw a random scene (1-3 objects with distinct color+shape pairs) and its caption from ``rng``.
+
+    ``sizes`` overrides :data:`SIZES` (radius range per size word).
+    """
+    size_ranges = _check_sizes(sizes)
     if num_objects is None:
         num_objects = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
     if num_objects not in (1, 2, 3):
@@ -150,7 +167,7 @@ def sample_scene(rng: np.random.Generator, num_objects: int | None = None) -> Sc
         if pair not in pairs:
             pairs.append(pair)
     sizes = [("small", "large")[rng.integers(2)] for _ in pairs]
-    radii = [float(rng.uniform(*SIZES[s])) for s in sizes]
+    radii = [float(rng.uniform(*size_ranges[s])) for s in sizes]
 
     def clamp(v: float, r: float) -> float:
         return float(min(max(v, r + 1.0), IMAGE_SIZE - 1.0 - r))
@@ -193,9 +210,11 @@ def sample_scene(rng: np.random.Generator, num_objects: int | None = None) -> Sc
     return Scene(tuple(objects), background, rgb, int(rng.integers(2**31)), caption)
 
 
-def scene_at(seed: int, index: int, num_objects: int | None = None) -> Scene:
+def scene_at(
+    seed: int, index: int, num_objects: int | None = None, sizes: dict[str, tuple[float, float]] | None = None
+) -> Scene:
     """Scene number ``index`` of the procedural dataset with seed ``seed`` (deterministic everywhere)."""
-    return sample_scene(np.random.default_rng([seed, index]), num_objects)
+    return sample_scene(np.random.default_rng([seed, index]), num_objects, sizes)
 
 
 # ------------------------------------------------------------------------------------------------- rendering
@@ -319,8 +338,15 @@ class ToyScenes:
     ``length`` only bounds ``len()``; any index is valid.
     """
 
-    def __init__(self, seed: int = 0, length: int = 2**31 - 1, num_objects: int | None = None):
+    def __init__(
+        self,
+        seed: int = 0,
+        length: int = 2**31 - 1,
+        num_objects: int | None = None,
+        sizes: dict[str, tuple[float, float]] | None = None,
+    ):
         self.seed, self.length, self.num_objects = seed, length, num_objects
+        self.sizes = _check_sizes(sizes)
 
     def __len__(self) -> int:
         return self.length
@@ -328,7 +354,7 @@ class ToyScenes:
     def __getitem__(self, index: int) -> dict:
         import torch
 
-        scene = scene_at(self.seed, int(index), self.num_objects)
+        scene = scene_at(self.seed, int(index), self.num_objects, self.sizes)
         pixels = torch.from_numpy(render_scene(scene).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
         return {"pixel_values": pixels, "caption": scene.caption, "scene": scene}
 

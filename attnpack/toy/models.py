@@ -1,7 +1,8 @@
 """Architectures of the toy models and builders of their diffusers components.
 
-- ``toy-sd``: :class:`~diffusers.StableDiffusionPipeline` = ``UNet2DConditionModel`` (self- and cross-attention at
-  the 16x16 and 8x8 latent levels) + CLIP text encoder + ``AutoencoderKL`` (64x64 RGB <-> 16x16x4 latents).
+- ``toy-sd``: :class:`~diffusers.StableDiffusionPipeline` = ``UNet2DConditionModel`` (convolutions at the 16x16
+  latent level; self- and cross-attention at the 8x8 level and in the mid block) + CLIP text encoder +
+  ``AutoencoderKL`` (64x64 RGB <-> 16x16x4 latents).
 - ``toy-flux``: :class:`~diffusers.FluxPipeline` = ``FluxTransformer2DModel`` (double- and single-stream blocks on an
   8x8 token grid after FLUX's 2x2 latent packing) + CLIP (pooled) + T5 (sequence) + the same ``AutoencoderKL``.
 
@@ -55,8 +56,9 @@ UNET_CONFIG: dict = dict(
     out_channels=4,
     block_out_channels=(32, 64),
     layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    # attention (self + cross) at the 8x8 level and in the mid block; the 16x16 level is convolutional (CPU budget)
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=64,
     attention_head_dim=2,  # the number of heads, in diffusers' UNet naming: head dims 16 and 32 (fast on CPUs)
     norm_num_groups=8,

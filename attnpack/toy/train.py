@@ -63,6 +63,7 @@ __all__ = ["TrainConfig", "STAGES", "default_config", "train", "atomic_dir", "CH
 STAGES = ("vae", "evaluator", "toy-sd", "toy-flux")
 CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "train_config.json"
+LOG_NAME = "train_log.json"
 
 
 @dataclasses.dataclass
@@ -84,6 +85,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     dataset_size: int = 0  # 0: a fresh scene for every item; N: scenes 0..N-1, cycled (denoisers cache their latents)
     checkpoint_every: int = 250
+    data: dict = dataclasses.field(default_factory=dict)  # ToyScenes options, e.g. {"sizes": {...}}
     model: dict = dataclasses.field(default_factory=dict)  # architecture (constructor kwargs)
     loss: dict = dataclasses.field(default_factory=dict)  # stage-specific loss settings
 
@@ -128,6 +130,7 @@ def default_config(stage: str) -> TrainConfig:
             data_seed=1,
             seed=1,
             ema_decay=0.0,
+            data=dict(sizes=dict(small=[6.0, 8.0], large=[10.0, 12.5])),
             model=dict(VAE_CONFIG),
             loss=dict(mse_weight=1.0, kl_weight=1e-3, crop=32, stats_samples=2048),
         )
@@ -140,13 +143,14 @@ def default_config(stage: str) -> TrainConfig:
             data_seed=2,
             seed=2,
             weight_decay=1e-4,
+            data=dict(sizes=dict(small=[6.0, 10.0], large=[10.0, 14.5])),  # every size the models draw
             model=dict(channels=(16, 32, 64), threshold=0.3),
             loss=dict(blur=1.0, noise=0.06, contrast=0.15),
         )
     if stage == "toy-sd":
         return TrainConfig(
             stage="toy-sd",
-            steps=6000,
+            steps=10000,
             batch_size=32,
             lr=1e-3,
             data_seed=3,
@@ -160,7 +164,7 @@ def default_config(stage: str) -> TrainConfig:
     if stage == "toy-flux":
         return TrainConfig(
             stage="toy-flux",
-            steps=6000,
+            steps=10000,
             batch_size=32,
             lr=1e-3,
             data_seed=4,
@@ -209,7 +213,7 @@ class _Stage(abc.ABC):
         self, cfg: TrainConfig, device: torch.device, vae_path: Path | None, work_dir: Path, progress: bool = False
     ):
         self.cfg, self.device, self.vae_path, self.work_dir, self.progress = cfg, device, vae_path, work_dir, progress
-        self.data = ToyScenes(seed=cfg.data_seed)
+        self.data = ToyScenes(seed=cfg.data_seed, **cfg.data)
 
     def indices(self, indices: list[int]) -> list[int]:
         return [i % self.cfg.dataset_size for i in indices] if self.cfg.dataset_size else indices
@@ -283,7 +287,7 @@ class _VAEStage(_Stage):
 
     def export(self, network, folder):
         # latent statistics of held-out scenes: FLUX uses (z - shift) * scale, SD uses z * scale
-        held_out = ToyScenes(seed=self.cfg.data_seed + 1000)
+        held_out = ToyScenes(seed=self.cfg.data_seed + 1000, **self.cfg.data)
         n = self.cfg.loss.get("stats_samples", 2048)
         latents = []
         with torch.no_grad():
@@ -363,7 +367,7 @@ class _DenoiserStage(_Stage):
 
         weights = next(self.vae_path.glob("*.safetensors"))
         key = hashlib.sha256(weights.read_bytes())
-        key.update(json.dumps([self.cfg.data_seed, self.cfg.dataset_size]).encode())
+        key.update(json.dumps([self.cfg.data_seed, self.cfg.dataset_size, self.cfg.data], sort_keys=True).encode())
         path = self.work_dir / f"latents-{key.hexdigest()[:16]}.pt"
         if path.is_file():
             return torch.load(path, weights_only=False)
@@ -398,8 +402,9 @@ class _DenoiserStage(_Stage):
     def export(self, network, folder):
         self.pipe.register_modules(**{self.denoiser_name: network})
         self.pipe.save_pretrained(folder)
-        if self.vae_path is not None and (self.vae_path / CONFIG_NAME).is_file():
-            shutil.copyfile(self.vae_path / CONFIG_NAME, folder / "vae" / CONFIG_NAME)
+        for name in (CONFIG_NAME, LOG_NAME):  # the VAE's training record travels with it
+            if (self.vae_path / name).is_file():
+                shutil.copyfile(self.vae_path / name, folder / "vae" / name)
 
 
 class _SDStage(_DenoiserStage):
@@ -658,6 +663,6 @@ def train(
             log = {k: v for k, v in summary.items() if k != "exported"}
             log.update(torch=torch.__version__, threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
             log["loss_curve"] = [float(np.mean(losses[i : i + 100])) for i in range(0, len(losses), 100)]
-            (sub / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+            (sub / LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
         summary["exported"] = str(target)
     return summary
