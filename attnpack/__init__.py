@@ -26,11 +26,34 @@ _EXPORTS: dict[str, str] = {
     "RunState": "attnpack.attn_processors._context",
     "current_run": "attnpack.attn_processors._context",
     "run_overrides": "attnpack.attn_processors._context",
+    # CLEAR
+    "apply_clear": "attnpack.attn_processors.clear",
+    "ClearAttnProcessor": "attnpack.attn_processors.clear",
+    # generalized neighborhood attention
+    "apply_gna": "attnpack.attn_processors.neighborhood",
+    "GNAAttnProcessor": "attnpack.attn_processors.neighborhood",
+    "neighborhood_attention": "attnpack.kernels.neighborhood",
+    # PARO
+    "ParoAttnProcessor": "attnpack.attn_processors.paro",
+    "apply_paro": "attnpack.attn_processors.paro",
+    "ParoPlan": "attnpack.pipelines.paro_plan",
+    "calibrate_paro": "attnpack.pipelines.paro_calibrate",
     # pipelines
     "load_pipeline": "attnpack.pipelines.loading",
     "builtin_models": "attnpack.pipelines.loading",
     "GenerationSettings": "attnpack.pipelines.generation",
     "run_generation": "attnpack.pipelines.generation",
+    "IRDiffusionPipeline": "attnpack.pipelines.ir_diffusion",
+    # head-level perturbation guidance
+    "apply_head_perturbation": "attnpack.pipelines.guidance",
+    "HeadPerturbationGuidance": "attnpack.pipelines.guiders",
+    "search_heads": "attnpack.pipelines.head_search",
+    "presets": "attnpack.presets",
+    # A-STAR
+    "AStarPipeline": "attnpack.pipelines.astar",
+    "AStarXLPipeline": "attnpack.pipelines.astar",
+    "segregation_loss": "attnpack.pipelines.astar",
+    "retention_loss": "attnpack.pipelines.astar",
     # outputs
     "save_image": "attnpack._io",
     "save_video": "attnpack._io",
@@ -44,7 +67,9 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'attnpack' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = importlib.import_module(module)
+    if module != f"{__name__}.{name}":  # a name defined in the module (else: the submodule itself)
+        value = getattr(value, name)
     globals()[name] = value
     return value
 
@@ -54,6 +79,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from . import presets
     from ._io import read_parameters, save_image, save_video
     from .attn_processors._apply import (
         AttentionCall,
@@ -66,5 +92,16 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .attn_processors._context import RunState, current_run, run_overrides
     from .attn_processors._families import LayerInfo, TokenLayout
+    from .attn_processors.clear import ClearAttnProcessor, apply_clear
+    from .attn_processors.neighborhood import GNAAttnProcessor, apply_gna
+    from .attn_processors.paro import ParoAttnProcessor, apply_paro
+    from .kernels.neighborhood import neighborhood_attention
+    from .pipelines.astar import AStarPipeline, AStarXLPipeline, retention_loss, segregation_loss
     from .pipelines.generation import GenerationSettings, run_generation
+    from .pipelines.guidance import apply_head_perturbation
+    from .pipelines.guiders import HeadPerturbationGuidance
+    from .pipelines.head_search import search_heads
+    from .pipelines.ir_diffusion import IRDiffusionPipeline
     from .pipelines.loading import builtin_models, load_pipeline
+    from .pipelines.paro_calibrate import calibrate_paro
+    from .pipelines.paro_plan import ParoPlan

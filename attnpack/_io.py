@@ -31,6 +31,15 @@ VIDEO_SUFFIXES = (".gif", ".mp4")
 PARAMETERS_KEY = "parameters"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask can only be read by setting it
+
+
 def check_output_path(path: str | os.PathLike, suffixes: Sequence[str], *, argument: str = "--out") -> Path:
     """Validate an output path before any work is done: known suffix, existing writable folder."""
     path = Path(path).expanduser()
@@ -50,7 +59,9 @@ def check_output_path(path: str | os.PathLike, suffixes: Sequence[str], *, argum
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is fsynced and renamed onto ``path``.
 
-    On failure the temporary file is removed, so ``path`` is either the complete new file or untouched.
+    On failure the temporary file is removed, so ``path`` is either the complete new file or untouched. The new file
+    gets the permissions of the file it replaces, or those of a newly created file (0666 minus the umask), not the
+    owner-only mode of temporary files.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -60,6 +71,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

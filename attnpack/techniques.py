@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -30,7 +31,12 @@ __all__ = [
 ]
 
 # modules that register techniques when imported (one line per technique module)
-TECHNIQUE_MODULES: list[str] = []
+TECHNIQUE_MODULES: list[str] = [
+    "attnpack.attn_processors.clear",
+    "attnpack.attn_processors.neighborhood",
+    "attnpack.attn_processors.paro",
+    "attnpack.pipelines.guidance",
+]
 
 _REGISTRY: dict[str, Technique] = {}
 _LOADED = False
@@ -40,7 +46,8 @@ _LOADED = False
 class Option:
     """One option of a technique.
 
-    ``kind`` is ``"int"``, ``"float"``, ``"bool"``, ``"str"``, ``"ints"`` (an int or a tuple of ints, e.g. a window
+    ``kind`` is ``"int"``, ``"float"``, ``"bool"``, ``"str"``, ``"path"`` (a file the technique reads, e.g. weights or
+    a plan: the UI only accepts ``.safetensors`` files inside its allowed folders), ``"ints"`` (an int or a tuple of ints, e.g. a window
     per axis; ``-1`` allowed), ``"strs"`` (a list of strings), ``"floats"``, ``"layers"`` (a layer selection:
     names, indices, regexes) or ``"json"`` (any JSON value).
     """
@@ -136,6 +143,10 @@ def _convert(opt: Option, value: Any) -> Any:
         if not is_text:
             raise ValueError("expected a string")
         return value
+    if kind == "path":
+        if not isinstance(value, (str, os.PathLike)):
+            raise ValueError("expected a file path")
+        return os.path.expanduser(os.fspath(value))
     if kind in ("ints", "floats"):
         cast = int if kind == "ints" else float
         items = _split(value) if is_text else (list(value) if isinstance(value, (list, tuple)) else [value])

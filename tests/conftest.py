@@ -3,6 +3,7 @@
 - ``gpu`` tests run only when CUDA is available (and are skipped otherwise).
 - ``slow`` tests run only with ``ATTNPACK_RUN_SLOW=1``.
 - Triton kernels run in the interpreter on machines without a GPU (``TRITON_INTERPRET=1``, set before any import).
+- torch runs on one thread (``ATTNPACK_TEST_THREADS`` to change), also in subprocesses (``OMP_NUM_THREADS``).
 """
 
 import os
@@ -13,8 +14,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP synchronisation costs far more than the
+# arithmetic: tests (and the subprocesses they start) run torch on one thread unless ATTNPACK_TEST_THREADS says more.
+TEST_THREADS = int(os.environ.get("ATTNPACK_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 
 import torch  # noqa: E402
+
+
+torch.set_num_threads(TEST_THREADS)
 
 
 if not torch.cuda.is_available():

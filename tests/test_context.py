@@ -124,6 +124,24 @@ def test_steps_timesteps_and_cfg_roles_sd15():
     assert runs[3].roles == ("cond",)
 
 
+def test_img2img_step_index_without_scheduler_begin_index():
+    """SD img2img with DDIM (no `begin_index`) skips the first timesteps: the step index counts from where it starts."""
+    import numpy as np
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pipe(build_tiny_pipeline("tiny-sd15"))
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
+    core = RecordingCore()
+    with apply_processors(pipe, core, layers=0):
+        _run(pipe, image=image, strength=0.6, num_inference_steps=5, guidance_scale=1.0)
+    runs = [c.run for c in core.calls]
+    timesteps = [float(t) for t in pipe.scheduler.timesteps]  # the full schedule; the last 3 are run
+    assert [r.step_index for r in runs] == [2, 3, 4] and all(r.num_steps == 5 for r in runs)
+    assert [timesteps[r.step_index] for r in runs] == [r.timestep for r in runs]
+
+
 def test_roles_from_cache_context_wan():
     pipe = build_tiny_pipeline("tiny-wan")
     core = RecordingCore()
@@ -193,3 +211,21 @@ def test_two_pipelines_in_two_threads_do_not_interfere():
         t.join()
     assert not errors
     assert seen == {(64, 64): {(4, 4)}, (64, 128): {(4, 8)}}
+
+
+def test_gradient_checkpoint_recompute_sees_the_run_context():
+    """Recomputed blocks (backward pass) get the run context of their forward, so text length and grid are known."""
+    from attnpack.attn_processors._context import checkpoint_with_run_context
+
+    model = build_tiny_denoiser("flux")
+    inputs = denoiser_inputs(model, grid=(3, 5))
+    core = RecordingCore()
+    with apply_processors(model, core):
+        model.train()
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_run_context)
+        model(**inputs, return_dict=False)[0].square().mean().backward()
+        model.disable_gradient_checkpointing()
+    # 3 layers in the forward pass, the 3 recomputed in the backward pass
+    assert len(core.calls) == 6
+    assert all(c.run is not None and c.run.grid == (3, 5) for c in core.calls)
+    assert all(c.layout.num_text == 8 for c in core.calls)

@@ -182,3 +182,27 @@ def test_set_attention_backend_rejects_unknown_and_unusable():
     if not is_available("flash_attn"):
         with pytest.raises(ValueError, match="not usable here"):
             set_attention_backend(model, "flash")
+
+
+@pytest.mark.parametrize("name", ["unet-sd15", "sd3"])
+def test_attention_backend_keeps_technique_processors(name):
+    """`set_attention_backend` after a technique routes the technique's processors to the backend instead of
+    replacing them with dense ones (`attnpack generate -t ... --attention-backend ...`)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from attnpack.attn_processors import set_attention_backend
+
+    model = build_tiny_denoiser(name)
+    inputs = denoiser_inputs(model)
+    layers = list_layers(model)
+    with apply_processors(model, ScaledCore(1.5), layers=[0]) as technique:
+        expected = forward(model, inputs)
+        with set_attention_backend(model, "_native_math"):
+            procs = model.attn_processors
+            ours = forward(model, inputs)
+            assert procs[f"{layers[0].name}.processor"] is technique.processors[f"{layers[0].name}.processor"]
+            assert all(type(procs[f"{i.name}.processor"].core) is DenseCore for i in layers[1:])
+            math = AttentionBackendName._NATIVE_MATH
+            assert all(procs[f"{i.name}.processor"]._attention_backend == math for i in layers)
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+        assert model.attn_processors[f"{layers[0].name}.processor"].core.factor == 1.5

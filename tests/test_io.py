@@ -58,3 +58,15 @@ def test_parameters_are_json(tmp_path):
     path = save_image(np.zeros((4, 4, 3)), tmp_path / "b.png", {"t": (1, 2)})
     with Image.open(path) as im:
         assert json.loads(im.info["parameters"]) == {"t": [1, 2]}
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    """Outputs are readable like any new file (0666 minus the umask), not owner-only like temporary files; a
+    replaced file keeps its mode."""
+    mask = os.umask(0o027)
+    os.umask(mask)
+    path = save_image(np.zeros((4, 4, 3)), tmp_path / "new.png")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    path.chmod(0o640)
+    save_image(np.ones((4, 4, 3)), path)
+    assert path.stat().st_mode & 0o777 == 0o640

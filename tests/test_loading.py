@@ -65,3 +65,19 @@ def test_folder_without_model_index(tmp_path):
 def test_offload_needs_accelerator():
     with pytest.raises(ValueError, match="needs an accelerator"):
         load_pipeline("tiny-flux", offload="model")
+
+
+@pytest.mark.parametrize(
+    "offload, method", [("model", "enable_model_cpu_offload"), ("sequential", "enable_sequential_cpu_offload")]
+)
+def test_offload_runs_on_the_given_device(offload, method, monkeypatch):
+    """`device="cuda:1"` with offload puts the offloaded modules on GPU 1 (one process per GPU), not GPU 0."""
+    import diffusers
+
+    from attnpack.pipelines import loading
+
+    calls = []
+    monkeypatch.setattr(loading, "_resolve_device", lambda device: torch.device(device))
+    monkeypatch.setattr(diffusers.DiffusionPipeline, method, lambda self, **kw: calls.append(kw))
+    load_pipeline("tiny-sd15", dtype="fp32", device="cuda:1", offload=offload)
+    assert calls == [{"device": torch.device("cuda:1")}]

@@ -28,6 +28,7 @@ TOY = Technique(
         Option("kind", "str", "identity", choices=("identity", "uniform")),
         Option("heads", "strs", None),
         Option("layers", "layers", None),
+        Option("weights", "path", None),
     ),
 )
 
@@ -54,6 +55,8 @@ def test_parse_options_from_strings_and_values():
     }
     assert parse_options(TOY, {"window_size": 5, "heads": ["L0H1"]}) == {"window_size": 5, "heads": ["L0H1"]}
     assert parse_options(TOY, {"window_size": "[-1, 8]"})["window_size"] == (-1, 8)
+    assert parse_options(TOY, {"weights": "~/w.safetensors"})["weights"].endswith("/w.safetensors")
+    assert not parse_options(TOY, {"weights": "~/w.safetensors"})["weights"].startswith("~")
 
 
 @pytest.mark.parametrize(
@@ -64,6 +67,7 @@ def test_parse_options_from_strings_and_values():
         ({"causal": "maybe"}, "expected true or false"),
         ({"window": 3}, "has no option 'window'; its options: window_size"),
         ({"window_size": "a,b"}, "option `window_size`"),
+        ({"weights": 3}, "expected a file path"),
     ],
 )
 def test_bad_options_name_technique_option_and_value(raw, message):

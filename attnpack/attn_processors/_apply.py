@@ -404,9 +404,15 @@ def set_attention_backend(pipe_or_model, backend: str) -> ProcessorHandle:
     handle = ProcessorHandle(f"attention backend {name.value}")
     for model in models:
         if family_of_model(model) in BYPASSING_FAMILIES:
-            inner = apply_processors(model, DenseCore(), description="dense (dispatcher-aware)")
-            handle.add_callback(inner.remove)
-            handle.processors.update(inner.processors)
+            # dense processors only where stock ones bypass the dispatcher; a technique's processors stay
+            procs = model.attn_processors
+            stock = [
+                i.index for i in list_layers(model) if not hasattr(procs[f"{i.name}.processor"], "_attention_backend")
+            ]
+            if stock:
+                inner = apply_processors(model, DenseCore(), layers=stock, description="dense (dispatcher-aware)")
+                handle.add_callback(inner.remove)
+                handle.processors.update(inner.processors)
     previous: list[tuple[Any, Any]] = []
     for model in models:
         for proc in model.attn_processors.values():

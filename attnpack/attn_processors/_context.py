@@ -39,6 +39,7 @@ __all__ = [
     "current_run",
     "run_overrides",
     "install_run_context",
+    "checkpoint_with_run_context",
     "ROLE_UNCOND",
     "ROLE_COND",
     "ROLE_PERTURBED",
@@ -149,6 +150,34 @@ def run_overrides(*, roles: Sequence[str] | None = None, **extras: Any) -> Itera
         _OVERRIDES.reset(token)
 
 
+@contextlib.contextmanager
+def _bound_run(run: RunState | None) -> Iterator[None]:
+    token = _CURRENT.set(run)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def checkpoint_with_run_context(module: torch.nn.Module, *args):
+    """A ``gradient_checkpointing_func`` that recomputes blocks with the run context of their forward pass.
+
+    Gradient checkpointing re-runs a block's forward during the backward pass, outside the denoiser call whose hook
+    set :func:`current_run` (and, on CUDA, in autograd's own thread), so processors would see no run context there.
+    Use ``model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_run_context)`` when training
+    with attnpack processors installed.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    run = current_run()
+    return checkpoint(
+        module.__call__,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _bound_run(run)),
+    )
+
+
 # ------------------------------------------------------------------------------------------------- step tracking
 class _SchedulerStepTracker:
     """Counts ``scheduler.step`` calls since the last ``set_timesteps`` by wrapping the two methods on the instance."""
@@ -159,6 +188,7 @@ class _SchedulerStepTracker:
         self.scheduler = scheduler
         self.count = 0
         self.refs = 0
+        self.offset: int | None = None  # first step's index when the scheduler has no begin_index (see position)
         self._orig_step = scheduler.__dict__.get("step")
         self._orig_set = scheduler.__dict__.get("set_timesteps")
         step_fn, set_fn = scheduler.step, scheduler.set_timesteps
@@ -173,6 +203,7 @@ class _SchedulerStepTracker:
         @functools.wraps(set_fn)
         def set_timesteps(*args, **kwargs):
             self.count = 0
+            self.offset = None
             return set_fn(*args, **kwargs)
 
         scheduler.step = step
@@ -198,12 +229,19 @@ class _SchedulerStepTracker:
                 setattr(self.scheduler, name, orig)
         self.scheduler.__dict__.pop(self.ATTR, None)
 
-    def position(self) -> tuple[int | None, int | None]:
+    def position(self, timestep: float | None = None) -> tuple[int | None, int | None]:
+        """``(step index, number of timesteps)``. img2img pipelines skip the first timesteps: the offset is the
+        scheduler's ``begin_index`` or, for schedulers without one (DDIM, ...), the index of the first denoiser
+        call's timestep in ``scheduler.timesteps``."""
         timesteps = getattr(self.scheduler, "timesteps", None)
         num = len(timesteps) if timesteps is not None else None
         begin = getattr(self.scheduler, "begin_index", None)
-        begin = begin if isinstance(begin, int) else 0
-        return begin + self.count, num
+        if isinstance(begin, int):
+            return begin + self.count, num
+        if self.offset is None and self.count == 0 and timestep is not None and timesteps is not None:
+            matches = (torch.as_tensor(timesteps, dtype=torch.float64) - timestep).abs() < 1e-3
+            self.offset = int(matches.nonzero()[0, 0]) if bool(matches.any()) else 0
+        return (self.offset or 0) + self.count, num
 
 
 class _CacheContextReceiver(StateManager):
@@ -405,7 +443,7 @@ class RunContextHook(ModelHook):
 
     def _step_position(self, timestep: float | None) -> tuple[int | None, int | None]:
         if self._tracker is not None:
-            return self._tracker.position()
+            return self._tracker.position(timestep)
         if timestep is None:
             return None, None
         if self._last_timestep is not None:

@@ -68,7 +68,8 @@ def load_pipeline(
             ``tiny-cogvideox``; see :func:`builtin_models`), a local folder written by ``save_pretrained``, or a Hub
             id such as ``"black-forest-labs/FLUX.1-dev"`` (downloaded by ``from_pretrained`` as usual).
         dtype: ``"auto"`` (bf16/fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"fp16"``, ``"bf16"`` or a ``torch.dtype``.
-        device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available). Ignored with ``offload``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (default: CUDA when available). With ``offload``, the
+            accelerator the offloaded modules run on (``"cuda:1"``: GPU 1; one process per GPU under accelerate).
         offload: ``None``, ``"model"`` (``enable_model_cpu_offload``) or ``"sequential"``
             (``enable_sequential_cpu_offload``); both need an accelerator.
         variant, revision, local_files_only, **from_pretrained_kwargs: passed to ``DiffusionPipeline.from_pretrained``.
@@ -124,11 +125,11 @@ def load_pipeline(
     if offload == "model":
         if dev.type == "cpu":
             raise ValueError("`offload='model'` needs an accelerator (CUDA); on CPU leave `offload` unset.")
-        pipe.enable_model_cpu_offload()
+        pipe.enable_model_cpu_offload(device=dev)
     elif offload == "sequential":
         if dev.type == "cpu":
             raise ValueError("`offload='sequential'` needs an accelerator (CUDA); on CPU leave `offload` unset.")
-        pipe.enable_sequential_cpu_offload()
+        pipe.enable_sequential_cpu_offload(device=dev)
     else:
         pipe.to(dev)
     pipe._attnpack_model = name

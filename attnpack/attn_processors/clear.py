@@ -1,0 +1,249 @@
+"""CLEAR: circular local attention for FLUX, with the official weights.
+
+Paper: Liu, Tan and Wang, "CLEAR: Conv-Like Linearization Revs Pre-Trained Diffusion Transformers Up" (NeurIPS 2025),
+https://arxiv.org/abs/2412.16112; official code https://github.com/Huage001/CLEAR.
+
+Every image token of FLUX.1 attends only the image tokens inside a circle of radius ``r`` around it
+(``dy**2 + dx**2 < r**2``, token units), plus all text tokens; text tokens still attend everything. With
+``down_factor = d > 1`` image tokens also attend ``(H/d)(W/d)`` pooled "global" tokens: the keys and values (after
+qk-norm and RoPE) summed over ``d x d`` cells with a learnable per-layer weight. The same pattern runs in all 19
+double-stream and 38 single-stream blocks; the distilled to_q / to_k / to_v / to_out weights (five checkpoints on the
+Hub, or your own from ``attnpack distill-clear``) make the sparse model match the dense one.
+
+Usage::
+
+    import attnpack
+    from huggingface_hub import hf_hub_download
+
+    weights = hf_hub_download("Huage001/CLEAR", "clear_local_16.safetensors")
+    with attnpack.apply_clear(pipe, radius=16, weights=weights):
+        image = pipe(prompt, height=2048, width=2048).images[0]
+    # leaving the block restores the original processors *and* the original attention weights
+
+Design: processors stay plain objects (nothing leaks into ``state_dict`` / ``save_pretrained``); the pooling weights
+of ``d > 1`` live in a :class:`~attnpack.attn_processors.clear_weights.ClearPooling` module held by the handle
+(``handle.clear.pooling``) and load from / save to the official keys ``<layer>.processor.spatial_weight``. Patterns
+and tile tables are built per resolution and cached per (grid, text length, r, d) in ``handle.clear.cache``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..kernels.clear import ClearPatternCache, clear_attention, resolve_clear_tiles
+from ._apply import AttentionCall, AttnPackProcessor, ProcessorHandle, apply_processors, list_layers, resolve_denoisers
+from ._families import family_of_model
+from .clear_weights import ClearPooling, ClearWeightsReport, load_clear_weights
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ClearAttnProcessor", "ClearCore", "ClearState", "apply_clear"]
+
+BACKENDS = ("reference", "flex", "triton")
+
+
+class ClearAttnProcessor(AttnPackProcessor):
+    """FLUX attention processor running CLEAR (the FLUX family adapter with a :class:`ClearCore`)."""
+
+
+@dataclasses.dataclass
+class ClearState:
+    """What one :func:`apply_clear` call installed (``handle.clear``).
+
+    Attributes:
+        radius / down_factor / proportional_attention / backend: the settings.
+        q_tile / kv_tile: 2-D tile shapes (``None``: the defaults of :func:`attnpack.kernels.clear.default_clear_tiles`).
+        cache: the :class:`~attnpack.kernels.clear.ClearPatternCache` shared by all layers.
+        pooling: the learnable pooling weights (``down_factor > 1``), else ``None``.
+        report: what loading ``weights`` did (``None`` without weights).
+    """
+
+    radius: int
+    down_factor: int
+    proportional_attention: bool
+    backend: str | None
+    q_tile: tuple[int, int] | None = None
+    kv_tile: tuple[int, int] | None = None
+    cache: ClearPatternCache = dataclasses.field(default_factory=ClearPatternCache)
+    pooling: ClearPooling | None = None
+    report: ClearWeightsReport | None = None
+
+
+class ClearCore:
+    """The CLEAR attention core for one FLUX layer (``[B, H, T + h*w, D]`` in and out, text first)."""
+
+    def __init__(self, state: ClearState, layer_name: str):
+        self.state = state
+        self.layer_name = layer_name
+
+    def __call__(self, query, key, value, call: AttentionCall) -> torch.Tensor:
+        layout = call.layout
+        s = self.state
+        if layout.grid is None or len(layout.grid) != 2 or not layout.text_first or layout.is_cross:
+            raise ValueError(
+                f"CLEAR needs FLUX's [text; image] sequence with a known image token grid; layer {self.layer_name} "
+                f"got {layout}. (FLUX Kontext's reference tokens and calls outside a hooked forward are not supported.)"
+            )
+        if call.mask is not None:
+            raise ValueError(
+                "CLEAR does not combine with an attention mask (the official processors ignore it); drop "
+                "`attention_mask` from `joint_attention_kwargs`."
+            )
+        weight = s.pooling.weight(self.layer_name) if s.pooling is not None else None
+        return clear_attention(
+            query,
+            key,
+            value,
+            grid=layout.grid,
+            text_len=layout.num_text,
+            radius=s.radius,
+            down_factor=s.down_factor,
+            spatial_weight=weight,
+            proportional_attention=s.proportional_attention,
+            backend=s.backend,
+            cache=s.cache,
+            q_tile=s.q_tile,
+            kv_tile=s.kv_tile,
+        )
+
+    def __repr__(self) -> str:
+        s = self.state
+        extra = ", proportional_attention=True" if s.proportional_attention else ""
+        return f"ClearCore(radius={s.radius}, down_factor={s.down_factor}{extra})"
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {name}={value!r}.")
+    return value
+
+
+def apply_clear(
+    pipe_or_transformer,
+    radius: int = 16,
+    down_factor: int = 1,
+    weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+    proportional_attention: bool = False,
+    *,
+    backend: str | None = None,
+    q_tile: Sequence[int] | None = None,
+    kv_tile: Sequence[int] | None = None,
+) -> ProcessorHandle:
+    """Install CLEAR on every attention layer of a FLUX pipeline or ``FluxTransformer2DModel``.
+
+    Parameters:
+        pipe_or_transformer: a FLUX pipeline (text-to-image, img2img, inpaint, ...) or its transformer.
+        radius: window radius ``r`` in tokens (16 px each): image tokens attend image tokens with
+            ``dy**2 + dx**2 < r**2``. The released checkpoints use 8, 16 or 32.
+        down_factor: ``d``; ``d > 1`` adds pooled global tokens (``(H/d)(W/d)`` per image, learnable ``d x d``
+            weights per layer, initialised to ``1 / d**2``). The released checkpoints use 1 or 4; image sizes must
+            then be multiples of ``16 * d`` pixels.
+        weights: a CLEAR checkpoint in the official format (``.safetensors`` path or a state dict), e.g. one of
+            ``Huage001/CLEAR``'s files or the output of ``attnpack distill-clear``. It must match ``down_factor``
+            (checked). Loaded into the transformer in place; missing keys are logged and reported in
+            ``handle.clear.report``; unexpected keys or shapes raise ``ValueError``.
+        proportional_attention: scale the softmax by ``sqrt(log_{4608}(N) / head_dim)`` (``N = 10 (T + HW)`` for
+            ``d > 1``) as the official high-resolution pipeline does.
+
+    Other Parameters:
+        backend: block-sparse kernel: ``"triton"`` (CUDA, forward), ``"flex"`` (FlexAttention; backward on CUDA),
+            ``"reference"`` (pure PyTorch, differentiable, any device) or ``None`` (automatic, logged at DEBUG).
+        q_tile, kv_tile: 2-D tiles of the kernels (default ``(8, 16)`` query and ``(8, 8)`` key boxes).
+
+    Returns:
+        a :class:`~attnpack.ProcessorHandle`; ``remove()`` (or leaving a ``with`` block) restores the processors and
+        the original attention weights. ``handle.clear`` is the :class:`ClearState` (pooling weights, pattern cache,
+        load report).
+    """
+    models, _ = resolve_denoisers(pipe_or_transformer)
+    flux = [m for m in models if family_of_model(m) == "flux"]
+    if len(flux) != 1 or len(models) != 1:
+        names = ", ".join(type(m).__name__ for m in models)
+        raise ValueError(f"CLEAR supports FLUX.1 transformers (FluxTransformer2DModel) only, got {names}.")
+    transformer = flux[0]
+    radius = _check_int("radius", radius, 1)
+    down_factor = _check_int("down_factor", down_factor, 1)
+    if not isinstance(proportional_attention, bool):
+        raise TypeError(f"`proportional_attention` must be a bool, got {proportional_attention!r}.")
+    if backend is not None:
+        from ..kernels.block_sparse import block_sparse_backends
+
+        if backend not in block_sparse_backends():
+            known = ", ".join(map(repr, block_sparse_backends()))
+            raise ValueError(f"`backend` must be one of {known} or None, got backend={backend!r}.")
+    if q_tile is not None or kv_tile is not None:
+        q_tile, kv_tile = resolve_clear_tiles((1, 1), q_tile, kv_tile)
+    layer_names = [info.name for info in list_layers(transformer)]
+    state = ClearState(radius, down_factor, proportional_attention, backend, q_tile, kv_tile)
+    if down_factor > 1:
+        device = next(transformer.parameters()).device
+        state.pooling = ClearPooling(layer_names, down_factor, device=device if device.type != "meta" else None)
+    restore_weights = None
+    if weights is not None:
+        state.report, restore_weights = load_clear_weights(
+            transformer, layer_names, weights, down_factor, state.pooling
+        )
+        meta = state.report.metadata
+        if meta.get("radius") not in (None, str(radius)):
+            logger.warning(
+                "CLEAR weights %s were distilled with radius=%s; running them with radius=%d",
+                state.report.source,
+                meta["radius"],
+                radius,
+            )
+    try:
+        handle = apply_processors(
+            transformer,
+            lambda info: ClearCore(state, info.name),
+            processor_cls=ClearAttnProcessor,
+            description=f"CLEAR(radius={radius}, down_factor={down_factor})",
+        )
+    except BaseException:
+        if restore_weights is not None:
+            restore_weights()
+        raise
+    if restore_weights is not None:
+        handle.add_callback(restore_weights)
+    handle.clear = state
+    return handle
+
+
+def _register() -> None:
+    from ..techniques import Option, Technique, register_technique
+
+    register_technique(
+        Technique(
+            name="clear",
+            summary="CLEAR circular local attention for FLUX (radius r, optional pooled global tokens, official or "
+            "distilled weights) for faster high-resolution generation",
+            apply=apply_clear,
+            options=(
+                Option(
+                    "radius", "int", 16, "window radius in tokens (16 px each); released weights: 8, 16, 32", minimum=1
+                ),
+                Option(
+                    "down_factor",
+                    "int",
+                    1,
+                    "pooled global tokens over d x d cells (1 = none; released: 1, 4)",
+                    minimum=1,
+                ),
+                Option("weights", "path", None, "CLEAR checkpoint (.safetensors, official key format)"),
+                Option("proportional_attention", "bool", False, "official high-resolution softmax scaling"),
+                Option(
+                    "backend", "str", None, "kernel: triton, flex, reference (default automatic)", choices=BACKENDS
+                ),
+            ),
+            families=("flux",),
+            doc="docs/clear.md",
+        )
+    )
+
+
+_register()

@@ -1,0 +1,30 @@
+"""Input checks shared by the attention entry points (errors name the argument and its value)."""
+
+from __future__ import annotations
+
+import torch
+
+
+__all__ = ["check_qkv"]
+
+
+def check_qkv(query, key, value, *, n_hint: str = "N") -> None:
+    """``query`` ``[B, H, Nq, D]``, ``key`` ``[B, H, Nk, D]``, ``value`` ``[B, H, Nk, Dv]`` on one device and dtype."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"`{name}` must be a [B, H, {n_hint}, D] tensor, got {got}.")
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"query, key and value must be on the same device, got {query.device}, {key.device}, {value.device}."
+        )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}.")
+    b, h = query.shape[:2]
+    if key.shape[:2] != (b, h) or value.shape[:2] != (b, h) or key.shape[2] != value.shape[2]:
+        raise ValueError(
+            f"key and value must be [B={b}, H={h}, Nk, D] with the same Nk, got key {tuple(key.shape)}, value "
+            f"{tuple(value.shape)}."
+        )
+    if key.shape[3] != query.shape[3]:
+        raise ValueError(f"query and key head dims must match, got {query.shape[3]} and {key.shape[3]}.")

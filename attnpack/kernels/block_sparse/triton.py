@@ -1,0 +1,310 @@
+"""Fused block-sparse attention forward kernel in Triton.
+
+One program per (query tile, batch x head). It gathers its query rows through the query order (the token
+permutation is fused: rows are loaded from, and stored to, their original positions, so no permuted copy of Q, K, V
+or O is ever written), then walks the tile table: first the *full* key tiles with no mask at all, then the
+*partial* ones, where padding and the pattern's in-tile mask (a ``@triton.jit`` function) are applied. Softmax is
+the usual online (flash) softmax in fp32 with ``exp2``.
+
+Runs on CUDA, and on CPU in the Triton interpreter (``TRITON_INTERPRET=1``, set before importing triton), where
+operands are upcast to fp32 before ``tl.dot`` (bf16 dots are wrong in the interpreter). Forward only.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .pattern import BlockSparsePattern
+
+
+__all__ = ["block_sparse_triton", "triton_unusable", "interpreting"]
+
+MAX_HEAD_DIM = 256
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _tile_update(q, k, v, m_i, l_i, acc, qk_scale, keep, MASKED: tl.constexpr, DOT_F32: tl.constexpr):
+    """One key tile of the online softmax. q ``[M, D]``, k ``[D, N]``, v ``[N, Dv]``; ``keep`` ``[M, N]``."""
+    if DOT_F32:
+        qk = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
+    else:
+        qk = tl.dot(q, k)
+    qk = qk * qk_scale
+    if MASKED:
+        qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_F32:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _load_kv(k_base, v_base, ki_base, offs_n, NK, stride_kn, stride_vn, offs_d, offs_dv, d_ok, dv_ok,
+             KV_GATHER: tl.constexpr, PARTIAL: tl.constexpr):  # fmt: skip
+    """K^T ``[BLOCK_D, BLOCK_N]`` and V ``[BLOCK_N, BLOCK_DV]`` of tile-major key positions ``offs_n`` (rows gathered
+    through the key order), plus the original key indices (``-1``: padding, only on partial tiles)."""
+    if KV_GATHER:
+        kv_idx = tl.load(ki_base + offs_n)
+    else:
+        kv_idx = tl.where(offs_n < NK, offs_n, -1)
+    if PARTIAL:
+        kv_ok = kv_idx >= 0
+        rows = tl.where(kv_ok, kv_idx, 0).to(tl.int64)
+        k = tl.load(
+            k_base + rows[None, :] * stride_kn + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0
+        )
+        v = tl.load(
+            v_base + rows[:, None] * stride_vn + offs_dv[None, :], mask=kv_ok[:, None] & dv_ok[None, :], other=0.0
+        )
+    else:  # full tiles hold no padding
+        rows = kv_idx.to(tl.int64)
+        k = tl.load(k_base + rows[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vn + offs_dv[None, :], mask=dv_ok[None, :], other=0.0)
+    return k, v, kv_idx
+
+
+@triton.jit
+def _attend_tiles(
+    tbl, i0, i1, q, q_idx, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn, stride_vn,
+    offs_d, offs_dv, d_ok, dv_ok, KV_TILE: tl.constexpr, BLOCK_N: tl.constexpr, KV_GATHER: tl.constexpr,
+    MASK_FN: tl.constexpr, PARTIAL: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over table entries ``[i0, i1)`` (each key tile in ``KV_TILE // BLOCK_N`` blocks). On partial
+    tiles padding keys and, if given, ``MASK_FN`` on original indices are applied; full tiles use no mask."""
+    offs_t = tl.arange(0, BLOCK_N)
+    q_ok = q_idx >= 0
+    q_mask_idx = tl.where(q_ok, q_idx, 0)[:, None]
+    for i in range(i0, i1):
+        kt = tl.load(tbl + i)
+        for j in tl.static_range(KV_TILE // BLOCK_N):
+            offs_n = kt * KV_TILE + j * BLOCK_N + offs_t
+            k, v, kv_idx = _load_kv(
+                k_base, v_base, ki_base, offs_n, NK, stride_kn, stride_vn, offs_d, offs_dv, d_ok, dv_ok,
+                KV_GATHER, PARTIAL,
+            )  # fmt: skip
+            keep = q_ok[:, None]
+            if PARTIAL:
+                kv_ok = kv_idx >= 0
+                keep = kv_ok[None, :] & (q_idx[:, None] >= -1)
+                if MASK_FN is not None:
+                    keep = keep & MASK_FN(b, h, q_mask_idx, tl.where(kv_ok, kv_idx, 0)[None, :], MP)
+            m_i, l_i, acc = _tile_update(q, k, v, m_i, l_i, acc, qk_scale, keep, PARTIAL, DOT_F32)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _block_sparse_fwd(
+    Q, K, V, Out, LSE, QI, KI, TBL, NKV, NFULL, MP,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_qih, stride_kih,
+    stride_tb, stride_th, stride_tq,
+    stride_cb, stride_ch,
+    H, NQ, NK, qk_scale,
+    Q_TILE: tl.constexpr, KV_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    Q_GATHER: tl.constexpr, KV_GATHER: tl.constexpr,
+    MASK_FN: tl.constexpr, HAS_LSE: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    # one program: BLOCK_M query rows (a part of query tile q_tile) x one (batch, head)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_tile = pid_m // (Q_TILE // BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if Q_GATHER:
+        q_idx = tl.load(QI + h * stride_qih + offs_m)
+    else:
+        q_idx = tl.where(offs_m < NQ, offs_m, -1)
+    q_ok = q_idx >= 0
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    q_rows = tl.where(q_ok, q_idx, 0).to(tl.int64)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qn + offs_d[None, :],
+        mask=q_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    ki_base = KI + h * stride_kih
+    tbl = TBL + b * stride_tb + h * stride_th + q_tile * stride_tq
+    n_kv = tl.load(NKV + b * stride_cb + h * stride_ch + q_tile)
+    n_full = tl.load(NFULL + b * stride_cb + h * stride_ch + q_tile)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # full tiles first (every pair visible, no padding: no mask at all), then partial tiles (padding + in-tile mask)
+    m_i, l_i, acc = _attend_tiles(
+        tbl, 0, n_full, q, q_idx, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn,
+        stride_vn, offs_d, offs_dv, d_ok, dv_ok, KV_TILE, BLOCK_N, KV_GATHER, None, False, DOT_F32,
+    )  # fmt: skip
+    m_i, l_i, acc = _attend_tiles(
+        tbl, n_full, n_kv, q, q_idx, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn,
+        stride_vn, offs_d, offs_dv, d_ok, dv_ok, KV_TILE, BLOCK_N, KV_GATHER, MASK_FN, True, DOT_F32,
+    )  # fmt: skip
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(
+        Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_on + offs_dv[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=q_ok[:, None] & dv_ok[None, :],
+    )
+    if HAS_LSE:
+        lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + pid_bh.to(tl.int64) * NQ + q_rows, lse, mask=q_ok)
+
+
+def _configs():
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+        for m, n, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep block sizes that divide the tiles (a query / key tile is split into whole blocks)."""
+    q_tile, kv_tile = kwargs.get("Q_TILE", named_args.get("Q_TILE")), kwargs.get("KV_TILE", named_args.get("KV_TILE"))
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= q_tile
+        and q_tile % c.kwargs["BLOCK_M"] == 0
+        and c.kwargs["BLOCK_N"] <= kv_tile
+        and kv_tile % c.kwargs["BLOCK_N"] == 0
+    ]
+    return kept or [triton.Config({"BLOCK_M": q_tile, "BLOCK_N": kv_tile}, num_warps=4, num_stages=2)]
+
+
+@functools.cache
+def _tuned_kernel():
+    return triton.autotune(
+        configs=_configs(),
+        key=["Q_TILE", "KV_TILE", "BLOCK_D", "BLOCK_DV", "Q_GATHER", "KV_GATHER", "DOT_F32", "HAS_LSE"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(_block_sparse_fwd)
+
+
+def _is_pow2(x: int) -> bool:
+    return x >= 1 and x & (x - 1) == 0
+
+
+def triton_unusable(query, key, value, pattern: BlockSparsePattern, needs_grad: bool) -> str | None:
+    """Why the Triton kernel cannot run this call (``None``: it can)."""
+    if query.device.type != "cuda" and not interpreting():
+        return "the Triton kernel needs a CUDA device (or TRITON_INTERPRET=1 set before importing triton)"
+    if needs_grad:
+        return "the Triton kernel is forward-only; use backend='flex' (CUDA) or 'reference' for gradients"
+    if pattern.mask is not None and pattern.mask.triton_fn is None:
+        return f"the pattern's mask {pattern.mask.name!r} has no Triton version (TileMask.triton_fn)"
+    for name, t in (("query", pattern.q_tile), ("key", pattern.kv_tile)):
+        if not _is_pow2(t) or t < 16:
+            return f"{name} tiles must hold a power of two >= 16 tokens for tl.dot, got {t}"
+    if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims above {MAX_HEAD_DIM} are not supported"
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {query.dtype} is not supported"
+    return None
+
+
+def _order_gathers(pattern: BlockSparsePattern) -> tuple[bool, bool]:
+    key = "triton_gathers"
+    if key not in pattern._cache:
+        pattern._cache[key] = (not pattern.q_order.is_identity(), not pattern.kv_order.is_identity())
+    return pattern._cache[key]
+
+
+def block_sparse_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pattern: BlockSparsePattern,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    autotune: bool | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+):
+    """Block-sparse attention with the fused Triton kernel (see :func:`attnpack.kernels.block_sparse_attention`).
+
+    Other options (``backend_options``): ``autotune`` tunes the block sizes (query / key tiles are split into
+    ``BLOCK_M`` / ``BLOCK_N`` blocks), ``num_warps`` and ``num_stages`` per tile shape (default: on CUDA, off in
+    the interpreter); without tuning, ``block_m`` / ``block_n`` (default: whole tiles).
+    """
+    bsz, heads, nq, dim = query.shape
+    nk, dv = key.shape[2], value.shape[-1]
+    scale = dim**-0.5 if scale is None else scale
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    table = pattern.table
+    out = torch.empty(bsz, heads, nq, dv, device=query.device, dtype=query.dtype)
+    lse = torch.empty(bsz, heads, nq, device=query.device, dtype=torch.float32) if return_lse else out
+    qi = pattern.q_order.index.expand(heads, -1)
+    ki = pattern.kv_order.index.expand(heads, -1)
+    tiles = table.kv_tiles.expand(bsz, heads, -1, -1)
+    nkv = table.num_kv.expand(bsz, heads, -1)
+    nfull = table.num_full.expand(bsz, heads, -1)
+    mask = pattern.mask
+    params = mask.params if mask is not None and mask.params is not None else table.num_kv
+    q_gather, kv_gather = _order_gathers(pattern)
+    interp = interpreting()
+    use_tuning = (query.device.type == "cuda" and not interp) if autotune is None else autotune
+    if use_tuning and interp:
+        raise ValueError("`autotune` needs a CUDA device; the Triton interpreter cannot time kernels.")
+    q_tile, kv_tile = pattern.q_tile, pattern.kv_tile
+    if use_tuning:
+        kernel, extra = _tuned_kernel(), {}
+    else:
+        bm, bn = block_m or q_tile, block_n or kv_tile
+        if q_tile % bm or kv_tile % bn or not (_is_pow2(bm) and _is_pow2(bn)):
+            raise ValueError(f"block_m / block_n must be powers of two dividing the tiles ({q_tile}, {kv_tile}).")
+        kernel, extra = _block_sparse_fwd, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2}
+
+    def grid(meta):
+        return (table.num_q_tiles * (q_tile // meta["BLOCK_M"]), bsz * heads)
+
+    kernel[grid](
+        query, key, value, out, lse, qi, ki, tiles, nkv, nfull, params,
+        query.stride(0), query.stride(1), query.stride(2),
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        qi.stride(0), ki.stride(0),
+        tiles.stride(0), tiles.stride(1), tiles.stride(2),
+        nkv.stride(0), nkv.stride(1),
+        heads, nq, nk, scale * math.log2(math.e),
+        Q_TILE=q_tile, KV_TILE=kv_tile,
+        HEAD_DIM=dim, HEAD_DIM_V=dv,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        Q_GATHER=q_gather, KV_GATHER=kv_gather,
+        MASK_FN=mask.triton_fn if mask is not None else None,
+        HAS_LSE=return_lse, DOT_F32=interp or query.dtype == torch.float32,
+        **extra,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out

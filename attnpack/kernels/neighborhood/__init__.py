@@ -1,0 +1,246 @@
+"""Generalized neighborhood attention (GNA), with NATTEN 0.21 semantics, on ``[B, H, N, D]`` tensors.
+
+Paper: Hassani et al., "Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of
+Light", https://arxiv.org/abs/2504.16922. The pattern (windows shifted inward at borders, stride groups sharing their
+leader's window, causal windows ending at the query, dilation as interleaved sub-grids) is described in
+:mod:`attnpack.kernels.masks`; the fast backends run it through :func:`attnpack.kernels.block_sparse_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_qkv
+from ..block_sparse import BlockSparsePattern, block_sparse_attention, choose_backend
+from ..masks import NeighborhoodSpec, default_tile_shape, neighborhood_pattern
+from .reference import neighborhood_reference
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["neighborhood_attention", "normalize_neighborhood_args", "cached_neighborhood_pattern", "BACKENDS"]
+
+BACKENDS = ("reference", "tiled", "flex", "triton")
+
+IntOrTuple = int | Sequence[int]
+BoolOrTuple = bool | Sequence[bool]
+
+
+def _per_axis(name: str, value, ndim: int, grid, kind=int) -> tuple:
+    if kind is bool:
+        ok_scalar = isinstance(value, bool)
+        ok_item = lambda v: isinstance(v, bool)  # noqa: E731
+        expected = "a bool or a tuple of bools"
+    else:
+        ok_scalar = isinstance(value, int) and not isinstance(value, bool)
+        ok_item = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        expected = "an int or a tuple of ints"
+    if ok_scalar:
+        return (value,) * ndim
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == ndim and all(map(ok_item, value)):
+        return tuple(value)
+    raise ValueError(f"`{name}` must be {expected}, one per axis of grid_shape={tuple(grid)}, got {name}={value!r}.")
+
+
+def normalize_neighborhood_args(
+    grid_shape: Sequence[int],
+    window_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1,
+    is_causal: BoolOrTuple = False,
+) -> NeighborhoodSpec:
+    """Check GNA arguments as NATTEN's ``utils/checks.py`` does and return the normalised :class:`NeighborhoodSpec`.
+
+    ``window_size`` may use ``-1`` for the full extent of an axis. Errors name the argument, its value and the grid.
+    """
+    if isinstance(grid_shape, int) and not isinstance(grid_shape, bool):
+        grid_shape = (grid_shape,)
+    if (
+        not isinstance(grid_shape, Sequence)
+        or not 1 <= len(grid_shape) <= 3
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in grid_shape)
+    ):
+        raise ValueError(f"`grid_shape` must be a tuple of 1, 2 or 3 positive ints, got grid_shape={grid_shape!r}.")
+    grid = tuple(grid_shape)
+    ndim = len(grid)
+    window = _per_axis("window_size", window_size, ndim, grid)
+    window = tuple(n if k == -1 else k for k, n in zip(window, grid))
+    stride = _per_axis("stride", stride, ndim, grid)
+    dilation = _per_axis("dilation", dilation, ndim, grid)
+    causal = _per_axis("is_causal", is_causal, ndim, grid, kind=bool)
+    if any(k < 2 for k in window):
+        raise ValueError(
+            f"`window_size` must be >= 2 (or -1 for the full axis) along every axis, got window_size={window} for "
+            f"grid_shape={grid}."
+        )
+    if any(d < 1 for d in dilation):
+        raise ValueError(f"`dilation` must be >= 1 along every axis, got dilation={dilation} for grid_shape={grid}.")
+    if any(s < 1 for s in stride):
+        raise ValueError(f"`stride` must be >= 1 along every axis, got stride={stride} for grid_shape={grid}.")
+    if any(k * d > n for n, k, d in zip(grid, window, dilation)):
+        raise ValueError(
+            "The product of `window_size` and `dilation` cannot be larger than the grid along any axis, got "
+            f"window_size={window}, dilation={dilation} for grid_shape={grid}. Use a smaller window (or -1 for a full "
+            "axis), or rescale it to the grid (apply_gna's `base_size`)."
+        )
+    if any(s > k for k, s in zip(window, stride)):
+        raise ValueError(
+            f"`stride` cannot be larger than `window_size` along any axis, got stride={stride}, window_size={window} "
+            f"for grid_shape={grid}."
+        )
+    return NeighborhoodSpec(grid, window, stride, dilation, causal)
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern_cached(spec, q_tile, kv_tile, num_extra, device) -> BlockSparsePattern:
+    return neighborhood_pattern(spec, q_tile=q_tile, kv_tile=kv_tile, num_extra=num_extra, device=device)
+
+
+def cached_neighborhood_pattern(
+    spec: NeighborhoodSpec,
+    *,
+    q_tile: Sequence[int] | None = None,
+    kv_tile: Sequence[int] | None = None,
+    num_extra: int = 0,
+    device: torch.device | str = "cpu",
+) -> BlockSparsePattern:
+    """:func:`~attnpack.kernels.masks.neighborhood_pattern`, cached per (spec, tiles, extra keys, device)."""
+    device = torch.device(device)
+    q_tile = tuple(q_tile) if q_tile is not None else default_tile_shape(spec.grid, device.type)
+    kv_tile = tuple(kv_tile) if kv_tile is not None else q_tile
+    for name, t in (("q_tile_shape", q_tile), ("kv_tile_shape", kv_tile)):
+        if len(t) != spec.ndim or not all(isinstance(x, int) and x >= 1 for x in t):
+            raise ValueError(f"`{name}` must be {spec.ndim} positive ints (one per axis), got {name}={t!r}.")
+    return _pattern_cached(spec, q_tile, kv_tile, num_extra, str(device))
+
+
+def _check_tensors(query, key, value, additional_keys, additional_values, grid) -> None:
+    check_qkv(query, key, value, n_hint="N = prod(grid_shape)")
+    n = math.prod(grid)
+    if query.shape[2] != n or key.shape[2] != n:
+        raise ValueError(
+            f"query, key and value must hold N = prod(grid_shape) = {n} tokens for grid_shape={tuple(grid)}, got "
+            f"{query.shape[2]}, {key.shape[2]}, {value.shape[2]}."
+        )
+    if (additional_keys is None) != (additional_values is None):
+        raise ValueError("`additional_keys` and `additional_values` must be either both tensors or both None.")
+    if additional_keys is None:
+        return
+    for name, t, ref in (("additional_keys", additional_keys, key), ("additional_values", additional_values, value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"`{name}` must be a [B, H, M, D] tensor, got {type(t).__name__}.")
+        if t.device != ref.device or t.dtype != ref.dtype:
+            raise ValueError(f"`{name}` must be on {ref.device} with dtype {ref.dtype}, got {t.device}, {t.dtype}.")
+        if t.shape[:2] != ref.shape[:2] or t.shape[3] != ref.shape[3]:
+            raise ValueError(
+                f"`{name}` must match {'key' if ref is key else 'value'} in batch, heads and head dim: expected "
+                f"[{ref.shape[0]}, {ref.shape[1]}, M, {ref.shape[3]}], got {list(t.shape)}."
+            )
+    if additional_keys.shape[2] != additional_values.shape[2]:
+        raise ValueError(
+            "`additional_keys` and `additional_values` must hold the same number of tokens, got "
+            f"{additional_keys.shape[2]} and {additional_values.shape[2]}."
+        )
+
+
+def _dense(query, key, value, additional_keys, additional_values, scale, causal):
+    if additional_keys is not None:
+        key = torch.cat([key, additional_keys], dim=2)
+        value = torch.cat([value, additional_values], dim=2)
+    return F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scale)
+
+
+def neighborhood_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    grid_shape: Sequence[int],
+    window_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1,
+    is_causal: BoolOrTuple = False,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+    q_tile_shape: Sequence[int] | None = None,
+    kv_tile_shape: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Generalized neighborhood attention (GNA) with NATTEN's ``na1d`` / ``na2d`` / ``na3d`` semantics.
+
+    Paper: https://arxiv.org/abs/2504.16922. Every query attends the Cartesian product of its per-axis windows, plus
+    every additional key. Along an axis of length ``n`` with window ``k``, stride ``s``, dilation ``d``:
+    non-causal windows hold ``k // 2`` keys before and ``k // 2 + k % 2 - 1`` after the window centre and are shifted
+    inward at the borders (never padded); queries in groups of ``s`` share the window of their leader (the centre of
+    the group; the last query when causal); causal windows end at the query; dilation splits the axis into ``d``
+    interleaved sub-grids. Full windows on every axis (non-causal) equal plain self-attention.
+
+    Parameters:
+        query, key, value: ``[B, H, N, D]`` (value ``[B, H, N, Dv]``) with ``N = prod(grid_shape)`` tokens in
+            row-major order of the grid.
+        grid_shape: the token grid, 1, 2 or 3 axes (e.g. ``(H, W)`` or ``(F, H, W)``).
+        window_size: window per axis (an int for all axes, or one per axis); ``-1`` = the full axis.
+        stride: stride per axis, ``1 <= stride <= window``.
+        dilation: dilation per axis, ``window * dilation <= n``.
+        is_causal: causal flag per axis.
+        additional_keys, additional_values: ``[B, H, M, D]`` / ``[B, H, M, Dv]`` tokens every query attends on top
+            of its neighborhood (e.g. text tokens).
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Other Parameters:
+        backend: ``"reference"`` (pure PyTorch: every query gathers its own window; memory ``O(N x window)``;
+            differentiable), ``"tiled"`` (pure PyTorch on the block-sparse tiles: faster on CPU, memory
+            ``O(N x keys visited per tile)``, differentiable), ``"flex"`` (FlexAttention; backward on CUDA),
+            ``"triton"`` (fused forward kernel; CUDA, or ``TRITON_INTERPRET=1``), or ``None``: full windows run
+            dense SDPA, otherwise Triton on CUDA when no gradient is needed, flex on CUDA, ``"tiled"`` elsewhere.
+            The choice is logged at DEBUG level.
+        q_tile_shape, kv_tile_shape: N-D tile shapes of the tiled / flex / Triton backends (default on CUDA:
+            NATTEN's 128-token tiles, 1-D ``(128,)``, 2-D ``(16, 8)``, 3-D ``(2, 8, 8)``; elsewhere 64-token tiles;
+            shrunk on small axes).
+
+    Returns:
+        ``[B, H, N, Dv]`` in the input dtype.
+    """
+    spec = normalize_neighborhood_args(grid_shape, window_size, stride, dilation, is_causal)
+    _check_tensors(query, key, value, additional_keys, additional_values, spec.grid)
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {', '.join(map(repr, BACKENDS))} or None, got {backend!r}.")
+    num_extra = 0 if additional_keys is None else additional_keys.shape[2]
+    if backend is None and (spec.is_full() or (spec.is_plain_causal() and num_extra == 0)):
+        logger.debug("neighborhood_attention: full window on every axis of %s; using dense SDPA", spec.grid)
+        return _dense(query, key, value, additional_keys, additional_values, scale, spec.is_plain_causal())
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, additional_keys, additional_values)
+    )
+    if backend == "reference":
+        return neighborhood_reference(
+            query, key, value, spec, additional_keys=additional_keys, additional_values=additional_values, scale=scale
+        )
+    if backend is None and query.device.type != "cuda":
+        logger.debug("neighborhood_attention: backend not set; picked 'tiled' on %s", query.device.type)
+        backend = "tiled"
+    pattern = cached_neighborhood_pattern(
+        spec, q_tile=q_tile_shape, kv_tile=kv_tile_shape, num_extra=num_extra, device=query.device
+    )
+    if additional_keys is not None:
+        key = torch.cat([key, additional_keys], dim=2)
+        value = torch.cat([value, additional_values], dim=2)
+    if backend is None:
+        name, skipped = choose_backend(query, key, value, pattern, needs_grad)
+        logger.debug(
+            "neighborhood_attention: backend not set; picked %r for grid %s%s",
+            name,
+            spec.grid,
+            f" (skipped {'; '.join(skipped)})" if skipped else "",
+        )
+        backend = name
+    return block_sparse_attention(
+        query, key, value, pattern, scale=scale, backend="reference" if backend == "tiled" else backend
+    )

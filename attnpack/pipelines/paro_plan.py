@@ -1,0 +1,449 @@
+"""ParoPlan: the result of PARO calibration (per-head axis orders + static block masks), saved as safetensors.
+
+Paper: https://arxiv.org/abs/2506.16054. A plan is tied to one denoiser (class and config), one token grid (latent
+frames x height x width after patching, plus the text length), one block size and one step schedule: PARO's masks are
+static, so using a plan on another model or resolution raises a ``ValueError`` instead of silently attending to the
+wrong blocks. A different number of steps is mapped by progress through the schedule (and logged).
+
+File layout (safetensors):
+
+- ``orders``: ``int8 [L, H]`` order index per layer and head (``0 FHW, 1 FWH, 2 HWF, 3 HFW, 4 WHF, 5 WFH``; images
+  ``0 HW, 1 WH``).
+- ``masks``: ``uint8 [NB, L, row_bytes]``: per timestep bucket (``NB``) and layer, the ``[H, T, T]`` block codes
+  (``T`` blocks per side, text blocks included) bit-packed into one row. A block's code is the index of the smallest
+  stored density whose mask keeps it (``len(densities)``: kept only at density 1); ``mask_bits`` per code is 1, 2, 4
+  or 8 (1 bit for a single density). Plans stay packed in memory too; one (bucket, layer) row is unpacked when its
+  pattern is built.
+- ``order_metrics`` (optional): ``float32 [L, H, n_orders, 2]`` calibration sparsity and incoherence of every
+  candidate order.
+- metadata: format and version, model class, config hash, family, grid, text length and position, steps, block size,
+  densities, timestep buckets, alpha, quant, mask rule, layer names, heads, shapes and free-form ``info`` (JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import atomic_path
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ParoPlan",
+    "mask_bits_for",
+    "pack_mask_rows",
+    "config_hash",
+    "timestep_bucket",
+    "schedule_bucket",
+    "default_timestep_buckets",
+    "pack_codes",
+    "unpack_codes",
+]
+
+FORMAT = "attnpack.paro_plan"
+VERSION = 1
+
+
+def config_hash(model: torch.nn.Module) -> str:
+    """A short hash of a denoiser's config (private ``_``-prefixed entries such as the checkpoint path excluded)."""
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def default_timestep_buckets(num_inference_steps: int) -> int:
+    """The paper's schedule: one mask per step of the first half (the later half shares one more)."""
+    return num_inference_steps // 2
+
+
+def timestep_bucket(step_index: int, num_steps: int, buckets: int) -> int:
+    """Mask bucket of a step: ``buckets`` distinct masks over the first ``num_steps // 2`` steps, then one shared.
+
+    Returns a value in ``[0, buckets]``; ``buckets`` is the shared bucket of the later half.
+    """
+    half = num_steps // 2
+    if step_index >= half or buckets == 0:
+        return buckets
+    return min(buckets - 1, max(0, step_index) * buckets // half)
+
+
+def schedule_bucket(step_index: int | None, num_steps: int | None, calibrated_steps: int, buckets: int) -> int:
+    """:func:`timestep_bucket` of a step of a ``num_steps`` schedule, mapped by progress onto the calibrated one."""
+    step_index = 0 if step_index is None else step_index
+    if num_steps and num_steps != calibrated_steps:
+        step_index = step_index * calibrated_steps // num_steps
+    return timestep_bucket(step_index, calibrated_steps, buckets)
+
+
+def mask_bits_for(num_densities: int) -> int:
+    """Bits per block code for ``num_densities`` stored levels (codes ``0..num_densities``)."""
+    for bits in (1, 2, 4, 8):
+        if num_densities < (1 << bits):
+            return bits
+    raise ValueError(f"at most 255 densities can be stored in a plan, got {num_densities}.")
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack small non-negative integer codes (``uint8``, any shape) into a 1-D ``uint8`` tensor, ``8 // bits`` per
+    byte, least significant first."""
+    per = 8 // bits
+    flat = codes.flatten().to(torch.int32)
+    pad = (-flat.numel()) % per
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    return (flat.view(-1, per) << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`."""
+    per = 8 // bits
+    n = math.prod(shape)
+    if packed.numel() * per < n:
+        raise ValueError(f"packed masks hold {packed.numel() * per} codes, expected {n}: the file is damaged.")
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    values = (packed.to(torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)
+    return values.flatten()[:n].to(torch.uint8).view(*shape)
+
+
+def pack_mask_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``uint8 [..., H, T, T]`` codes -> ``uint8 [..., row_bytes]``: every ``[H, T, T]`` slice packed on its own."""
+    lead = codes.shape[:-3]
+    rows = codes.reshape(-1, math.prod(codes.shape[-3:]))
+    packed = torch.stack([pack_codes(r, bits) for r in rows]) if rows.shape[0] else rows.new_zeros(0, 0)
+    return packed.view(*lead, -1)
+
+
+@dataclasses.dataclass(eq=False)
+class ParoPlan:
+    """A calibrated PARO plan for one denoiser, token grid and step schedule.
+
+    Attributes:
+        model_class / config_hash / family: the denoiser it was calibrated on (:func:`config_hash`).
+        grid: token grid of the image / video tokens at the attention layers, ``(F, H, W)`` or ``(H, W)``.
+        text_len / text_first: text tokens joined with them in self-attention (CogVideoX: first; FLUX: first; Wan: 0).
+        num_inference_steps: the calibration schedule length.
+        block_size: tokens per block (the kernel tile).
+        densities: stored mask densities (strictly increasing); density 1 (all blocks) is always available.
+        density: the default density of :func:`~attnpack.apply_paro`.
+        timestep_buckets: distinct masks over the first half of the steps; the later half shares one more.
+        layers: names of the calibrated attention layers, in the order of :attr:`orders`.
+        heads: heads per layer.
+        orders: ``int8 [L, H]`` axis-order index per layer and head.
+        masks: ``uint8 [timestep_buckets + 1, L, row_bytes]`` bit-packed nested mask codes (:func:`pack_mask_rows`
+            of ``[timestep_buckets + 1, L, H, T, T]`` codes from :func:`~attnpack.kernels.paro.select_block_masks`).
+        mask_bits: bits per code (:func:`mask_bits_for` of the number of densities).
+        alpha: weight of sparsity vs. incoherence in the order choice.
+        quant: default quantization of :func:`~attnpack.apply_paro` (``"int8"``, ``"fp8"``, ``"int4"`` or ``None``).
+        mask_rule: ``"threshold"`` (one mass threshold per head) or ``"row"`` (per query-block row).
+        order_metrics: optional ``float32 [L, H, n_orders, 2]`` sparsity / incoherence per candidate order.
+        info: free-form JSON-serialisable details (prompts, sizes, fidelity, versions).
+    """
+
+    model_class: str
+    config_hash: str
+    family: str
+    grid: tuple[int, ...]
+    text_len: int
+    text_first: bool
+    num_inference_steps: int
+    block_size: int
+    densities: tuple[float, ...]
+    density: float
+    timestep_buckets: int
+    layers: tuple[str, ...]
+    heads: int
+    orders: torch.Tensor
+    masks: torch.Tensor
+    mask_bits: int
+    alpha: float = 0.5
+    quant: str | None = "int8"
+    mask_rule: str = "threshold"
+    order_metrics: torch.Tensor | None = None
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    _warned_steps: bool = dataclasses.field(default=False, init=False, repr=False)
+
+    def __post_init__(self):
+        self.grid = tuple(int(g) for g in self.grid)
+        self.densities = tuple(float(d) for d in self.densities)
+        self.layers = tuple(self.layers)
+        self.orders = self.orders.to(torch.int8).cpu()
+        self.masks = self.masks.to(torch.uint8).cpu()
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------------ shape
+    @property
+    def num_blocks(self) -> int:
+        """Blocks per side ``T``: text blocks plus grid blocks."""
+        return -(-self.text_len // self.block_size) + -(-math.prod(self.grid) // self.block_size)
+
+    @property
+    def text_blocks(self) -> range:
+        nt = -(-self.text_len // self.block_size)
+        if self.text_first:
+            return range(0, nt)
+        return range(self.num_blocks - nt, self.num_blocks)
+
+    @property
+    def num_buckets(self) -> int:
+        return self.timestep_buckets + 1
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if the fields are inconsistent (a damaged or hand-edited plan)."""
+        n_layers, t = len(self.layers), self.num_blocks
+        if tuple(self.orders.shape) != (n_layers, self.heads):
+            raise ValueError(f"ParoPlan.orders must be [{n_layers}, {self.heads}], got {tuple(self.orders.shape)}.")
+        if self.mask_bits not in (1, 2, 4, 8) or (1 << self.mask_bits) <= len(self.densities):
+            raise ValueError(
+                f"ParoPlan.mask_bits={self.mask_bits} cannot hold codes of {len(self.densities)} densities."
+            )
+        expect = (self.num_buckets, n_layers, -(-self.heads * t * t * self.mask_bits // 8))
+        if tuple(self.masks.shape) != expect:
+            raise ValueError(
+                f"ParoPlan.masks must be packed rows {list(expect)} ({self.heads} heads x {t} x {t} blocks at "
+                f"{self.mask_bits} bits), got {list(self.masks.shape)}."
+            )
+        n_orders = 6 if len(self.grid) == 3 else 2
+        if len(self.grid) not in (2, 3) or bool(((self.orders < 0) | (self.orders >= n_orders)).any()):
+            raise ValueError(f"ParoPlan: orders must lie in [0, {n_orders}) for grid {self.grid}.")
+        d = self.densities
+        if not d or any(not 0 < x <= 1 for x in d) or any(a >= b for a, b in zip(d, d[1:])):
+            raise ValueError(f"ParoPlan.densities must be strictly increasing in (0, 1], got {d}.")
+        if self.density != 1.0 and not any(math.isclose(self.density, x) for x in d):
+            raise ValueError(f"ParoPlan.density={self.density} must be one of the stored densities {d} or 1.0.")
+        if not 0 <= self.timestep_buckets <= max(self.num_inference_steps // 2, 0):
+            raise ValueError(
+                f"ParoPlan.timestep_buckets={self.timestep_buckets} must be in [0, num_inference_steps // 2 = "
+                f"{self.num_inference_steps // 2}]."
+            )
+
+    # ------------------------------------------------------------------------------------------------ lookups
+    def level(self, density: float | None) -> int | None:
+        """Index of ``density`` among :attr:`densities` (``None``: the plan's default; ``None`` result: density 1)."""
+        density = self.density if density is None else density
+        if isinstance(density, bool) or not isinstance(density, (int, float)):
+            raise TypeError(f"`density` must be a number in (0, 1], got {density!r}.")
+        if math.isclose(float(density), 1.0):
+            return None
+        for i, d in enumerate(self.densities):
+            if math.isclose(float(density), d, rel_tol=1e-6, abs_tol=1e-9):
+                return i
+        raise ValueError(
+            f"`density`={density} is not stored in this plan (stored: {', '.join(map(str, self.densities))}, and "
+            f"1.0). Calibrate with `density=[...]` listing every density you want to use."
+        )
+
+    def layer_index(self, name: str) -> int:
+        try:
+            return self.layers.index(name)
+        except ValueError:
+            raise ValueError(
+                f"layer {name!r} is not in this plan; calibrated layers: {', '.join(self.layers)}."
+            ) from None
+
+    def bucket(self, step_index: int | None, num_steps: int | None = None) -> int:
+        """Mask bucket of a denoising step; a schedule of another length is mapped by progress (logged once)."""
+        if num_steps and num_steps != self.num_inference_steps and not self._warned_steps:
+            self._warned_steps = True
+            logger.warning(
+                "PARO plan calibrated for %d steps used with %d: masks are mapped by progress through the schedule; "
+                "calibrate for this schedule for the paper's setting.",
+                self.num_inference_steps,
+                num_steps,
+            )
+        return schedule_bucket(step_index, num_steps, self.num_inference_steps, self.timestep_buckets)
+
+    def mask(self, bucket: int, layer: int, density: float | None = None) -> torch.Tensor:
+        """bool ``[H, T, T]`` block mask of ``layer`` (index) in ``bucket`` at ``density``."""
+        level = self.level(density)
+        codes = self.codes(bucket, layer)
+        return torch.ones_like(codes, dtype=torch.bool) if level is None else codes <= level
+
+    def codes(self, bucket: int, layer: int) -> torch.Tensor:
+        """``uint8 [H, T, T]`` mask codes of one bucket and layer (unpacked)."""
+        t = self.num_blocks
+        return unpack_codes(self.masks[bucket, layer], self.mask_bits, (self.heads, t, t))
+
+    def mask_codes(self) -> torch.Tensor:
+        """All codes, ``uint8 [NB, L, H, T, T]`` (unpacked: mind the memory of large plans)."""
+        return torch.stack(
+            [torch.stack([self.codes(b, i) for i in range(len(self.layers))]) for b in range(self.num_buckets)]
+        )
+
+    def achieved_density(self, density: float | None = None) -> float:
+        """Mean fraction of kept blocks over buckets, layers and heads."""
+        level = self.level(density)
+        if level is None:
+            return 1.0
+        kept = sum(
+            int((self.codes(b, i) <= level).sum()) for b in range(self.num_buckets) for i in range(len(self.layers))
+        )
+        return kept / (self.num_buckets * len(self.layers) * self.heads * self.num_blocks**2)
+
+    def order_names(self) -> list[list[str]]:
+        from ..kernels.paro.orders import axis_order_names
+
+        names = axis_order_names(len(self.grid))
+        return [[names[int(o)] for o in row] for row in self.orders]
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-serialisable description (no tensors)."""
+        from ..kernels.paro.orders import axis_order_names
+
+        names = axis_order_names(len(self.grid))
+        counts = torch.bincount(self.orders.flatten().long(), minlength=len(names))
+        return {
+            "model_class": self.model_class,
+            "family": self.family,
+            "grid": list(self.grid),
+            "text_len": self.text_len,
+            "num_inference_steps": self.num_inference_steps,
+            "block_size": self.block_size,
+            "blocks_per_side": self.num_blocks,
+            "layers": len(self.layers),
+            "heads": self.heads,
+            "timestep_buckets": self.timestep_buckets,
+            "densities": {str(d): self.achieved_density(d) for d in self.densities},
+            "default_density": self.density,
+            "quant": self.quant,
+            "alpha": self.alpha,
+            "mask_rule": self.mask_rule,
+            "order_counts": {n: int(c) for n, c in zip(names, counts)},
+        }
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ``ValueError`` unless ``model`` is the denoiser this plan was calibrated on."""
+        from ..attn_processors._apply import list_layers
+
+        cls = type(model).__name__
+        if cls != self.model_class:
+            raise ValueError(
+                f"this PARO plan was calibrated on a {self.model_class}; the pipeline's denoiser is a {cls}. "
+                "Calibrate a plan for this model with `attnpack.calibrate_paro` or `attnpack calibrate-paro`."
+            )
+        digest = config_hash(model)
+        if digest != self.config_hash:
+            raise ValueError(
+                f"this PARO plan was calibrated on a {cls} with config hash {self.config_hash}; this model's config "
+                f"hashes to {digest} (another size or variant). Calibrate a plan for this model."
+            )
+        heads = {info.name: info.heads for info in list_layers(model)}
+        for name in self.layers:
+            if heads.get(name) != self.heads:
+                raise ValueError(
+                    f"layer {name!r} of the plan has {self.heads} heads, the model's has {heads.get(name)}: the plan "
+                    "does not fit this model."
+                )
+
+    def check_layout(self, grid: tuple[int, ...] | None, text_len: int, text_first: bool) -> None:
+        """Raise ``ValueError`` unless an attention call's token layout is the calibrated one."""
+        grid = None if grid is None else tuple(grid)
+        if grid != self.grid or text_len != self.text_len or (text_len and text_first != self.text_first):
+            raise ValueError(
+                f"this PARO plan was calibrated for a token grid {self.grid} with {self.text_len} text tokens; this "
+                f"call has grid {grid} with {text_len} text tokens. PARO masks are static: calibrate a plan for this "
+                "resolution, frame count and prompt length (`attnpack calibrate-paro --height ... --width ... "
+                "--frames ...`)."
+            )
+
+    # ------------------------------------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan to ``path`` (``.safetensors``) atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"orders": self.orders.contiguous(), "masks": self.masks.contiguous()}
+        if self.order_metrics is not None:
+            tensors["order_metrics"] = self.order_metrics.float().contiguous()
+        metadata = {
+            "format": FORMAT,
+            "version": str(VERSION),
+            "model_class": self.model_class,
+            "config_hash": self.config_hash,
+            "family": self.family,
+            "grid": json.dumps(list(self.grid)),
+            "text_len": str(self.text_len),
+            "text_first": json.dumps(self.text_first),
+            "num_inference_steps": str(self.num_inference_steps),
+            "block_size": str(self.block_size),
+            "densities": json.dumps(list(self.densities)),
+            "density": repr(self.density),
+            "timestep_buckets": str(self.timestep_buckets),
+            "layers": json.dumps(list(self.layers)),
+            "heads": str(self.heads),
+            "alpha": repr(self.alpha),
+            "quant": json.dumps(self.quant),
+            "mask_rule": self.mask_rule,
+            "mask_bits": str(self.mask_bits),
+            "info": json.dumps(self.info, default=str),
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ParoPlan:
+        """Read a plan written by :meth:`save`."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"PARO plan {str(path)!r} does not exist.")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{str(path)!r} is not an attnpack PARO plan (no '{FORMAT}' metadata).")
+        if int(meta.get("version", 0)) > VERSION:
+            raise ValueError(
+                f"{str(path)!r} is a PARO plan of format version {meta['version']}; this attnpack reads up to "
+                f"{VERSION}. Upgrade attnpack."
+            )
+        try:
+            return cls(
+                model_class=meta["model_class"],
+                config_hash=meta["config_hash"],
+                family=meta["family"],
+                grid=tuple(json.loads(meta["grid"])),
+                text_len=int(meta["text_len"]),
+                text_first=json.loads(meta["text_first"]),
+                num_inference_steps=int(meta["num_inference_steps"]),
+                block_size=int(meta["block_size"]),
+                densities=tuple(json.loads(meta["densities"])),
+                density=float(meta["density"]),
+                timestep_buckets=int(meta["timestep_buckets"]),
+                layers=tuple(json.loads(meta["layers"])),
+                heads=int(meta["heads"]),
+                orders=tensors["orders"],
+                masks=tensors["masks"],
+                mask_bits=int(meta["mask_bits"]),
+                alpha=float(meta["alpha"]),
+                quant=json.loads(meta["quant"]),
+                mask_rule=meta["mask_rule"],
+                order_metrics=tensors.get("order_metrics"),
+                info=json.loads(meta.get("info", "{}")),
+            )
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{str(path)!r}: damaged PARO plan metadata ({exc!r}).") from None
+
+    def __repr__(self) -> str:
+        dens = ", ".join(f"{d:g}" for d in self.densities)
+        return (
+            f"ParoPlan({self.model_class}, grid={self.grid}, text={self.text_len}, steps={self.num_inference_steps}, "
+            f"block={self.block_size}, layers={len(self.layers)}x{self.heads} heads, densities=({dens}))"
+        )

@@ -1,0 +1,172 @@
+"""The fused Triton block-sparse kernel against the dense oracle (Triton interpreter on CPU, tiny shapes; GPU when
+present). Patterns shaped like the later users: PARO per-head orders/tables, CLEAR text + circle + pooled keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from attnpack.kernels.block_sparse import (
+    BlockSparsePattern,
+    TileMask,
+    TileTable,
+    block_sparse_attention,
+    concat_orders,
+    flat_order,
+    grid_order,
+    stack_orders,
+    tile_table_from_dense,
+    tile_table_from_mask,
+)
+from attnpack.kernels.reference import masked_attention
+from attnpack.kernels.reference import pattern_mask as _dense_mask
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+
+@triton.jit
+def _clear_mask_triton(b, h, q_idx, kv_idx, P):
+    """CLEAR-style visibility: text rows / columns, a circle of radius^2 P[4] on a (P[2], P[3]) image after P[0] text
+    tokens, pooled keys from P[1] on seen only by image queries."""
+    n_text = tl.load(P)
+    pooled_start = tl.load(P + 1)
+    w = tl.load(P + 3)
+    r2 = tl.load(P + 4)
+    qi = q_idx - n_text
+    ki = kv_idx - n_text
+    dy = qi // w - ki // w
+    dx = qi % w - ki % w
+    local = dy * dy + dx * dx < r2
+    img_q = q_idx >= n_text
+    return tl.where(kv_idx >= pooled_start, img_q, (q_idx < n_text) | (kv_idx < n_text) | local)
+
+
+def _clear_pattern(h=8, w=12, n_text=20, pooled=6, radius2=10):
+    n_img = h * w
+
+    def mask_mod(b, h_, q, kv):
+        qi, ki = q - n_text, kv - n_text
+        dy, dx = qi // w - ki // w, qi % w - ki % w
+        local = dy * dy + dx * dx < radius2
+        return torch.where(kv >= n_text + n_img, q >= n_text, (q < n_text) | (kv < n_text) | local)
+
+    tile = 16
+    q_order = concat_orders(flat_order(n_text, tile), grid_order((h, w), (4, 4)))
+    kv_order = concat_orders(flat_order(n_text, tile), grid_order((h, w), (4, 4)), flat_order(pooled, tile))
+    params = torch.tensor([n_text, n_text + n_img, h, w, radius2], dtype=torch.int32)
+    mask = TileMask(mask_mod, triton_fn=_clear_mask_triton, params=params, name="clear")
+    return BlockSparsePattern(tile_table_from_mask(q_order, kv_order, mask_mod), q_order, kv_order, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_clear_like_pattern_against_reference(dtype):
+    pattern = _clear_pattern()
+    stats = pattern.stats()
+    assert 0 < stats["masked_fraction"] < 1
+    q = _rand(2, 2, pattern.num_queries, 16, dtype=dtype, seed=1)
+    k = _rand(2, 2, pattern.num_keys, 16, dtype=dtype, seed=2)
+    v = _rand(2, 2, pattern.num_keys, 16, dtype=dtype, seed=3)
+    out, lse = block_sparse_attention(q, k, v, pattern, backend="triton", return_lse=True)
+    ref, ref_lse = masked_attention(q.cpu(), k.cpu(), v.cpu(), _dense_mask(pattern, 1, 1), return_lse=True)
+    atol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.cpu().double(), ref, atol=atol, rtol=0)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=max(atol, 1e-4), rtol=0)
+
+
+def test_triton_per_head_orders_and_tables_paro_style():
+    grid, heads = (2, 4, 8), 3
+    order = stack_orders([grid_order(grid, 16, axis_order=p) for p in [(0, 1, 2), (2, 0, 1), (1, 2, 0)]])
+    g = torch.Generator().manual_seed(3)
+    visited = (torch.rand(1, heads, 4, 4, generator=g) < 0.5) | torch.eye(4, dtype=torch.bool)
+    pattern = BlockSparsePattern(tile_table_from_dense(visited), order, order, name="paro")
+    q, k, v = (_rand(2, heads, 64, 16, seed=s) for s in range(3))
+    out = block_sparse_attention(q, k, v, pattern, backend="triton")
+    ref = masked_attention(q.cpu(), k.cpu(), v.cpu(), _dense_mask(pattern, 1, heads))
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=0)
+
+
+def test_triton_identity_orders_padding_and_empty_rows():
+    """1-D identity orders (no gather), a padded last tile, a query tile that sees nothing, per-batch tables."""
+    order = flat_order(40, 16)
+    visited = torch.zeros(2, 1, 3, 3, dtype=torch.bool)
+    visited[0, 0] = torch.tensor([[1, 0, 1], [1, 1, 1], [0, 0, 1]], dtype=torch.bool)
+    visited[1, 0, :2] = torch.tensor([[0, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    full = visited.clone()
+    full[..., 2] = False  # the padded key tile is never full
+    pattern = BlockSparsePattern(tile_table_from_dense(visited, full), order, order)
+    q, k, v = (_rand(2, 2, 40, 32, seed=s) for s in range(3))
+    out = block_sparse_attention(q, k, v, pattern, backend="triton")
+    ref = masked_attention(q.cpu(), k.cpu(), v.cpu(), _dense_mask(pattern, 2, 1))
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=0)
+    assert torch.equal(out[1, :, 32:].cpu(), torch.zeros(2, 8, 32))
+
+
+def test_triton_full_tiles_skip_the_mask():
+    order = flat_order(32, 16)
+
+    @triton.jit
+    def never(b, h, q, kv, P):
+        return q < -1
+
+    mask = TileMask(lambda b, h, q, kv: q < -1, triton_fn=never, name="never")
+    table = TileTable(torch.tensor([[[[1, 0], [0, 1]]]]), torch.tensor([[[2, 1]]]), torch.tensor([[[1, 0]]]), 2)
+    pattern = BlockSparsePattern(table, order, order, mask)
+    q, k, v = (_rand(1, 1, 32, 16, seed=s) for s in range(3))
+    out = block_sparse_attention(q, k, v, pattern, backend="triton")
+    m = torch.zeros(32, 32, dtype=torch.bool)
+    m[:16, 16:] = True
+    ref = masked_attention(q.cpu(), k.cpu(), v.cpu(), m)
+    torch.testing.assert_close(out[:, :, :16].cpu().double(), ref[:, :, :16], atol=2e-5, rtol=0)
+    assert torch.equal(out[:, :, 16:].cpu(), torch.zeros(1, 1, 16, 16))
+
+
+def test_triton_refuses_what_it_cannot_run():
+    pattern = _clear_pattern()
+    q = _rand(1, 1, pattern.num_queries, 16)
+    kv = _rand(1, 1, pattern.num_keys, 16)
+    with pytest.raises(ValueError, match="forward-only"):
+        block_sparse_attention(q.clone().requires_grad_(), kv, kv, pattern, backend="triton")
+    no_triton = BlockSparsePattern(pattern.table, pattern.q_order, pattern.kv_order, TileMask(pattern.mask.mask_mod))
+    with pytest.raises(ValueError, match="no Triton version"):
+        block_sparse_attention(q, kv, kv, no_triton, backend="triton")
+    small = BlockSparsePattern(
+        tile_table_from_dense(torch.ones(3, 3, dtype=torch.bool)), flat_order(24, 8), flat_order(24, 8)
+    )
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        block_sparse_attention(_rand(1, 1, 24, 16), _rand(1, 1, 24, 16), _rand(1, 1, 24, 16), small, backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
+def test_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    pattern = _clear_pattern()
+    q = _rand(1, 1, pattern.num_queries, 16)
+    kv = _rand(1, 1, pattern.num_keys, 16)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        block_sparse_attention(q, kv, kv, pattern, backend="triton")
+
+
+def test_triton_splits_tiles_into_blocks():
+    """Query / key tiles split into smaller BLOCK_M / BLOCK_N blocks (what autotuning picks on a GPU)."""
+    order = flat_order(64, 32)
+    visited = torch.tensor([[[[1, 0], [1, 1]], [[0, 1], [1, 0]]]], dtype=torch.bool)
+    never_below = TileMask(lambda b, h, q, kv: kv <= q, triton_fn=_causal_triton, name="causal")
+    full = torch.zeros_like(visited)
+    pattern = BlockSparsePattern(tile_table_from_dense(visited, full), order, order, never_below)
+    q, k, v = (_rand(1, 2, 64, 16, seed=s) for s in range(3))
+    ref = masked_attention(q.cpu(), k.cpu(), v.cpu(), _dense_mask(pattern, 1, 2))
+    out = block_sparse_attention(q, k, v, pattern, backend="triton", backend_options={"block_m": 16, "block_n": 16})
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=0)
+
+
+@triton.jit
+def _causal_triton(b, h, q_idx, kv_idx, P):
+    return kv_idx <= q_idx
