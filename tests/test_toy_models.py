@@ -151,3 +151,14 @@ def test_toy_models_run_in_half_precision_without_nans(pipes):
     pipe.to(dtype=torch.bfloat16)
     image = np.asarray(generate_images(pipe, ["a red circle"], [0], num_inference_steps=4)[0])
     assert image.std() > 5  # not a flat (NaN -> black) image
+
+
+def test_paro_calibrates_a_builtin_model_with_call_defaults(tmp_path):
+    """load_pipeline("toy-flux") records num_inference_steps=20 among its call defaults; the calibration's own step
+    count must win (it used to fail with 'got multiple values for keyword argument num_inference_steps')."""
+    import attnpack
+
+    pipe = load_pipeline("toy-flux", device="cpu")
+    assert pipe._attnpack_defaults["num_inference_steps"] == 20
+    plan = attnpack.calibrate_paro(pipe, ["a red circle"], 2, density=0.5, block_size=8, progress=False)
+    assert plan.num_inference_steps == 2 and plan.info["pipeline_kwargs"]["max_sequence_length"] == 24
