@@ -7,6 +7,8 @@ so ``load_pipeline("toy-flux")`` and ``attnpack generate -m toy-flux`` work (``l
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -54,11 +56,29 @@ def load_toy_pipeline(name: str, seed: int = 0, path: str | os.PathLike | None =
 
     del seed
     folder = Path(path) if path is not None else toy_model_path(name)
-    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    with _quiet_loading():  # a built-in model loads silently, like the tiny ones (CLI errors stay one line)
+        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     if hasattr(pipe, "default_sample_size"):  # FLUX would otherwise default to 1024 px
         pipe.default_sample_size = 64 // pipe.vae_scale_factor
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading progress bars off inside the block (restored after)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in saved:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in saved:
+            if enabled:
+                lib.enable_progress_bar()
 
 
 def load_evaluator(path: str | os.PathLike | None = None, device: str | None = None):
