@@ -28,10 +28,10 @@ def test_astar_command_writes_image_and_maps(model, tmp_path, capsys):
 
 def test_astar_command_token_indices_and_grid(tmp_path):
     out, maps = tmp_path / "img.png", tmp_path / "maps.png"
-    argv = ["astar", "-m", "tiny-sd15", "-p", "a cat and a zebra", "--token-indices", "2,3", "6,7,8,9"]
+    argv = ["astar", "-m", "tiny-sd15", "-p", "a cat and a zebra", "--token-indices", "2,3", "5,6,7,8"]
     assert main(argv + ["--steps", "2", "--attn-res", "8", "-o", str(out), "--maps", str(maps)]) == 0
-    assert read_parameters(out)["token_indices"] == [[2, 3], [6, 7, 8, 9]]
-    assert read_parameters(maps)["concepts"] == ["tokens [2, 3]", "tokens [6, 7, 8, 9]"]
+    assert read_parameters(out)["token_indices"] == [[2, 3], [5, 6, 7, 8]]
+    assert read_parameters(maps)["concepts"] == ["tokens [2, 3]", "tokens [5, 6, 7, 8]"]
 
 
 @pytest.mark.parametrize(

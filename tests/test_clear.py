@@ -232,7 +232,8 @@ def test_registered_technique_and_cli(tmp_path):
     tech = get_technique("clear")
     assert [o.name for o in tech.options] == ["radius", "down_factor", "weights", "proportional_attention", "backend"]
     out = tmp_path / "c.png"
-    args = ["generate", "-p", "cat", "--steps", "2", "-t", "clear", "--opt", "radius=2", "--opt", "down_factor=2"]
+    args = ["generate", "-m", "tiny-flux", "-p", "cat", "--steps", "2", "-t", "clear"]
+    args += ["--opt", "radius=2", "--opt", "down_factor=2"]
     assert main([*args, "-o", str(out)]) == 0
     params = attnpack.read_parameters(out)
     assert params["techniques"] == [{"name": "clear", "radius": 2, "down_factor": 2}]

@@ -166,7 +166,7 @@ def test_console_entry_point(tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr
-    assert read_parameters(out)["model"] == "tiny-flux"
+    assert read_parameters(out)["model"] == "toy-flux"  # the default model
     bad = subprocess.run(
         [sys.executable, "-m", "attnpack", "generate", "-p", "cat", "-m", "tiny-x"], capture_output=True, text=True
     )

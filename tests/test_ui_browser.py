@@ -99,7 +99,7 @@ def test_generate_in_a_real_browser(tmp_path):
         assert params["seed"] == 7 and params["steps"] == STEPS and params["prompt"] == PROMPT
         assert params["techniques"] == [{"name": "temperature", "factor": 3.0}]
         np.testing.assert_array_equal(
-            pixels(download), reference_image("tiny-flux", PROMPT, 7, technique="temperature", factor=3.0)
+            pixels(download), reference_image("toy-flux", PROMPT, 7, technique="temperature", factor=3.0)
         )
 
         page.get_by_role("tab", name="Benchmarks / Info").click()
@@ -126,7 +126,7 @@ def test_astar_tab_in_a_real_browser(tmp_path):
             field(word).check()
         concepts = page.get_by_role("textbox", name=re.compile("^Concepts")).filter(visible=True)
         expect(concepts).to_have_value("cat, zebra")
-        expect(page.get_by_role("gridcell", name="at</w>", exact=True)).to_be_visible()  # token 3, in "cat"
+        expect(page.get_by_role("gridcell", name="br", exact=True)).to_be_visible()  # token 7, in "zebra"
         field("Steps").fill(str(STEPS))
         field("Seed").fill("3")
         page.get_by_label("Randomize seed").filter(visible=True).uncheck()
@@ -142,5 +142,5 @@ def test_astar_tab_in_a_real_browser(tmp_path):
         download.write_bytes(page.request.get(href).body())
         params = read_parameters(download)
         assert params["image"] == "astar" and params["concepts"] == ["cat", "zebra"]
-        assert params["seed"] == 3 and params["steps"] == STEPS and params["token_indices"] == [[2, 3], [6, 7, 8, 9]]
+        assert params["seed"] == 3 and params["steps"] == STEPS and params["token_indices"] == [[2], [5, 6, 7, 8]]
     check_screenshots(shots, "ui_astar.png")

@@ -21,6 +21,7 @@ from PIL import Image
 from attnpack.attn_processors import apply_processors
 from attnpack.pipelines._tiny import TINY_MODELS, build_tiny_pipeline
 from attnpack.techniques import Option, Technique, available_techniques
+from attnpack.toy.loader import TOY_MODELS, load_toy_pipeline
 
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -162,14 +163,15 @@ _REFERENCES: dict[tuple, np.ndarray] = {}
 
 def reference_image(model: str, prompt: str, seed: int, *, technique: str | None = None, size=None, **options):
     """The image stock diffusers makes for this request: the pipeline called directly (CPU generator with ``seed``,
-    the tiny model's call defaults, ``size`` x ``size`` if given), with ``technique`` installed through its Python
+    the tiny/toy model's call defaults, ``size`` x ``size`` if given), with ``technique`` installed through its Python
     API with ``options`` when given. ``uint8 [H, W, 3]``."""
     key = (model, prompt, seed, technique, size, tuple(sorted(options.items())))
     if key not in _REFERENCES:
         if model not in _REFERENCE_PIPES:
-            _REFERENCE_PIPES[model] = build_tiny_pipeline(model)
+            _REFERENCE_PIPES[model] = load_toy_pipeline(model) if model in TOY_MODELS else build_tiny_pipeline(model)
         pipe = _REFERENCE_PIPES[model]
-        kwargs = dict(TINY_MODELS[model][2])
+        kwargs = dict(TOY_MODELS[model][1] if model in TOY_MODELS else TINY_MODELS[model][2])
+        kwargs.pop("num_inference_steps", None)
         if size is not None:
             kwargs.update(height=size, width=size)
         handle = ui_techniques()[technique].apply(pipe, **options) if technique else contextlib.nullcontext()

@@ -18,7 +18,18 @@ import sys
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 # subcommand modules, in --help order
-COMMAND_MODULES = ["generate", "batch", "info", "ir", "astar", "search_heads", "distill_clear", "calibrate_paro", "ui"]
+COMMAND_MODULES = [
+    "generate",
+    "batch",
+    "info",
+    "ir",
+    "astar",
+    "search_heads",
+    "distill_clear",
+    "calibrate_paro",
+    "train_toy",
+    "ui",
+]
 
 USER_ERRORS = (ValueError, TypeError, ImportError, OSError)  # OSError: missing files, permissions, full disks
 

@@ -8,17 +8,17 @@ import json
 from ..pipelines.loading import builtin_models
 
 
-DEFAULT_MODEL = "tiny-flux"
+DEFAULT_MODEL = "toy-flux"  # trained in-house, shipped in the package: meaningful images with no download
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    """The model group; ``default`` is the ``--model`` default (commands limited to other families pass theirs)."""
     g = parser.add_argument_group("model")
     g.add_argument(
         "-m",
         "--model",
-        default=DEFAULT_MODEL,
-        help=f"built-in name ({', '.join(builtin_models())}), local diffusers folder or Hub id "
-        f"(default: {DEFAULT_MODEL})",
+        default=default,
+        help=f"built-in name ({', '.join(builtin_models())}), local diffusers folder or Hub id (default: {default})",
     )
     g.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16 (default: auto)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")

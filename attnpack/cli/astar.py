@@ -37,7 +37,7 @@ def register(sub) -> None:
         description="Generate an image with A-STAR test-time attention segregation and retention "
         "(Agarwal et al., ICCV 2023). The image embeds its parameters; --maps writes the concepts' attention maps.",
     )
-    add_model_args(p)
+    add_model_args(p, default="toy-sd")  # A-STAR runs on SD-family UNets
     p.add_argument("-p", "--prompt", required=True, help="text prompt")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--concepts", nargs="+", metavar="WORD", help="words of the prompt to keep apart, e.g. cat dog")

@@ -27,7 +27,7 @@ def register(sub) -> None:
         description="Calibrate a PARO plan (per-head token orders, static block-sparse masks) on CogVideoX, Wan or "
         "FLUX with dense generations of a few prompts, save it as .safetensors and write a report.",
     )
-    add_model_args(p)
+    add_model_args(p, default="tiny-flux")
     g = p.add_argument_group("calibration")
     g.add_argument("-p", "--prompt", action="append", default=[], help="calibration prompt (repeatable; paper: 1-2)")
     g.add_argument("--prompts-file", default=None, help="text file with one prompt per line")

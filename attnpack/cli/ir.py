@@ -32,8 +32,7 @@ def register(sub) -> None:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_args(p)
-    p.set_defaults(model="tiny-sdxl")
+    add_model_args(p, default="tiny-sdxl")  # IR-Diffusion runs on SDXL UNets
     p.add_argument("--subjects", required=True, help="subjects JSON file (see above)")
     p.add_argument("--scene", default=None, help="scene prompt (default: the JSON's 'scene')")
     p.add_argument("--negative-prompt", default=None)

@@ -21,7 +21,7 @@ def register(sub) -> None:
         "objective (HeadHunter, arXiv 2506.10978). Writes heads.txt, heads.json, report.md and one contact sheet "
         "per round to --outdir; resumes from --state.",
     )
-    add_model_args(p)
+    add_model_args(p, default="tiny-flux")
     g = p.add_argument_group("prompts")
     g.add_argument("-p", "--prompt", action="append", default=[], help="a prompt (repeatable)")
     g.add_argument("--prompts", default=None, help="a .txt file with one prompt per line")

@@ -55,10 +55,24 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def build_clip_tokenizer(words: Iterable[str] = BASE_WORDS, model_max_length: int = 77):
-    """A byte-level BPE CLIP tokenizer with one merge chain per word of ``words``.
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly merge the adjacent pair of lowest merge rank."""
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
 
-    Every byte has a token (so any text tokenizes) and every listed lowercase word becomes a single token.
+
+def build_clip_tokenizer(words: Iterable[str] = BASE_WORDS, model_max_length: int = 77):
+    """A byte-level BPE CLIP tokenizer whose merges make every listed lowercase word a single token.
+
+    Every byte has a token (so any text tokenizes). Merges are added word by word: each word is encoded with the
+    merges so far, and the pieces left are joined by new merges (ranked after all earlier ones, so earlier words keep
+    their single token).
     """
     from transformers import CLIPTokenizer
 
@@ -68,22 +82,18 @@ def build_clip_tokenizer(words: Iterable[str] = BASE_WORDS, model_max_length: in
         vocab.setdefault(c, len(vocab))
     for c in chars:
         vocab.setdefault(c + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    seen = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(w.lower() for w in words):
         if not word or any(ch not in string.ascii_lowercase for ch in word):
             continue
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        current = symbols[0]
-        for sym in symbols[1:]:
-            pair = (current, sym)
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-            current = current + sym
-            vocab.setdefault(current, len(vocab))
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = _bpe(pieces, ranks)
     vocab.setdefault("<|startoftext|>", len(vocab))
     vocab.setdefault("<|endoftext|>", len(vocab))
+    merges = sorted(ranks, key=ranks.__getitem__)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 

@@ -147,3 +147,7 @@ def is_video_pipeline(pipe) -> bool:
 def pipeline_defaults(pipe) -> dict[str, Any]:
     """Call defaults recorded by :func:`load_pipeline` (empty for pipelines loaded elsewhere)."""
     return dict(getattr(pipe, "_attnpack_defaults", {}) or {})
+
+
+# the trained toy models register their built-in names ("toy-sd", "toy-flux")
+from ..toy import loader as _toy_loader  # noqa: E402, F401

@@ -214,7 +214,9 @@ class _Calibration:
 
 
 def _call_kwargs(pipe, extra: dict[str, Any]) -> dict[str, Any]:
-    kwargs = pipeline_defaults(pipe)
+    # the calibration sets these itself; a built-in model's call defaults (e.g. toy-flux's 20 steps) must not clash
+    own = ("prompt", "num_inference_steps", "generator", "output_type", "callback_on_step_end", "return_dict")
+    kwargs = {k: v for k, v in pipeline_defaults(pipe).items() if k not in own}
     kwargs.update(extra)
     params = inspect.signature(pipe.__call__).parameters
     unknown = [k for k in extra if k not in params]

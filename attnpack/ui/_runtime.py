@@ -54,7 +54,7 @@ class UIConfig:
         output_dir: where generated files are written (default: a temporary folder removed at exit).
     """
 
-    default_model: str = "tiny-flux"
+    default_model: str = "toy-flux"
     models: Sequence[str] | None = None
     allowed_dirs: Sequence[str | os.PathLike] = ()
     allow_hub: bool = True

@@ -21,7 +21,7 @@ INTRO = (
 def build_demo(
     loader: Callable[[str], Any] | None = None,
     *,
-    default_model: str = "tiny-flux",
+    default_model: str = "toy-flux",
     models: Sequence[str] | None = None,
     allowed_dirs: Sequence[str | os.PathLike] = (),
     allow_hub: bool = True,
@@ -42,7 +42,7 @@ def build_demo(
         loader: ``loader(model) -> pipeline``, called on the first request for a model with a name that passed the
             model policy (a built-in name, an absolute folder path or a Hub id). Default: :func:`attnpack.load_pipeline`
             with ``dtype``, ``device``, ``offload`` and safetensors-only weights. Tests pass the tiny models here.
-        default_model: the model selected when the page opens (default ``"tiny-flux"``, no download).
+        default_model: the model selected when the page opens (default ``"toy-flux"``: shipped, no download).
         models: model names offered in the picker (default: ``default_model`` and the built-in models); any of them
             may be loaded. Other names may be typed in, subject to ``allowed_dirs`` and ``allow_hub``.
         allowed_dirs: folders inside which local model folders and weight / plan files (CLEAR weights, PARO plans)

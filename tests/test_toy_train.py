@@ -1,0 +1,210 @@
+"""The toy training script: a few steps of every stage on tiny architectures, exact resume, atomic outputs, CLI.
+
+The full retrain (hours on a CPU) is the slow test at the end.
+"""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attnpack.cli import main
+from attnpack.toy.train import CHECKPOINT_NAME, TrainConfig, default_config, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models on a shared, busy CPU run far faster on one thread (no OpenMP threads waiting for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY_MODELS = {
+    "vae": dict(
+        default_config("vae").model,
+        block_out_channels=(8, 8, 8),
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+    ),
+    "evaluator": dict(channels=(8, 8, 8), threshold=0.3),
+    "toy-sd": dict(
+        default_config("toy-sd").model, block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4
+    ),
+    "toy-flux": dict(
+        default_config("toy-flux").model,
+        num_layers=1,
+        num_single_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    ),
+}
+
+
+def tiny_config(stage: str, steps: int = 4) -> TrainConfig:
+    cfg = default_config(stage)
+    return dataclasses.replace(
+        cfg,
+        steps=steps,
+        batch_size=2,
+        warmup_steps=2,
+        checkpoint_every=2,
+        dataset_size=8 if cfg.dataset_size else 0,
+        model=TINY_MODELS[stage],
+        loss=dict(cfg.loss, stats_samples=4) if stage == "vae" else cfg.loss,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    train("vae", out, config=tiny_config("vae", steps=2), progress=False)
+    return out / "vae"
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        out.update({f"{f.relative_to(folder)}:{k}": v for k, v in load_file(f).items()})
+    return out
+
+
+@pytest.mark.parametrize("stage", ["vae", "evaluator", "toy-sd", "toy-flux"])
+def test_resume_reproduces_an_uninterrupted_run(stage, tmp_path, tiny_vae):
+    cfg = tiny_config(stage)
+    straight = train(stage, tmp_path / "a", config=cfg, vae=tiny_vae, progress=False)
+    assert straight["steps_done"] == 4 and straight["exported"] == str(tmp_path / "a" / stage)
+
+    first = train(stage, tmp_path / "b", config=cfg, vae=tiny_vae, stop_after=2, progress=False)
+    assert first["exported"] is None and first["steps_done"] == 2
+    ckpt = tmp_path / "b" / f"{stage}.ckpt" / CHECKPOINT_NAME
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    second = train(stage, tmp_path / "b", config=cfg, vae=tiny_vae, progress=False)
+    assert second["steps_done"] == 4
+
+    a, b = _weights(tmp_path / "a" / stage), _weights(tmp_path / "b" / stage)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for folder in (tmp_path / "a", tmp_path / "b"):  # atomic writes leave no temporary files behind
+        assert not [p for p in folder.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_exported_pipelines_are_diffusers_folders_with_their_config(tmp_path, tiny_vae):
+    from diffusers import DiffusionPipeline, FluxPipeline
+
+    cfg = tiny_config("toy-flux", steps=2)
+    train("toy-flux", tmp_path, config=cfg, vae=tiny_vae, progress=False)
+    folder = tmp_path / "toy-flux"
+    saved = json.loads((folder / "transformer" / "train_config.json").read_text())
+    assert TrainConfig.from_dict(saved) == TrainConfig.from_dict(cfg.to_dict()) and saved["data_seed"] == 4
+    assert (folder / "vae" / "train_config.json").is_file()  # the VAE's config travels with it
+    log = json.loads((folder / "transformer" / "train_log.json").read_text())
+    assert log["steps_done"] == 2 and log["seconds"] > 0
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert isinstance(pipe, FluxPipeline)
+    image = pipe("a red circle", height=64, width=64, num_inference_steps=2, max_sequence_length=24).images[0]
+    assert image.size == (64, 64)
+
+
+def test_trained_weights_change_and_the_loss_is_finite(tmp_path):
+    cfg = tiny_config("evaluator", steps=2)
+    summary = train("evaluator", tmp_path, config=cfg, progress=False)
+    assert torch.isfinite(torch.tensor(summary["final_loss"]))
+    from attnpack.toy.evaluator import ToyEvaluator
+
+    torch.manual_seed(cfg.seed)
+    initial = ToyEvaluator(**cfg.model).state_dict()
+    trained = ToyEvaluator.from_pretrained(tmp_path / "evaluator").state_dict()
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial)
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    cfg = tiny_config("evaluator")
+    train("evaluator", tmp_path, config=cfg, stop_after=2, progress=False)
+    with pytest.raises(ValueError, match="different training config"):
+        train("evaluator", tmp_path, config=dataclasses.replace(cfg, lr=1e-4), progress=False)
+    # --no-resume starts over
+    assert train("evaluator", tmp_path, config=dataclasses.replace(cfg, lr=1e-4), resume=False, progress=False)[
+        "exported"
+    ]
+
+
+def test_denoiser_needs_a_trained_vae(tmp_path):
+    with pytest.raises(ValueError, match="holds no trained VAE"):
+        train("toy-sd", tmp_path, config=tiny_config("toy-sd"), vae=tmp_path / "nothing", progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(steps=0), "`steps` must be a positive integer, got 0"),
+        (dict(lr=-1.0), "`lr` must be > 0"),
+        (dict(stage="gan"), "`stage` must be one of vae, evaluator, toy-sd, toy-flux"),
+        (dict(ema_decay=1.0), "`ema_decay` must be in"),
+    ],
+)
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        dataclasses.replace(default_config("vae"), **kwargs)
+
+
+def test_cli_trains_resumes_and_reports(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["train-toy", "evaluator", "--out", out, "--steps", "2", "--batch-size", "2", "--quiet", "--threads", "1"]
+    assert main(args + ["--stop-after", "1"]) == 0
+    assert "stopped at step 1" in capsys.readouterr().err
+    assert main(args) == 0
+    assert (tmp_path / "run" / "evaluator" / "config.json").is_file()
+    saved = json.loads((tmp_path / "run" / "evaluator" / "train_config.json").read_text())
+    assert saved["steps"] == 2 and saved["batch_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train-toy", "gan"], "unknown stage(s) gan"),
+        (["train-toy", "vae", "evaluator", "--config", "x.json"], "`--config` applies to one stage"),
+        (["train-toy", "vae", "--config", "missing.json"], "is not a file"),
+        (["train-toy", "vae", "--threads", "0"], "`--threads` must be >= 1"),
+    ],
+)
+def test_cli_errors(args, message, capsys, tmp_path):
+    assert main(args + ["--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_rejects_a_config_of_another_stage(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(default_config("toy-sd").to_dict()))
+    assert main(["train-toy", "toy-flux", "--config", str(path), "--out", str(tmp_path)]) == 2
+    assert "is for stage 'toy-sd', not 'toy-flux'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_full_retrain_reproduces_the_shipped_scores(tmp_path):
+    """Retrain everything from the shipped configs and compare the prompt-adherence scores with the shipped models'
+    (tolerance in docs/toy-models.md). Hours on a CPU; minutes on a GPU."""
+    from attnpack.toy.adherence import prompt_adherence
+    from attnpack.toy.loader import load_evaluator, load_toy_pipeline, toy_model_path
+
+    out = tmp_path / "retrain"
+    for stage in ("vae", "evaluator", "toy-sd", "toy-flux"):
+        if stage == "vae":
+            path = toy_model_path("toy-sd") / "vae" / "train_config.json"
+        elif stage == "evaluator":
+            path = toy_model_path("evaluator") / "train_config.json"
+        else:
+            path = toy_model_path(stage) / ("unet" if stage == "toy-sd" else "transformer") / "train_config.json"
+        train(stage, out, config=TrainConfig.load(path), progress=bool(os.environ.get("ATTNPACK_PROGRESS")))
+    evaluator = load_evaluator()
+    for name in ("toy-sd", "toy-flux"):
+        shipped = prompt_adherence(load_toy_pipeline(name), evaluator, counts=(1,), num_prompts=200)
+        again = prompt_adherence(load_toy_pipeline(name, path=out / name), evaluator, counts=(1,), num_prompts=200)
+        assert abs(again["1"]["objects"] - shipped["1"]["objects"]) <= 0.05, (name, shipped, again)
+        assert again["1"]["objects"] >= 0.9, (name, again)
