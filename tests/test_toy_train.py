@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from attnpack.cli import main
-from attnpack.toy.train import CHECKPOINT_NAME, TrainConfig, default_config, train
+from attnpack.toy.train import CHECKPOINT_NAME, TrainConfig, default_config, recipe, train, train_recipe
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -133,6 +133,51 @@ def test_resume_with_another_config_is_refused(tmp_path):
     assert train("evaluator", tmp_path, config=dataclasses.replace(cfg, lr=1e-4), resume=False, progress=False)[
         "exported"
     ]
+
+
+def test_recipes_chain_their_phases_and_end_with_the_default_config():
+    for stage in ("vae", "evaluator", "toy-sd", "toy-flux"):
+        phases = recipe(stage)
+        assert phases[-1] == (stage, default_config(stage))
+        assert phases[0][1].init == ""  # the first phase starts from random weights
+        for (prev, _), (_, cfg) in zip(phases, phases[1:]):
+            assert cfg.init == prev and cfg.text_seed == phases[0][1].text_seed  # same frozen text encoders
+    names = [name for name, _ in recipe("toy-sd")]
+    assert names == ["toy-sd.base", "toy-sd"]
+
+
+def test_a_continuation_starts_from_the_weights_of_the_phase_before(tmp_path):
+    from attnpack.toy.evaluator import ToyEvaluator
+
+    first = tiny_config("evaluator", steps=2)
+    # lr tiny: the continuation's weights stay those of the first phase, not the random init of its own seed
+    second = dataclasses.replace(first, seed=9, lr=1e-12, init="evaluator.base")
+    phases = [("evaluator.base", first), ("evaluator", second)]
+    summaries = train_recipe("evaluator", tmp_path, phases=phases, progress=False)
+    assert [s["name"] for s in summaries] == ["evaluator.base", "evaluator"]
+    base = ToyEvaluator.from_pretrained(tmp_path / "evaluator.base").state_dict()
+    final = ToyEvaluator.from_pretrained(tmp_path / "evaluator").state_dict()
+    torch.manual_seed(9)
+    fresh = ToyEvaluator(**first.model).state_dict()
+    assert all(torch.allclose(base[k], final[k], atol=1e-6) for k in base)
+    assert any(not torch.allclose(fresh[k], final[k], atol=1e-3) for k in fresh)
+    log = json.loads((tmp_path / "evaluator" / "train_log.json").read_text())
+    weights = next((tmp_path / "evaluator.base").glob("*.safetensors"))
+    assert log["init"]["sha256"] == __import__("hashlib").sha256(weights.read_bytes()).hexdigest()
+    assert log["init"]["config"] == first.to_dict()  # the provenance of the phase it continued
+    # a second call finds both phases done and trains nothing
+    again = train_recipe("evaluator", tmp_path, phases=phases, progress=False)
+    assert [s.get("skipped") for s in again] == [True, True]
+
+
+def test_a_missing_or_mismatched_init_is_a_clear_error(tmp_path):
+    cfg = dataclasses.replace(tiny_config("evaluator", steps=2), init="nowhere")
+    with pytest.raises(ValueError, match="`init` folder .*nowhere.* holds no trained evaluator weights"):
+        train("evaluator", tmp_path, config=cfg, progress=False)
+    train("evaluator", tmp_path, config=tiny_config("evaluator", steps=2), name="small", progress=False)
+    wider = dataclasses.replace(cfg, init="small", model=dict(channels=(8, 8, 16), threshold=0.3))
+    with pytest.raises(ValueError, match="do not fit the evaluator architecture"):
+        train("evaluator", tmp_path, config=wider, progress=False)
 
 
 def test_denoiser_needs_a_trained_vae(tmp_path):
