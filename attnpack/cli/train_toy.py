@@ -24,8 +24,9 @@ def register(sub) -> None:
         help="train the toy models and their evaluator",
         description="Train the toy VAE, evaluator, toy-sd and toy-flux on procedural scenes. Each stage writes a "
         "resumable checkpoint to OUT/<stage>.ckpt and, when done, a diffusers folder OUT/<stage> with "
-        "train_config.json and train_log.json next to the trained weights. toy-sd and toy-flux need the VAE "
-        "(OUT/vae or --vae).",
+        "train_config.json and train_log.json next to the trained weights. A stage whose shipped weights were "
+        "trained in phases (toy-sd: OUT/toy-sd.base, then OUT/toy-sd continuing from it) runs every phase; "
+        "finished phases are skipped. toy-sd and toy-flux need the VAE (OUT/vae or --vae).",
     )
     p.add_argument("stages", nargs="+", metavar="STAGE", help=f"{', '.join(ORDER)}, or all")
     p.add_argument("--out", default="toy-train", help="working folder (default: toy-train)")
@@ -35,8 +36,10 @@ def register(sub) -> None:
         help="training config JSON (one stage), e.g. the train_config.json shipped next to the weights "
         "(default: the config of the shipped weights)",
     )
-    p.add_argument("--steps", type=int, default=None, help="override the number of steps (changes the result)")
-    p.add_argument("--batch-size", type=int, default=None, help="override the global batch size")
+    p.add_argument(
+        "--steps", type=int, default=None, help="override the number of steps of every phase (changes the result)"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="override the global batch size of every phase")
     p.add_argument("--vae", default=None, help="trained VAE folder for toy-sd / toy-flux (default: OUT/vae)")
     p.add_argument("--no-resume", action="store_true", help="start over even when a checkpoint exists")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps in total (resume later)")
@@ -67,26 +70,15 @@ def _stages(names: list[str]) -> list[str]:
 
 
 def _config(args, stage: str):
-    import dataclasses
+    from ..toy.train import TrainConfig, with_overrides
 
-    from ..toy.train import TrainConfig, default_config
-
-    if args.config is not None:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"`--config` {args.config!r} is not a file.")
-        cfg = TrainConfig.load(path)
-        if cfg.stage != stage:
-            raise ValueError(f"`--config` {args.config!r} is for stage {cfg.stage!r}, not {stage!r}.")
-    else:
-        cfg = default_config(stage)
-    changes = {}
-    if args.steps is not None:
-        changes["steps"] = args.steps
-        changes["warmup_steps"] = min(cfg.warmup_steps, max(args.steps // 10, 1))
-    if args.batch_size is not None:
-        changes["batch_size"] = args.batch_size
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    path = Path(args.config)
+    if not path.is_file():
+        raise ValueError(f"`--config` {args.config!r} is not a file.")
+    cfg = TrainConfig.load(path)
+    if cfg.stage != stage:
+        raise ValueError(f"`--config` {args.config!r} is for stage {cfg.stage!r}, not {stage!r}.")
+    return with_overrides(cfg, args.steps, args.batch_size)
 
 
 def _score(folder: Path, evaluator_dir: Path | None, n: int, quiet: bool) -> dict:
@@ -112,7 +104,7 @@ def _score(folder: Path, evaluator_dir: Path | None, n: int, quiet: bool) -> dic
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..toy.train import train
+    from ..toy.train import train, train_recipe
 
     stages = _stages(args.stages)
     if args.config is not None and len(stages) != 1:
@@ -123,10 +115,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     for stage in stages:
-        summary = train(
-            stage,
-            out,
-            config=_config(args, stage),
+        common = dict(
             vae=args.vae,
             resume=not args.no_resume,
             stop_after=args.stop_after,
@@ -134,9 +123,15 @@ def run(args: argparse.Namespace) -> int:
             cpu=args.cpu,
             progress=not args.quiet,
         )
-        print(json.dumps(summary), file=sys.stderr)
+        if args.config is not None:
+            summaries = [train(stage, out, config=_config(args, stage), **common)]
+        else:  # every phase of the recipe of the shipped weights
+            summaries = train_recipe(stage, out, steps=args.steps, batch_size=args.batch_size, **common)
+        for summary in summaries:
+            print(json.dumps(summary), file=sys.stderr)
+        summary = summaries[-1]
         if summary["exported"] is None:
-            print(f"{stage}: stopped at step {summary['steps_done']}; run again to resume.", file=sys.stderr)
+            print(f"{summary['name']}: stopped at step {summary['steps_done']}; run again to resume.", file=sys.stderr)
             return 0
         if stage in ("toy-sd", "toy-flux") and args.score > 0:
             if args.evaluator is not None:

@@ -1,0 +1,113 @@
+"""What the techniques do to trained models: behaviour on the toy models' real (non-uniform) attention.
+
+Random-weight tiny models only show that the code runs; these tests check effects that need attention which means
+something: local techniques approach dense attention as their window grows, and A-STAR's latent update pulls the
+cross-attention maps of two concepts apart. The references are independent: diffusers' stock processors (dense) and
+the A-STAR pipeline with both loss weights at 0 (which reproduces the base pipeline exactly, tests/test_astar.py).
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attnpack.techniques import apply_techniques
+from attnpack.toy.adherence import generate_images
+from attnpack.toy.data import parse_prompt, prompt_set
+from attnpack.toy.loader import load_toy_pipeline
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+# two prompts of each object count, as benchmarks/toy_fidelity.py (which measures 24 prompts)
+PROMPTS = [p for count in (1, 2, 3) for p in prompt_set(count, 2, seed=1234)]
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe = load_toy_pipeline("toy-flux")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def dense_images(flux):
+    return [np.asarray(im) for im in generate_images(flux, PROMPTS, list(range(len(PROMPTS))))]
+
+
+def _fidelity(pipe, dense, technique: str, **options) -> float:
+    with apply_techniques(pipe, [(technique, options)]):
+        images = generate_images(pipe, PROMPTS, list(range(len(PROMPTS))))
+    return float(np.mean([_psnr(np.asarray(im), ref) for im, ref in zip(images, dense, strict=True)]))
+
+
+def test_gna_approaches_dense_attention_as_the_window_grows(flux, dense_images):
+    """toy-flux has 8x8 image tokens: a window of 8 sees every token (exactly dense, up to float error); smaller
+    windows drop the far tokens, and the images drift further from dense the smaller the window (24 prompts:
+    14.2 / 18.2 / 25.0 dB at windows 3 / 5 / 7, docs/toy-models.md)."""
+    psnr = {w: _fidelity(flux, dense_images, "gna", window_size=w) for w in (3, 5, 7, 8)}
+    assert psnr[3] < psnr[5] < psnr[7] < psnr[8], psnr
+    assert psnr[8] >= 40.0, psnr  # the full window is dense attention
+    assert psnr[3] < 30.0, psnr  # and a small one is not: the attention is not uniform enough to ignore
+
+
+def test_clear_approaches_dense_attention_as_the_radius_grows(flux, dense_images):
+    psnr = {r: _fidelity(flux, dense_images, "clear", radius=r) for r in (2, 4)}
+    assert psnr[2] < psnr[4] < 40.0, psnr
+
+
+def test_clear_radius_2_is_a_3x3_window_of_dense_attention(flux):
+    """CLEAR's rule is strict: (dy^2 + dx^2) < r^2. At r = 2 that is exactly the 3x3 square, so CLEAR must give the
+    images of plain dense attention masked to a 3x3 window (an explicit boolean mask through SDPA)."""
+    from attnpack import apply_processors
+    from attnpack.toy.attention import LocalWindowProbe
+
+    seeds = list(range(len(PROMPTS)))
+    with apply_processors(flux, LocalWindowProbe(3), kinds=["self", "joint", "single"]):
+        masked = [np.asarray(im) for im in generate_images(flux, PROMPTS, seeds)]
+    assert _fidelity(flux, masked, "clear", radius=2) >= 40.0
+
+
+def test_astar_pulls_the_maps_of_two_concepts_apart():
+    """On two-object prompts, A-STAR's segregation loss lowers the overlap of the two concepts' cross-attention maps
+    at the following steps, relative to the same seeds without the latent update."""
+    from attnpack.pipelines.astar import AStarPipeline
+
+    pipe = AStarPipeline.from_pipe(load_toy_pipeline("toy-sd"))
+    pipe.set_progress_bar_config(disable=True)
+
+    def overlap(maps: torch.Tensor) -> torch.Tensor:  # [T, 1, 2, h, w] -> [T]
+        m = maps / maps.flatten(-2).amax(-1)[..., None, None].clamp_min(1e-8)
+        a, b = m[:, 0, 0], m[:, 0, 1]
+        return torch.minimum(a, b).sum((-1, -2)) / (a + b).sum((-1, -2))
+
+    results = {}
+    for name, kwargs in (("stock", dict(segregation_weight=0, retention_weight=0)), ("astar", dict(scale_factor=100))):
+        per_prompt = []
+        for i, prompt in enumerate(prompt_set(2, 6, seed=1234)):
+            out = pipe(
+                prompt,
+                concepts=[f"{color} {shape}" for color, shape in parse_prompt(prompt).objects],
+                num_inference_steps=10,
+                guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(i),
+                return_attention_maps=True,
+                **kwargs,
+            )
+            per_prompt.append(overlap(out.attention_maps)[1:])  # step 0's maps come before any update
+        results[name] = torch.stack(per_prompt)  # [prompts, steps]
+    stock, astar = results["stock"], results["astar"]
+    assert float(astar.mean()) < float(stock.mean()) - 0.01, (stock.mean(), astar.mean())
+    assert int((astar.mean(1) < stock.mean(1)).sum()) >= 5  # for (nearly) every prompt, not on average only
