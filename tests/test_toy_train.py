@@ -4,6 +4,7 @@ The full retrain (hours on a CPU) is the slow test at the end.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -163,7 +164,7 @@ def test_a_continuation_starts_from_the_weights_of_the_phase_before(tmp_path):
     assert any(not torch.allclose(fresh[k], final[k], atol=1e-3) for k in fresh)
     log = json.loads((tmp_path / "evaluator" / "train_log.json").read_text())
     weights = next((tmp_path / "evaluator.base").glob("*.safetensors"))
-    assert log["init"]["sha256"] == __import__("hashlib").sha256(weights.read_bytes()).hexdigest()
+    assert log["init"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert log["init"]["config"] == first.to_dict()  # the provenance of the phase it continued
     # a second call finds both phases done and trains nothing
     again = train_recipe("evaluator", tmp_path, phases=phases, progress=False)

@@ -756,8 +756,7 @@ def with_overrides(cfg: TrainConfig, steps: int | None = None, batch_size: int |
 
 
 def _exported(folder: Path, cfg: TrainConfig) -> bool:
-    sub = folder / {"toy-sd": "unet", "toy-flux": "transformer"}.get(cfg.stage, "")
-    path = sub / CONFIG_NAME
+    path = folder / getattr(_STAGE_CLASSES[cfg.stage], "denoiser_name", "") / CONFIG_NAME
     # through TrainConfig: files written before a field existed lack it (its default applies)
     return path.is_file() and TrainConfig.load(path).to_dict() == cfg.to_dict()
 
