@@ -326,3 +326,29 @@ def test_invalid_tables_are_rejected():
             order,
             order,
         )
+
+
+# ------------------------------------------------------------------------------------------------- padded full tiles
+@pytest.mark.parametrize("per_head", [False, True])
+def test_padded_key_tiles_are_never_full(per_head):
+    """Tables made from block masks alone list every visited tile as full; a key tile holding padding must still be
+    masked (kernels load full tiles without masks: on a GPU the padding row -1 is an illegal address)."""
+    from attnpack.kernels.block_sparse import TokenOrder
+
+    n, tile = 40, 16  # 3 tiles, 8 padding positions
+    if per_head:  # head 0 pads its last tile, head 1 its first
+        rows = [list(range(n)) + [-1] * 8, [-1] * 8 + list(range(n))]
+        order = TokenOrder(torch.tensor(rows, dtype=torch.int32), tile, n)
+    else:
+        order = flat_order(n, tile)
+    vis = torch.ones(order.num_tiles, order.num_tiles, dtype=torch.bool)
+    pattern = BlockSparsePattern(tile_table_from_dense(vis), order, order)
+    visited, full = pattern.table.dense()
+    padded = torch.tensor([[False, False, True], [True, False, False]][: order.num_heads])
+    assert visited.all()
+    assert torch.equal(full, ~padded[None, :, None, :].expand_as(full))
+    q, k, v = (_rand(1, 2, n, 16, seed=s) for s in range(3))
+    expect = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    for backend in ("reference", "triton"):
+        out = block_sparse_attention(q, k, v, pattern, backend=backend)
+        torch.testing.assert_close(out.double(), expect, atol=2e-5, rtol=0)
