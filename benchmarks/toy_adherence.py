@@ -75,7 +75,10 @@ def run(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     evaluator = load_evaluator()
-    pipes = {name: load_toy_pipeline(name) for name in args.models}
+    pipes = {}
+    for name in args.models:  # "toy-sd" or "toy-sd@DIR" (a retrained copy in a diffusers folder)
+        stage, _, path = name.partition("@")
+        pipes[name] = load_toy_pipeline(stage, path=Path(path) if path else None)
     result: dict = {
         "threads": args.threads,
         "versions": package_versions(),
@@ -113,7 +116,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["toy-sd", "toy-flux"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["toy-sd", "toy-flux"],
+        help="shipped toy models, or STAGE@DIR for a retrained copy (e.g. toy-sd@toy-train/toy-sd)",
+    )
     parser.add_argument("--num-prompts", type=int, default=100, help="prompts per object count (1, 2, 3)")
     parser.add_argument("--scenes", type=int, default=512, help="held-out scenes for the evaluator's accuracy")
     parser.add_argument("--scene-seed", type=int, default=5000)

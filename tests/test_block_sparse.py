@@ -326,3 +326,53 @@ def test_invalid_tables_are_rejected():
             order,
             order,
         )
+
+
+# ------------------------------------------------------------------------------------------------- padded full tiles
+@pytest.mark.parametrize("per_head", [False, True])
+def test_padded_key_tiles_are_never_full(per_head):
+    """Tables made from block masks alone list every visited tile as full; a key tile holding padding must still be
+    masked (kernels load full tiles without masks: on a GPU the padding row -1 is an illegal address)."""
+    from attnpack.kernels.block_sparse import TokenOrder
+
+    n, tile = 40, 16  # 3 tiles, 8 padding positions
+    if per_head:  # head 0 pads its last tile, head 1 its first
+        rows = [list(range(n)) + [-1] * 8, [-1] * 8 + list(range(n))]
+        order = TokenOrder(torch.tensor(rows, dtype=torch.int32), tile, n)
+    else:
+        order = flat_order(n, tile)
+    vis = torch.ones(order.num_tiles, order.num_tiles, dtype=torch.bool)
+    pattern = BlockSparsePattern(tile_table_from_dense(vis), order, order)
+    visited, full = pattern.table.dense()
+    padded = torch.tensor([[False, False, True], [True, False, False]][: order.num_heads])
+    assert visited.all()
+    assert torch.equal(full, ~padded[None, :, None, :].expand_as(full))
+    q, k, v = (_rand(1, 2, n, 16, seed=s) for s in range(3))
+    expect = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernel runs in the interpreter on CPUs
+    for backend in ("reference", "triton"):
+        out = block_sparse_attention(q.to(dev), k.to(dev), v.to(dev), pattern.to(dev), backend=backend)
+        torch.testing.assert_close(out.double().cpu(), expect, atol=2e-5, rtol=0)
+
+
+def test_flex_is_not_chosen_for_tiles_its_compiled_kernel_cannot_take():
+    """Compiled FlexAttention (CUDA) needs tl.dot reduction dims >= 16; seen on an H200: PARO with 4-token tiles
+    failed to compile. The automatic choice must skip flex there (the reference backend serves the call)."""
+    from unittest import mock
+
+    import attnpack.kernels.block_sparse as bs
+
+    def on_cuda(n, d):
+        q = mock.MagicMock()
+        q.device, q.shape = torch.device("cuda"), (1, 2, n, d)
+        return q
+
+    def pattern(n, tile):
+        o = flat_order(n, tile)
+        vis = torch.ones(o.num_tiles, o.num_tiles, dtype=torch.bool)
+        return BlockSparsePattern(tile_table_from_dense(vis), o, o)
+
+    assert "key tiles" in bs._flex_unusable(on_cuda(32, 64), None, None, pattern(32, 4), False)
+    assert "head_dim" in bs._flex_unusable(on_cuda(64, 8), None, None, pattern(64, 16), False)
+    assert bs._flex_unusable(on_cuda(96, 64), None, None, pattern(96, 48), False) is None  # 48 = 16 x 3
+    assert bs._flex_unusable(torch.zeros(1, 2, 32, 8), None, None, pattern(32, 4), False) is None  # eager on CPU

@@ -174,10 +174,13 @@ def test_default_blocks_split_large_tiles_on_cuda_only():
 
     assert default_blocks(128, 128, 128, cuda=False) == (128, 128, 4, 2)
     for q_tile, kv_tile, dim in [(128, 128, 128), (256, 64, 64), (16, 16, 64), (64, 256, 128), (128, 512, 64)]:
-        bm, bn, warps, stages = default_blocks(q_tile, kv_tile, dim, cuda=True)
-        assert bm <= 128 and bn <= 64 and q_tile % bm == 0 and kv_tile % bn == 0 and min(bm, bn) >= 16
-        assert warps in (4, 8) and stages >= 1
-    assert default_blocks(128, 128, 128, cuda=True)[2] == 8
+        for itemsize in (2, 4):
+            bm, bn, warps, stages = default_blocks(q_tile, kv_tile, dim, cuda=True, itemsize=itemsize)
+            assert bm <= 128 and q_tile % bm == 0 and kv_tile % bn == 0 and min(bm, bn) >= 16
+            # 128-key blocks only for 16-bit inputs at head_dim >= 128 (fp32 tiles of that size overflow shared memory)
+            assert bn <= (128 if dim >= 128 and itemsize == 2 else 64)
+            assert warps in (4, 8) and stages == (3 if itemsize == 2 else 2)
+    assert default_blocks(128, 128, 128, cuda=True) == (128, 128, 8, 3)  # the H200 sweep's best (docs/benchmarks.md)
 
 
 def test_triton_block_sizes_are_checked():

@@ -168,10 +168,13 @@ def test_clear_attention_against_dense_oracle(case, backend):
     n = t + grid[0] * grid[1]
     q, k, v = (_rand(2, 3, n, 8, seed=s) for s in (1, 2, 3))
     weight = torch.rand(d, d, generator=torch.Generator().manual_seed(4)) if d > 1 else None
+    # the Triton kernel runs on the GPU when there is one, else in the interpreter
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     out = clear_attention(
-        q, k, v, grid=grid, text_len=t, radius=r, down_factor=d, spatial_weight=weight, backend=backend,
+        q.to(dev), k.to(dev), v.to(dev), grid=grid, text_len=t, radius=r, down_factor=d,
+        spatial_weight=None if weight is None else weight.to(dev), backend=backend,
         q_tile=case["q_tile"], kv_tile=case["kv_tile"],
-    )  # fmt: skip
+    ).cpu()  # fmt: skip
     kk, vv = k, v
     if d > 1:  # the same weights pool keys and values
         kk = torch.cat([k, oracle_pool(k[:, :, t:], grid, d, weight)], dim=2)

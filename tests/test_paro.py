@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import forward
@@ -264,7 +265,9 @@ def test_technique_registry_and_cli(tmp_path, capsys):
     dense = run()
     with apply_techniques(pipe, [("paro", {"plan": str(out), "density": "1", "quant": "none"})]):
         same = run()
-    assert list(dense.getdata()) == list(same.getdata())
+    diff = np.abs(np.asarray(dense, dtype=np.int16) - np.asarray(same, dtype=np.int16)).max()
+    # bit-identical on CPU; on a GPU (seen on an H200) the permuted attention rounds differently: 1 level in a pixel
+    assert diff <= (0 if pipe.device.type == "cpu" else 2), diff
     assert plan.model_class == "FluxTransformer2DModel"
     img = tmp_path / "img.png"
     rc = main(

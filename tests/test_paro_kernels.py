@@ -41,6 +41,10 @@ def _rand(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+# Triton kernels run on the GPU when there is one, else in the interpreter (conftest sets TRITON_INTERPRET=1)
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _order_tokens(grid, axes):
     """Original row-major index of every position when the grid is flattened slowest-axis-first in ``axes``
     (nested Python loops: independent of the tensor code)."""
@@ -349,9 +353,9 @@ def test_quantized_backends_reject_in_tile_masks_and_bad_quant():
 )
 def test_triton_kernel_matches_reference(quant, dtype, text, batch_table):
     grid, bs = (2, 2, 5), 8
-    pattern = _pattern(grid, [3, 0], bs, text, 0.6, seed=2, batch_table=batch_table)
+    pattern = _pattern(grid, [3, 0], bs, text, 0.6, seed=2, batch_table=batch_table).to(KERNEL_DEVICE)
     n = text + math.prod(grid)
-    q, k, v = (_rand(2, 2, n, 12, seed=s, dtype=dtype) for s in (6, 7, 8))
+    q, k, v = (_rand(2, 2, n, 12, seed=s, dtype=dtype).to(KERNEL_DEVICE) for s in (6, 7, 8))
     ref, ref_lse = quantized_reference(q, k, v, pattern, quant=quant, return_lse=True)
     out, lse = quantized_triton(q, k, v, pattern, quant=quant, return_lse=True)
     assert out.dtype == dtype
@@ -364,9 +368,9 @@ def test_triton_kernel_matches_reference(quant, dtype, text, batch_table):
 @pytest.mark.parametrize("quant", ["int8", "fp8", "int4"])
 def test_triton_quantization_prepass_is_bit_identical(quant):
     grid, bs, text = (2, 3, 5), 16, 7
-    pattern = _pattern(grid, [5, 1, 0], bs, text, 1.0)
+    pattern = _pattern(grid, [5, 1, 0], bs, text, 1.0).to(KERNEL_DEVICE)
     n = text + math.prod(grid)
-    q, k, v = (_rand(2, 3, n, 24, seed=s, dtype=torch.bfloat16) * 3 for s in (1, 2, 3))
+    q, k, v = (_rand(2, 3, n, 24, seed=s, dtype=torch.bfloat16).to(KERNEL_DEVICE) * 3 for s in (1, 2, 3))
     ref = prepare_quantized(q, k, v, pattern, QUANT_MODES[quant])
     out = prepare_quantized_triton(q, k, v, pattern, QUANT_MODES[quant])
     for name in ("q", "q_scale", "k", "k_scale", "v", "v_scale", "v_mean", "k_mean"):
@@ -381,8 +385,8 @@ def test_triton_kernel_full_tables_shared_order():
     # one shared order, a table broadcast over batch and heads, a tile size that is a power of two >= 16
     order = flat_order(40, 16)
     vis = torch.ones(1, 1, order.num_tiles, order.num_tiles, dtype=torch.bool)
-    pattern = BlockSparsePattern(tile_table_from_dense(vis), order, order)
-    q, k, v = (_rand(1, 2, 40, 16, seed=s) for s in (1, 2, 3))
+    pattern = BlockSparsePattern(tile_table_from_dense(vis), order, order).to(KERNEL_DEVICE)
+    q, k, v = (_rand(1, 2, 40, 16, seed=s).to(KERNEL_DEVICE) for s in (1, 2, 3))
     torch.testing.assert_close(
         quantized_triton(q, k, v, pattern, quant="int8"), quantized_reference(q, k, v, pattern), atol=1e-5, rtol=0
     )

@@ -235,7 +235,7 @@ def test_cli_rejects_a_config_of_another_stage(tmp_path, capsys):
 @pytest.mark.slow
 def test_full_retrain_reproduces_the_shipped_scores(tmp_path):
     """Retrain everything from scratch with the recipes of the shipped weights and compare the single-object
-    prompt-adherence scores with the shipped models' (tolerance in docs/toy-models.md). About 5.5 hours on a 2-core
+    prompt-adherence scores with the shipped models' (tolerance in docs/toy-models.md). About 6.5 hours on a 2-core
     CPU; roughly an hour on a GPU (estimated from the base phases' step rates)."""
     from attnpack.toy.adherence import prompt_adherence
     from attnpack.toy.loader import load_evaluator, load_toy_pipeline

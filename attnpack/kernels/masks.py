@@ -211,12 +211,13 @@ def default_tile_shape(grid: Sequence[int], device_type: str = "cuda") -> tuple[
     return tuple(tile)
 
 
-def _triton_mask():
+def _triton_mask() -> tuple:
+    """``(triton_fn, triton_rows_fn)`` of the GNA mask (``None``s without Triton)."""
     try:
-        from .neighborhood.triton import neighborhood_mask_triton
+        from .neighborhood.triton import neighborhood_keys_triton, neighborhood_rows_triton
     except ImportError:  # triton not installed
-        return None
-    return neighborhood_mask_triton
+        return None, None
+    return neighborhood_keys_triton, neighborhood_rows_triton
 
 
 def neighborhood_params(spec: NeighborhoodSpec) -> torch.Tensor:
@@ -255,11 +256,13 @@ def neighborhood_pattern(
         visited, full = segment_tile_masks(q_order, kv_order, {(0, 0): (visited, full), (0, 1): "all"})
     else:
         kv_order = kv_grid
+    keys_fn, rows_fn = _triton_mask()
     mask = TileMask(
         neighborhood_mask_mod(spec),
-        triton_fn=_triton_mask(),
+        triton_fn=keys_fn,
         params=neighborhood_params(spec),
         name=f"gna(window={spec.window}, stride={spec.stride}, dilation={spec.dilation}, causal={spec.causal})",
+        triton_rows_fn=rows_fn,
     )
     pattern = BlockSparsePattern(tile_table_from_dense(visited, full), q_order, kv_order, mask, name="gna")
     return pattern.to(device) if device is not None else pattern

@@ -193,11 +193,12 @@ def _first_phase(stage: str) -> TrainConfig:
 # `init`), with a fresh optimizer, a fresh warmup + cosine schedule and new noise (`seed`); data and text encoders stay.
 _CONTINUATIONS: dict[str, list[dict]] = {
     "toy-sd": [dict(steps=8000, lr=5e-4, seed=5)],  # CPU, 2 cores, ~40 min
-    # CPU, 2 cores: 41 + 23 + 96 min
+    # CPU, 2 cores: 41 + 23 + 96 + 56 min
     "toy-flux": [
         dict(steps=9000, lr=1e-3, seed=6),
         dict(steps=6000, lr=5e-4, seed=7),
         dict(steps=26000, lr=1e-3, seed=8),
+        dict(steps=12000, lr=5e-4, seed=9),
     ],
 }
 

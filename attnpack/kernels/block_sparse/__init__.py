@@ -42,7 +42,7 @@ from collections.abc import Callable
 import torch
 
 from .._checks import check_qkv
-from .flex import block_sparse_flex, flex_available, flex_block_mask
+from .flex import _should_compile, block_sparse_flex, flex_available, flex_block_mask
 from .pattern import (
     BlockSparsePattern,
     TileMask,
@@ -133,6 +133,15 @@ def _flex_unusable(query, key, value, pattern, needs_grad) -> str | None:
         return "torch.nn.attention.flex_attention is not available in this PyTorch"
     if needs_grad and query.device.type != "cuda":
         return "FlexAttention has no backward pass on CPU; use backend='reference' for gradients"
+    if query.device.type == "cuda" and _should_compile(query.device):
+        # the compiled kernel's blocks divide the tiles, and its tl.dot needs reduction dims >= 16 (seen on an H200:
+        # 4-token PARO tiles failed to compile); the reference backend serves such calls
+        k_block = pattern.kv_tile & -pattern.kv_tile  # largest power of two dividing the key tiles
+        if query.shape[-1] < 16 or k_block < 16:
+            return (
+                f"compiled FlexAttention needs head_dim >= 16 and key tiles divisible by 16, got head_dim "
+                f"{query.shape[-1]} and {pattern.kv_tile}-token tiles"
+            )
     return None
 
 

@@ -534,6 +534,31 @@ def segment_tile_masks(
     return visited, full
 
 
+def _demote_padded_full_tiles(table: TileTable, kv_order: TokenOrder) -> TileTable:
+    """``table`` with every *full* entry whose key tile holds padding moved to the partial entries.
+
+    Kernels load full tiles without any mask, so a padded key tile listed as full would make them read the row before
+    the key tensor (padding index ``-1``). Tables built by :func:`tile_table_from_dense` without ``full`` (e.g. PARO's
+    block masks) list every visited tile as full; this keeps the contract in one place."""
+    hi, tk = kv_order.num_heads, kv_order.num_tiles
+    pad = (kv_order.index.view(hi, tk, kv_order.tile_size) < 0).any(-1)  # [Hi, Tk]
+    if not bool(pad.any()):
+        return table
+    bt, ht, tq, k = table.kv_tiles.shape
+    slot = torch.arange(k, device=table.kv_tiles.device)
+    listed_full = slot < table.num_full[..., None]  # [Bt, Ht, Tq, K]
+    if hi > 1 and ht == 1:
+        listed_full = listed_full.expand(bt, hi, tq, k)
+    pad_rows = pad.to(table.kv_tiles.device)[None, :, None, :].expand(bt, max(ht, hi), tq, tk)
+    ids = table.kv_tiles.expand(bt, max(ht, hi), tq, k).long()
+    if not bool((listed_full & torch.gather(pad_rows, 3, ids)).any()):
+        return table
+    visited, full = table.dense()
+    if hi > 1 and ht == 1:
+        visited, full = visited.expand(bt, hi, tq, tk), full.expand(bt, hi, tq, tk)
+    return tile_table_from_dense(visited, full & ~pad_rows)
+
+
 # ------------------------------------------------------------------------------------------------- in-tile masks
 @dataclasses.dataclass(frozen=True, eq=False)
 class TileMask:
@@ -548,12 +573,17 @@ class TileMask:
             ``params_ptr`` a pointer to :attr:`params`; needed by the ``"triton"`` backend.
         params: a 1-D ``int32`` or ``float32`` tensor read by ``triton_fn`` (e.g. grid sizes, a radius).
         name: shown in logs and reprs.
+        triton_rows_fn: optional ``@triton.jit`` function ``fn(b, h, q_idx, params_ptr) -> block or tuple of blocks``
+            that the Triton kernel calls once per block of query rows (``q_idx`` ``[BLOCK_M, 1]``); ``triton_fn``
+            then receives its result in place of ``q_idx``. Use it to move per-query work (integer divisions,
+            window bounds) out of the loop over key tiles.
     """
 
     mask_mod: MaskMod
     triton_fn: Any = None
     params: torch.Tensor | None = None
     name: str = "mask"
+    triton_rows_fn: Any = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -583,6 +613,7 @@ class BlockSparsePattern:
                 f"{self.q_order.num_tiles} query and {self.kv_order.num_tiles} key tiles."
             )
         t.validate()
+        object.__setattr__(self, "table", _demote_padded_full_tiles(t, self.kv_order))
 
     @property
     def num_queries(self) -> int:

@@ -82,15 +82,16 @@ def _load_kv(k_base, v_base, ki_base, offs_n, NK, stride_kn, stride_vn, offs_d, 
 
 @triton.jit
 def _attend_tiles(
-    tbl, i0, i1, q, q_idx, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn, stride_vn,
+    tbl, i0, i1, q, q_idx, q_mask, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn,
+    stride_vn,
     offs_d, offs_dv, d_ok, dv_ok, KV_TILE: tl.constexpr, BLOCK_N: tl.constexpr, KV_GATHER: tl.constexpr,
     MASK_FN: tl.constexpr, PARTIAL: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over table entries ``[i0, i1)`` (each key tile in ``KV_TILE // BLOCK_N`` blocks). On partial
-    tiles padding keys and, if given, ``MASK_FN`` on original indices are applied; full tiles use no mask."""
+    tiles padding keys and, if given, ``MASK_FN`` (``q_mask``: the original query indices ``[BM, 1]`` or what the
+    mask's row function made of them) are applied; full tiles use no mask."""
     offs_t = tl.arange(0, BLOCK_N)
     q_ok = q_idx >= 0
-    q_mask_idx = tl.where(q_ok, q_idx, 0)[:, None]
     for i in range(i0, i1):
         kt = tl.load(tbl + i)
         for j in tl.static_range(KV_TILE // BLOCK_N):
@@ -104,7 +105,7 @@ def _attend_tiles(
                 kv_ok = kv_idx >= 0
                 keep = kv_ok[None, :] & (q_idx[:, None] >= -1)
                 if MASK_FN is not None:
-                    keep = keep & MASK_FN(b, h, q_mask_idx, tl.where(kv_ok, kv_idx, 0)[None, :], MP)
+                    keep = keep & MASK_FN(b, h, q_mask, tl.where(kv_ok, kv_idx, 0)[None, :], MP)
             m_i, l_i, acc = _tile_update(q, k, v, m_i, l_i, acc, qk_scale, keep, PARTIAL, DOT_F32)
     return m_i, l_i, acc
 
@@ -123,7 +124,7 @@ def _block_sparse_fwd(
     Q_TILE: tl.constexpr, KV_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     Q_GATHER: tl.constexpr, KV_GATHER: tl.constexpr,
-    MASK_FN: tl.constexpr, HAS_LSE: tl.constexpr, DOT_F32: tl.constexpr,
+    MASK_FN: tl.constexpr, MASK_ROWS_FN: tl.constexpr, HAS_LSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     # one program: BLOCK_M query rows (a part of query tile q_tile) x one (batch, head)
     pid_m = tl.program_id(0)
@@ -158,13 +159,18 @@ def _block_sparse_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
+    # the mask's per-row work (e.g. GNA windows) once per query block, not once per key block
+    q_mask = tl.where(q_ok, q_idx, 0)[:, None]
+    if MASK_ROWS_FN is not None:
+        q_mask = MASK_ROWS_FN(b, h, q_mask, MP)
+
     # full tiles first (every pair visible, no padding: no mask at all), then partial tiles (padding + in-tile mask)
     m_i, l_i, acc = _attend_tiles(
-        tbl, 0, n_full, q, q_idx, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn,
+        tbl, 0, n_full, q, q_idx, q_mask, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn,
         stride_vn, offs_d, offs_dv, d_ok, dv_ok, KV_TILE, BLOCK_N, KV_GATHER, None, False, DOT_F32,
     )  # fmt: skip
     m_i, l_i, acc = _attend_tiles(
-        tbl, n_full, n_kv, q, q_idx, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn,
+        tbl, n_full, n_kv, q, q_idx, q_mask, m_i, l_i, acc, qk_scale, b, h, MP, k_base, v_base, ki_base, NK, stride_kn,
         stride_vn, offs_d, offs_dv, d_ok, dv_ok, KV_TILE, BLOCK_N, KV_GATHER, MASK_FN, True, DOT_F32,
     )  # fmt: skip
 
@@ -199,13 +205,18 @@ def _configs():
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _TUNING_SPACE]
 
 
-def default_blocks(q_tile: int, kv_tile: int, head_dim: int, cuda: bool) -> tuple[int, int, int, int]:
+def default_blocks(
+    q_tile: int, kv_tile: int, head_dim: int, cuda: bool, itemsize: int = 2
+) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` used without tuning. On CUDA: FlashAttention-style blocks of at
-    most 128 query x 64 key rows (8 warps for 128-row blocks at head_dim >= 128); in the interpreter: whole tiles."""
+    most 128 query x 128 key rows (64 key rows below head_dim 128 and for fp32), 8 warps for 128-row blocks at
+    head_dim >= 128, 3 pipeline stages for 16-bit inputs (the best of 8 configs on an H200 for GNA at head_dim 128:
+    docs/benchmarks.md); in the interpreter: whole tiles."""
     if not cuda:
         return q_tile, kv_tile, 4, 2
-    bm, bn = min(q_tile, 128), min(kv_tile, 64)
-    return bm, bn, (8 if bm >= 128 and head_dim >= 128 else 4), 2
+    wide = head_dim >= 128 and itemsize <= 2
+    bm, bn = min(q_tile, 128), min(kv_tile, 128 if wide else 64)
+    return bm, bn, (8 if bm >= 128 and head_dim >= 128 else 4), (3 if itemsize <= 2 else 2)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -303,7 +314,7 @@ def block_sparse_triton(
         kernel, extra = _tuned_kernel(), {}
     else:
         dbm, dbn, warps, stages = default_blocks(
-            q_tile, kv_tile, max(dim, dv), query.device.type == "cuda" and not interp
+            q_tile, kv_tile, max(dim, dv), query.device.type == "cuda" and not interp, query.element_size()
         )
         bm, bn = block_m or dbm, block_n or dbn
         if q_tile % bm or kv_tile % bn or not (_is_pow2(bm) and _is_pow2(bn)) or min(bm, bn) < 16:
@@ -331,6 +342,7 @@ def block_sparse_triton(
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         Q_GATHER=q_gather, KV_GATHER=kv_gather,
         MASK_FN=mask.triton_fn if mask is not None else None,
+        MASK_ROWS_FN=mask.triton_rows_fn if mask is not None else None,
         HAS_LSE=return_lse, DOT_F32=interp or query.dtype == torch.float32,
         **extra,
     )  # fmt: skip

@@ -80,7 +80,9 @@ def quantize_tiles(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tens
     An all-zero tile gets scale 1.
     """
     amax = x.abs().amax(dim=(-1, -2)).float()
-    scale = torch.where(amax > 0, amax / qmax, 1.0)
+    # divide by a tensor on amax's device: PyTorch's CUDA division by a Python scalar multiplies by its reciprocal,
+    # which can differ from the IEEE quotient (and from the Triton pre-pass) by one ulp
+    scale = torch.where(amax > 0, amax / amax.new_tensor(float(qmax)), 1.0)
     q = _round_half_up(x.float() / scale[..., None, None]).clamp(-qmax, qmax)
     return q.to(torch.int8), scale
 

@@ -113,12 +113,13 @@ if triton is not None:
         out_mask = row_ok[:, None] & col_ok[None, :]
         if MODE == 0:
             amax = tl.max(tl.max(tl.abs(x), 1), 0)
-            scale = tl.where(amax > 0, amax / QMAX, 1.0)
-            q = tl.minimum(tl.maximum(tl.floor(x / scale + 0.5), -QMAX), QMAX)
+            scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full([], QMAX, tl.float32)), 1.0)
+            q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x, scale) + 0.5), -QMAX), QMAX)
             tl.store(OUT + dst[:, None] * D + cols[None, :], q.to(tl.int8), mask=out_mask)
             tl.store(TSCALE + bh * T + t, scale)
         else:
-            x = x / tl.load(CSCALE + bh * D + cols, mask=col_ok, other=1.0)[None, :]
+            # IEEE division (Triton's `/` is approximate on GPUs): the result is bit-identical to the PyTorch pre-pass
+            x = tl.math.div_rn(x, tl.load(CSCALE + bh * D + cols, mask=col_ok, other=1.0)[None, :])
             if MODE == 1:
                 q = tl.minimum(tl.maximum(tl.floor(x + 0.5), -QMAX), QMAX)
                 tl.store(OUT + dst[:, None] * D + cols[None, :], q.to(tl.int8), mask=out_mask)
@@ -312,8 +313,8 @@ def quantized_triton(
     out = torch.empty(b, h, nq, dv, device=query.device, dtype=query.dtype)
     lse = torch.empty(b, h, nq, device=query.device, dtype=torch.float32) if return_lse else out
     bt, ht, _, kk = table.kv_tiles.shape
-    block = _pow2(sz, 16)
-    min_d = 16 if upcast else 32  # integer mma needs k >= 32
+    min_d = 16 if upcast else 32  # 8-bit mma (int8, fp8) needs k >= 32: head dims and key blocks are padded to it
+    block = _pow2(sz, min_d)
     _paro_quant_attn_fwd[(tq, b * h)](
         prep.q.contiguous(),
         prep.q_scale.contiguous(),
