@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "GenerationSettings": "attnpack.pipelines.generation",
     "run_generation": "attnpack.pipelines.generation",
     "IRDiffusionPipeline": "attnpack.pipelines.ir_diffusion",
+    "IRDiffusionSDPipeline": "attnpack.pipelines.ir_diffusion",
     # head-level perturbation guidance
     "apply_head_perturbation": "attnpack.pipelines.guidance",
     "HeadPerturbationGuidance": "attnpack.pipelines.guiders",
@@ -101,7 +102,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pipelines.guidance import apply_head_perturbation
     from .pipelines.guiders import HeadPerturbationGuidance
     from .pipelines.head_search import search_heads
-    from .pipelines.ir_diffusion import IRDiffusionPipeline
+    from .pipelines.ir_diffusion import IRDiffusionPipeline, IRDiffusionSDPipeline
     from .pipelines.loading import builtin_models, load_pipeline
     from .pipelines.paro_calibrate import calibrate_paro
     from .pipelines.paro_plan import ParoPlan

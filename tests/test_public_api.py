@@ -19,6 +19,7 @@ EXPECTED = {
     "GNAAttnProcessor",
     "GenerationSettings",
     "IRDiffusionPipeline",
+    "IRDiffusionSDPipeline",
     "HeadPerturbationGuidance",
     "LayerInfo",
     "ParoAttnProcessor",

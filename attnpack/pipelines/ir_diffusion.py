@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -52,7 +52,7 @@ from .masks import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IRDiffusionPipeline", "IRDiffusionPipelineOutput", "IRSubject", "Segmenter"]
+__all__ = ["IRDiffusionPipeline", "IRDiffusionPipelineOutput", "IRDiffusionSDPipeline", "IRSubject", "Segmenter"]
 
 # segmenter(image, words) -> one mask (H x W, bool / 0-1 / 0-255, tensor / array / PIL) or None per word
 Segmenter = Callable[[Any, Sequence[str]], Sequence[Any]]
@@ -163,26 +163,14 @@ class _Masking:
     scene_tokens: list[list[int]] | None  # ... and in the scene prompt
 
 
-class IRDiffusionPipeline(StableDiffusionXLPipeline):
-    r"""IR-Diffusion (arXiv 2411.19261) on SDXL-architecture models (SDXL, Playground v2.5).
+class _IRDiffusionMixin:
+    """The IR-Diffusion phases on a UNet text-to-image pipeline class ``_base_pipeline`` (SDXL or SD 1.x/2.x): each
+    phase is a call of that class's ``__call__``; the attention processors are the same for both."""
 
-    Build it from a loaded SDXL pipeline without copying weights: ``IRDiffusionPipeline.from_pipe(sdxl_pipe)``.
-
-    Examples:
-        >>> pipe = IRDiffusionPipeline.from_pipe(sdxl_pipe)
-        >>> out = pipe(
-        ...     subjects=[
-        ...         {"prompt": "a photo of a freckled boy with copper hair", "word": "boy"},
-        ...         {"prompt": "a photo of a fluffy white cat with a monocle", "word": "cat"},
-        ...     ],
-        ...     scene_prompt="a boy with a slingshot and a cat sitting on a fence",
-        ...     seed=0,
-        ... )
-        >>> out.images[0]  # the scene; out.reference_images, out.target_masks, ...
-    """
+    _base_pipeline: type
 
     @classmethod
-    def from_pipe(cls, pipeline, **kwargs) -> IRDiffusionPipeline:
+    def from_pipe(cls, pipeline, **kwargs):
         """Build from a loaded pipeline, sharing its components (no copy).
 
         Unlike ``DiffusionPipeline.from_pipe``, which casts every shared component to float32 unless ``torch_dtype``
@@ -292,7 +280,7 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
             raise ValueError(f"`scene_prompt` must be a non-empty string, got {scene_prompt!r}.")
         reserved = sorted(set(kwargs) & set(_RESERVED))
         if reserved:
-            raise ValueError(f"IRDiffusionPipeline sets {reserved} itself; remove them from the call.")
+            raise ValueError(f"{type(self).__name__} sets {reserved} itself; remove them from the call.")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
         if not (mask_source == "attention" or callable(mask_source)):
@@ -303,8 +291,9 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
         n = len(items)
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        sample = getattr(self, "default_sample_size", None) or self.unet.config.sample_size  # SDXL / SD 1.x
+        height = height or sample * self.vae_scale_factor
+        width = width or sample * self.vae_scale_factor
         layout_seed = seed if layout_seed is None else layout_seed
         min_size = scaled_pixels(OFFICIAL_MIN_MASK_SIZE, height, width) if min_mask_size is None else min_mask_size
         kernel = scaled_pixels(OFFICIAL_CLOSE_KERNEL, height, width) if close_kernel is None else close_kernel
@@ -330,7 +319,7 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
                     "are removed (the smaller region gives up shared pixels); make the regions distinct."
                 )
         resolve_ir_layers(self.unet, ir_layers)  # a bad layer name fails now, not after the first phases
-        tokenizer = self.tokenizer if self.tokenizer is not None else self.tokenizer_2
+        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(self, "tokenizer_2", None)
         use_attention = mask_source == "attention"
         masking = _Masking(
             source=mask_source,
@@ -380,7 +369,7 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
         handle = apply_ir_diffusion(self, ir_layers=ir_layers)
         try:
             with self._phase("IR final"), run_overrides(roles=roles, **{STATE_KEY: state}):
-                final = StableDiffusionXLPipeline.__call__(
+                final = self._base_pipeline.__call__(
                     self,
                     prompt=[s.prompt for s in items] + [scene_prompt],
                     latents=latents,
@@ -470,7 +459,8 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
     def _noise(self, seed: int, height: int, width: int) -> torch.Tensor:
         """The initial noise ``pipe(..., generator=torch.Generator("cpu").manual_seed(seed))`` would draw."""
         shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        dtype = self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.unet.dtype
+        encoder = getattr(self, "text_encoder_2", None) or self.text_encoder
+        dtype = encoder.dtype if encoder is not None else self.unet.dtype
         generator = torch.Generator("cpu").manual_seed(seed)
         return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
 
@@ -480,7 +470,7 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
         """One vanilla generation (``[H, W, 3]`` float in [0, 1]); with ``maps``, its attention is recorded."""
         handle = apply_processors(self, maps, description="IR attention masks") if maps is not None else None
         try:
-            images = StableDiffusionXLPipeline.__call__(
+            images = self._base_pipeline.__call__(
                 self, prompt=prompt, latents=noise.clone(), output_type="np", **common
             ).images
         finally:
@@ -510,3 +500,42 @@ class IRDiffusionPipeline(StableDiffusionXLPipeline):
         if output_type == "pt":
             return [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images]
         return [self._to_pil(im) for im in images]
+
+
+class IRDiffusionPipeline(_IRDiffusionMixin, StableDiffusionXLPipeline):
+    r"""IR-Diffusion (arXiv 2411.19261) on SDXL-architecture models (SDXL, Playground v2.5).
+
+    Build it from a loaded SDXL pipeline without copying weights: ``IRDiffusionPipeline.from_pipe(sdxl_pipe)``.
+
+    Examples:
+        >>> pipe = IRDiffusionPipeline.from_pipe(sdxl_pipe)
+        >>> out = pipe(
+        ...     subjects=[
+        ...         {"prompt": "a photo of a freckled boy with copper hair", "word": "boy"},
+        ...         {"prompt": "a photo of a fluffy white cat with a monocle", "word": "cat"},
+        ...     ],
+        ...     scene_prompt="a boy with a slingshot and a cat sitting on a fence",
+        ...     seed=0,
+        ... )
+        >>> out.images[0]  # the scene; out.reference_images, out.target_masks, ...
+    """
+
+    _base_pipeline = StableDiffusionXLPipeline
+
+
+class IRDiffusionSDPipeline(_IRDiffusionMixin, StableDiffusionPipeline):
+    r"""IR-Diffusion on SD 1.x / 2.x-architecture pipelines (e.g. the built-in ``toy-sd``): the same phases, options
+    and attention processors as :class:`IRDiffusionPipeline` (whose ``__call__`` documents them), with
+    ``StableDiffusionPipeline`` running each phase. The paper and the official code use SDXL; this variant exists so
+    that subject isolation can be measured on the in-house toy model (docs/toy-models.md).
+
+    Examples:
+        >>> pipe = IRDiffusionSDPipeline.from_pipe(attnpack.load_pipeline("toy-sd"))
+        >>> out = pipe(
+        ...     subjects=[{"prompt": "a red circle", "word": "circle"}, {"prompt": "a blue square", "word": "square"}],
+        ...     scene_prompt="a red circle left of a blue square",
+        ...     num_inference_steps=20,
+        ... )
+    """
+
+    _base_pipeline = StableDiffusionPipeline
