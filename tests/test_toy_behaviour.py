@@ -2,8 +2,9 @@
 
 Random-weight tiny models only show that the code runs; these tests check effects that need attention which means
 something: local techniques approach dense attention as their window grows, A-STAR's latent update pulls the
-cross-attention maps of two concepts apart, and IR-Diffusion keeps two subjects from blending. The references are independent: diffusers' stock processors (dense) and
-the A-STAR pipeline with both loss weights at 0 (which reproduces the base pipeline exactly, tests/test_astar.py).
+cross-attention maps of two concepts apart, and IR-Diffusion keeps two subjects from blending. The references are
+independent: diffusers' stock processors (dense), the A-STAR pipeline with both loss weights at 0 (which reproduces
+the base pipeline exactly, tests/test_astar.py) and, for IR-Diffusion, the stock scene prompt.
 """
 
 import math
