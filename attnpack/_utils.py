@@ -51,12 +51,29 @@ def require(module: str, extra: str, feature: str) -> object:
         ) from None
 
 
+# The packages whose versions decide what attnpack computes: shown by `attnpack info`, printed at the top of every
+# test run (tests/conftest.py), embedded in every output's parameters. Resolved to their newest releases on a fresh
+# machine, so a changed version here is the first thing to look at when a result changes.
+TRACKED_PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "huggingface_hub",
+    "gradio",
+    "numpy",
+    "triton",
+    "xformers",
+)
+
+
 def package_versions() -> dict[str, str]:
-    """Versions of attnpack and the packages its results depend on (``"-"`` when not installed)."""
+    """Versions of attnpack and of :data:`TRACKED_PACKAGES` (``"-"`` when not installed)."""
     from ._version import __version__
 
     out = {"attnpack": __version__}
-    for name in ("torch", "diffusers", "transformers", "accelerate", "triton", "xformers", "gradio"):
+    for name in TRACKED_PACKAGES:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -31,6 +31,17 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_report_header(config):
+    """The resolved versions of the packages results depend on, first thing in every run (and so in CI's log):
+    a fresh machine installs the newest releases, and a changed version is the first suspect when a test turns red."""
+    import platform
+
+    from attnpack._utils import package_versions
+
+    versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
+    return [f"attnpack versions: {versions}, python {platform.python_version()}"]
+
+
 def pytest_collection_modifyitems(config, items):
     run_slow = os.environ.get("ATTNPACK_RUN_SLOW") == "1"
     has_gpu = torch.cuda.is_available()

@@ -33,6 +33,27 @@ class ScaledCore:
         return call.dense(q, k, v) * self.factor
 
 
+# Outputs of a model saved and loaded again (another process, another file) agree up to float summation order only:
+# safetensors >= 0.8 gives memory-mapped tensors that are not 64-byte aligned and MKL then sums in another order
+# (tests/test_loading.py::test_tiny_model_save_and_reload_reproduces_output has the full root cause). Weights and
+# configs stay bit-identical and are compared exactly; outputs are compared within these bounds.
+RELOAD_ATOL = 1e-4  # on float images in [0, 1]; measured differences 1e-7..2e-6, real regressions 8e-3 and more
+
+
+def assert_same_image_after_reload(actual, expected, max_changed: float = 0.01):
+    """8-bit images from a reloaded model: a value may round to the next grey level (the float output moved by
+    ~1e-6 across a rounding boundary), nothing more, and at most ``max_changed`` of the values may move at all."""
+    import numpy as np
+
+    a, b = np.asarray(actual, dtype=np.int16), np.asarray(expected, dtype=np.int16)
+    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
+    diff = np.abs(a - b)
+    assert diff.max() <= 1, f"max difference {diff.max()} grey levels (a reload may move a value by 1 at most)"
+    assert (diff > 0).mean() <= max_changed, (
+        f"{(diff > 0).mean():.2%} of the values changed (at most {max_changed:.0%})"
+    )
+
+
 def forward(model, inputs):
     with torch.no_grad():
         return model(**inputs, return_dict=False)[0]

@@ -157,6 +157,18 @@ def test_info_json(capsys):
     assert set(report["backends"]) == {"sdpa", "flex", "triton", "xformers", "flash", "sage"}
 
 
+def test_info_lists_the_versions_results_depend_on(capsys):
+    """Issue 18: `attnpack info` (and the test-run header) name the resolved version of every package that changes
+    what attnpack computes, so dependency drift on a fresh machine is visible."""
+    import importlib.metadata
+
+    assert main(["info"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("versions: "))
+    for name in ("torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "gradio",
+                 "numpy", "triton"):  # fmt: skip
+        assert f"{name} {importlib.metadata.version(name)}" in line
+
+
 def test_console_entry_point(tmp_path):
     out = tmp_path / "e.png"
     proc = subprocess.run(
