@@ -26,6 +26,9 @@ __all__ = [
     "available_techniques",
     "parse_options",
     "apply_techniques",
+    "check_composable",
+    "technique_parameters",
+    "TechniquesHandle",
     "parse_technique_specs",
     "TECHNIQUE_MODULES",
 ]
@@ -71,6 +74,9 @@ class Technique:
     options: tuple[Option, ...] = ()
     families: tuple[str, ...] = ()  # model families it supports (empty: all)
     doc: str = ""  # path of its docs page, e.g. "docs/gna.md"
+    # how it combines with others on a layer (docs/architecture.md, "Composition"): "pattern" computes the attention
+    # (alternatives to each other), "modifier" changes some rows / heads of it (head guidance)
+    role: str = "pattern"
 
     def option(self, name: str) -> Option:
         for opt in self.options:
@@ -235,17 +241,57 @@ def parse_technique_specs(names: Sequence[str] | None, opts: Sequence[str] | Non
         for n, options in specs:
             if n == target:
                 options[key] = value
-    return [(name, parse_options(name, options)) for name, options in specs]
+    parsed = [(name, parse_options(name, options)) for name, options in specs]
+    check_composable(parsed)
+    return parsed
 
 
-class _CombinedHandle:
-    def __init__(self, handles: list[Any], description: str):
+def check_composable(specs: Iterable[tuple[Any, Mapping[str, Any]]]) -> None:
+    """Refuse, before any model is loaded, combinations that cannot work whatever the model: two attention-pattern
+    techniques (``role="pattern"``: dense, GNA, CLEAR, PARO are alternatives) both on every layer (no ``layers``
+    given), or one technique twice. Overlaps that depend on the model's layers are caught when installing."""
+    seen: dict[str, int] = {}
+    everywhere: list[str] = []
+    for spec, options in specs:
+        tech = get_technique(spec) if isinstance(spec, str) else spec
+        seen[tech.name] = seen.get(tech.name, 0) + 1
+        if seen[tech.name] == 2:
+            raise ValueError(
+                f"technique {tech.name!r} is given twice; give it once (one call takes all its layers / heads)."
+            )
+        if tech.role == "pattern" and options.get("layers") is None:
+            everywhere.append(tech.name)
+    if len(everywhere) > 1:
+        raise ValueError(
+            f"techniques {' and '.join(repr(n) for n in everywhere)} both compute the attention of every layer: "
+            "a layer runs one attention pattern (dense, GNA, CLEAR and PARO are alternatives). Keep one, or give "
+            "them disjoint `layers`. Head guidance composes with any of them."
+        )
+
+
+class TechniquesHandle:
+    """Techniques (and an attention backend) installed by :func:`apply_techniques`: ``remove()`` takes them all off
+    (any order is fine, see docs/architecture.md "Composition"); ``parameters()`` is what outputs embed."""
+
+    def __init__(self, pipe, specs: list[tuple[str, dict[str, Any]]], handles: list[Any], attention_backend):
+        self.pipe = pipe
+        self.specs = specs
         self.handles = handles
-        self.description = description
+        self.attention_backend = attention_backend
+        self.description = ", ".join(name for name, _ in specs) or "no techniques"
+
+    def parameters(self) -> dict[str, Any]:
+        """``{"techniques": what was asked, "attention_backend": ..., "in_effect": what runs per layer}``."""
+        from .attn_processors._apply import in_effect
+
+        params = technique_parameters(self.specs, self.attention_backend)
+        params["in_effect"] = in_effect(self.pipe) if self.handles else {}
+        return params
 
     def remove(self) -> None:
-        for h in reversed(self.handles):
-            h.remove()
+        for handle in reversed(self.handles):
+            handle.remove()
+        self.handles = []
 
     def __enter__(self):
         return self
@@ -254,30 +300,61 @@ class _CombinedHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        return f"TechniquesHandle({self.description})"
+        backend = f", attention backend {self.attention_backend}" if self.attention_backend else ""
+        return f"TechniquesHandle({self.description}{backend})"
 
 
-def apply_techniques(pipe, specs: Iterable[tuple[str, Mapping[str, Any]]]):
-    """Apply several ``(technique name, options)`` in order; one handle removes them all (in reverse)."""
+def technique_parameters(specs: Iterable[tuple[Any, Mapping[str, Any]]], attention_backend: str | None) -> dict:
+    """The requested techniques and backend as embedded in outputs (:meth:`TechniquesHandle.parameters` adds what
+    was in effect)."""
+    return {
+        "techniques": [{"name": spec if isinstance(spec, str) else spec.name, **opts} for spec, opts in specs],
+        "attention_backend": attention_backend or "default",
+    }
+
+
+def apply_techniques(
+    pipe, specs: Iterable[tuple[Any, Mapping[str, Any]]] = (), attention_backend: str | None = None
+) -> TechniquesHandle:
+    """Install techniques by name, then an attention backend, on ``pipe``: the one installation path of the command
+    line, ``attnpack batch`` and the UI.
+
+    Args:
+        pipe: a diffusers pipeline (or denoiser).
+        specs: ``[(technique name or Technique, options), ...]``; options as Python values or strings (converted
+            and checked by :func:`parse_options`). The order does not matter: techniques compose per layer.
+        attention_backend: a diffusers attention backend name for every layer (see
+            :func:`attnpack.set_attention_backend`), or ``None`` to keep the current one.
+
+    Returns:
+        a :class:`TechniquesHandle`; if anything fails, whatever was installed is removed before the error is raised.
+    """
+    specs = list(specs)
+    check_composable(specs)
     handles: list[Any] = []
-    names = []
+    names: list[tuple[str, dict[str, Any]]] = []
     try:
-        for name, options in specs:
-            tech = get_technique(name)
-            handles.append(tech.apply(pipe, **parse_options(tech, options)))
-            names.append(name)
+        for spec, options in specs:
+            tech = get_technique(spec) if isinstance(spec, str) else spec
+            parsed = parse_options(tech, options)
+            handles.append(tech.apply(pipe, **parsed))
+            names.append((tech.name, parsed))
+        if attention_backend:
+            from .attn_processors._apply import set_attention_backend
+
+            handles.append(set_attention_backend(pipe, "native" if attention_backend == "sdpa" else attention_backend))
     except BaseException:
         for h in reversed(handles):
             h.remove()
         raise
-    return _CombinedHandle(handles, ", ".join(names))
+    return TechniquesHandle(pipe, names, handles, attention_backend)
 
 
 # ------------------------------------------------------------------------------------------------- built-in "dense"
 def _apply_dense(pipe, layers=None):
     from .attn_processors._apply import DenseCore, apply_processors
 
-    return apply_processors(pipe, DenseCore(), layers=layers, description="dense")
+    return apply_processors(pipe, DenseCore(), layers=layers, description="dense", technique="dense")
 
 
 register_technique(

@@ -118,8 +118,10 @@ def test_dense_layers_keep_their_stock_processor():
             is original["transformer_blocks.0.attn.processor"]
         )
         assert list(handle.processors) == ["single_transformer_blocks.1.attn.processor"]
-    with apply_gna(model, window_size=3, dense_layers=".*"):
-        torch.testing.assert_close(forward(model, inputs), stock, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="'gna' leaves no attention layer to install on"):  # a silent no-op (issue 19)
+        apply_gna(model, window_size=3, dense_layers=".*")
+    assert all(model.attn_processors[k] is original[k] for k in original)
+    torch.testing.assert_close(forward(model, inputs), stock, atol=0, rtol=0)
     with pytest.raises(ValueError, match="`dense_layers` entry 'nope' matches no attention layer"):
         apply_gna(model, window_size=3, dense_layers="nope")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -20,6 +21,9 @@ __all__ = [
     "AttentionCall",
     "AttentionCore",
     "DenseCore",
+    "ModifierCore",
+    "ObserverCore",
+    "ComposedCore",
     "AttnPackProcessor",
     "ProcessorHandle",
     "apply_processors",
@@ -27,6 +31,10 @@ __all__ = [
     "select_layers",
     "resolve_denoisers",
     "set_attention_backend",
+    "in_effect",
+    "ROLE_PATTERN",
+    "ROLE_MODIFIER",
+    "ROLE_OBSERVER",
 ]
 
 _DEFAULT = object()
@@ -93,14 +101,93 @@ class AttentionCore(Protocol):
     ) -> torch.Tensor: ...
 
 
+# What a core does to a layer's attention, which decides how it combines with others on the same layer (docs/
+# architecture.md, "Composition"): a *pattern* computes the attention (dense, GNA, CLEAR, PARO, IR-Diffusion's masked
+# attention: alternatives to each other, at most one per layer); a *modifier* changes the output on some batch rows or
+# heads after the pattern ran (head perturbation); an *observer* only records (A-STAR's store, attention recorders).
+ROLE_PATTERN, ROLE_MODIFIER, ROLE_OBSERVER = "pattern", "modifier", "observer"
+ROLES = (ROLE_PATTERN, ROLE_MODIFIER, ROLE_OBSERVER)
+
+
+def core_role(core) -> str:
+    """The composition role of ``core``: its ``role`` attribute, ``"pattern"`` for any plain attention core."""
+    role = getattr(core, "role", ROLE_PATTERN)
+    if role not in ROLES:
+        raise TypeError(f"{core!r} has role {role!r}; a core's `role` must be one of {', '.join(ROLES)}.")
+    return role
+
+
 class DenseCore:
-    """The identity technique: plain dense attention (reproduces the stock processor)."""
+    """The identity technique: plain dense attention (reproduces the stock processor).
+
+    ``fallback=True`` marks the dense processors :func:`set_attention_backend` puts on layers whose stock processors
+    bypass diffusers' dispatcher: they are no technique, so any other pattern installed on the layer takes their place
+    (instead of conflicting with them).
+    """
+
+    role = ROLE_PATTERN
+
+    def __init__(self, fallback: bool = False):
+        self.fallback = fallback
 
     def __call__(self, query, key, value, call: AttentionCall) -> torch.Tensor:
         return call.dense(query, key, value)
 
     def __repr__(self) -> str:
         return "DenseCore()"
+
+
+class ModifierCore:
+    """Base class of modifier cores: ``modify(q, k, v, call, out)`` returns the layer's output given the output
+    ``out`` of the layer's pattern (dense attention when the modifier is alone on the layer)."""
+
+    role = ROLE_MODIFIER
+
+    def modify(self, query, key, value, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, query, key, value, call: AttentionCall) -> torch.Tensor:
+        return self.modify(query, key, value, call, call.dense(query, key, value))
+
+
+class ObserverCore:
+    """Base class of observer cores: ``observe(q, k, v, call, out)`` records what it needs and changes nothing."""
+
+    role = ROLE_OBSERVER
+
+    def observe(self, query, key, value, call: AttentionCall, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def __call__(self, query, key, value, call: AttentionCall) -> torch.Tensor:
+        out = call.dense(query, key, value)
+        self.observe(query, key, value, call, out)
+        return out
+
+
+class ComposedCore:
+    """Several techniques on one layer: the pattern computes the attention, then each modifier changes its output,
+    then each observer sees the result. Modifiers and observers run in the order of their technique names, so the
+    order in which techniques were applied never matters."""
+
+    def __init__(self, pattern: AttentionCore, modifiers: Sequence[Any] = (), observers: Sequence[Any] = ()):
+        self.pattern = pattern
+        self.modifiers = tuple(modifiers)
+        self.observers = tuple(observers)
+
+    def __call__(self, query, key, value, call: AttentionCall) -> torch.Tensor:
+        out = self.pattern(query, key, value, call)
+        for modifier in self.modifiers:
+            out = modifier.modify(query, key, value, call, out)
+        for observer in self.observers:
+            observer.observe(query, key, value, call, out)
+        return out
+
+    @property
+    def parts(self) -> tuple:
+        return (self.pattern, *self.modifiers, *self.observers)
+
+    def __repr__(self) -> str:
+        return " + ".join(repr(part) for part in self.parts)
 
 
 class AttnPackProcessor:
@@ -113,6 +200,7 @@ class AttnPackProcessor:
 
     _attention_backend = None
     _parallel_config = None
+    technique: str | None = None  # the registry name of the technique this class runs (subclasses set it)
 
     def __init__(self, core: AttentionCore, layer: LayerInfo):
         self.core = core
@@ -259,24 +347,140 @@ def select_layers(layers: Sequence[LayerInfo], spec: LayerSpec, *, argument: str
     return [info for info in layers if info.name in chosen]
 
 
+# ------------------------------------------------------------------------------------------------- composition
+# attributes a processor carries for diffusers (set by set_attention_backend / enable_parallelism): a processor that
+# replaces another on the same layer keeps them
+_CARRIED_ATTRIBUTES = ("_attention_backend", "_parallel_config")
+_TABLE = "_attnpack_compositions"
+_TOKENS = itertools.count(1)  # one per handle: the key of its contributions in the layer tables
+
+
+@dataclasses.dataclass
+class _Contribution:
+    technique: str
+    role: str
+    core: Any
+    processor_cls: type
+
+
+@dataclasses.dataclass
+class _LayerComposition:
+    """What attnpack installed on one layer: every handle's contribution, the processor that runs them all, and the
+    processor that was there before (restored when the last contribution goes)."""
+
+    info: LayerInfo
+    original: Any
+    installed: Any = None
+    contributions: dict[int, _Contribution] = dataclasses.field(default_factory=dict)
+
+    def pattern(self) -> _Contribution | None:
+        patterns = [c for c in self.contributions.values() if c.role == ROLE_PATTERN]
+        chosen = [c for c in patterns if not getattr(c.core, "fallback", False)]
+        return (chosen or patterns or [None])[0]
+
+    def build(self, previous: Any) -> AttnPackProcessor:
+        """The processor running every contribution (the contribution's own processor when it is alone)."""
+        pattern = self.pattern()
+        ordered = sorted((c for c in self.contributions.values() if c.role != ROLE_PATTERN), key=_order)
+        modifiers = [c for c in ordered if c.role == ROLE_MODIFIER]
+        observers = [c for c in ordered if c.role == ROLE_OBSERVER]
+        if pattern is not None and getattr(pattern.core, "fallback", False) and ordered:
+            pattern = None  # plain dense attention: the modifiers / observers run it themselves when alone
+        if pattern is not None and not ordered:
+            proc = pattern.processor_cls(pattern.core, self.info)
+        elif pattern is None and len(ordered) == 1:
+            proc = ordered[0].processor_cls(ordered[0].core, self.info)
+        else:
+            core = ComposedCore(
+                pattern.core if pattern is not None else DenseCore(),
+                [c.core for c in modifiers],
+                [c.core for c in observers],
+            )
+            proc = (pattern or ordered[0]).processor_cls(core, self.info)
+        for name in _CARRIED_ATTRIBUTES:
+            if name in getattr(previous, "__dict__", {}):
+                setattr(proc, name, previous.__dict__[name])
+        return proc
+
+    def techniques(self) -> list[str]:
+        pattern = self.pattern()
+        rest = sorted({c.technique for c in self.contributions.values() if c.role != ROLE_PATTERN})
+        return ([pattern.technique] if pattern is not None else []) + rest
+
+
+def _order(contribution: _Contribution) -> tuple:
+    return (contribution.technique, type(contribution.core).__name__)
+
+
+def _table(model: torch.nn.Module) -> dict[str, _LayerComposition]:
+    table = model.__dict__.get(_TABLE)
+    if table is None:
+        table = model.__dict__[_TABLE] = {}
+    return table
+
+
+def in_effect(pipe_or_model) -> dict[str, Any]:
+    """What attnpack runs on the denoiser(s) now, per layer, summarised for the parameters embedded in outputs:
+    ``{"<techniques joined by +>": {"layers": count, "names": [...], "core": repr of one layer's core}}``."""
+    try:
+        models, _ = resolve_denoisers(pipe_or_model)
+    except (TypeError, ValueError):
+        return {}
+    groups: dict[str, dict[str, Any]] = {}
+    for model in models:
+        current = model.attn_processors
+        for name, comp in model.__dict__.get(_TABLE, {}).items():
+            proc = current.get(f"{name}.processor")
+            if proc is not comp.installed:
+                continue
+            group = groups.setdefault(
+                " + ".join(comp.techniques()), {"layers": 0, "names": [], "core": repr(proc.core)}
+            )
+            group["layers"] += 1
+            group["names"].append(name)
+    for group in groups.values():
+        if len(group["names"]) > 8:
+            group["names"] = group["names"][:4] + [f"... {len(group['names']) - 6} more"] + group["names"][-2:]
+    return dict(sorted(groups.items()))
+
+
 # ------------------------------------------------------------------------------------------------- handle
 class ProcessorHandle:
     """Restores what an ``apply_*`` call changed. Use ``handle.remove()`` or ``with apply_...(...):``.
 
-    Removing restores the original processor objects of the replaced layers (layers changed since by someone else
-    are left alone), detaches the run-context hook reference and runs any extra restore callbacks (e.g. weights).
+    Removing takes this handle's cores off the layers it installed them on: a layer with other techniques left runs
+    those (exactly as if they had been applied alone), a layer with none gets back its original processor object.
+    Layers changed since by someone else are left alone. Then the run-context hook reference is released and any
+    extra restore callbacks run (e.g. weights).
     """
 
     def __init__(self, description: str = ""):
         self.description = description
-        self._entries: list[tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]] = []
+        self._token = next(_TOKENS)
+        self._layers: list[tuple[torch.nn.Module, list[str], str]] = []  # (model, layer names, key prefix)
         self._callbacks: list[Callable[[], None]] = []
+        self._children: list[ProcessorHandle] = []
         self._models_with_context: list[torch.nn.Module] = []
+        self._last: dict[str, AttnPackProcessor] = {}
         self.removed = False
-        self.processors: dict[str, AttnPackProcessor] = {}
 
-    def _record(self, model, originals: dict[str, Any], installed: dict[str, Any]) -> None:
-        self._entries.append((model, originals, installed))
+    @property
+    def processors(self) -> dict[str, AttnPackProcessor]:
+        """The processors now running this handle's cores, by ``attn_processors`` key (after :meth:`remove`: the
+        ones that ran them last)."""
+        if self.removed:
+            return dict(self._last)
+        out: dict[str, AttnPackProcessor] = {}
+        for model, names, prefix in self._layers:
+            table, current = model.__dict__.get(_TABLE, {}), model.attn_processors
+            for name in names:
+                comp = table.get(name)
+                key = f"{name}.processor"
+                if comp is not None and self._token in comp.contributions and current.get(key) is comp.installed:
+                    out[prefix + key] = comp.installed
+        for child in self._children:
+            out.update(child.processors)
+        return out
 
     def add_callback(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on :meth:`remove` (callbacks run in reverse order, after processors are restored)."""
@@ -285,13 +489,24 @@ class ProcessorHandle:
     def remove(self) -> None:
         if self.removed:
             return
+        self._last = self.processors
         self.removed = True
-        for model, originals, installed in reversed(self._entries):
-            current = model.attn_processors
+        for model, names, _ in reversed(self._layers):
+            table, current = _table(model), model.attn_processors
             restore = dict(current)
-            for key, proc in installed.items():
-                if current.get(key) is proc:
-                    restore[key] = originals[key]
+            for name in names:
+                comp, key = table.get(name), f"{name}.processor"
+                if comp is None or comp.contributions.pop(self._token, None) is None:
+                    continue
+                if current.get(key) is not comp.installed:  # replaced by someone else since: leave it
+                    if not comp.contributions:
+                        del table[name]
+                    continue
+                if comp.contributions:
+                    comp.installed = restore[key] = comp.build(current[key])
+                else:
+                    restore[key] = comp.original
+                    del table[name]
             model.set_attn_processor(restore)
         for model in reversed(self._models_with_context):
             release_run_context(model)
@@ -312,6 +527,11 @@ class ProcessorHandle:
 CoreOrFactory = Union[AttentionCore, Callable[[LayerInfo], "AttentionCore | None"]]
 
 
+def _layer_list(names: Sequence[str], limit: int = 6) -> str:
+    shown = list(names[:limit]) + ([f"... {len(names) - limit} more"] if len(names) > limit else [])
+    return ", ".join(shown)
+
+
 def apply_processors(
     pipe_or_model,
     core_or_factory: CoreOrFactory,
@@ -320,17 +540,25 @@ def apply_processors(
     kinds: Iterable[str] | None = None,
     processor_cls: type[AttnPackProcessor] = AttnPackProcessor,
     description: str = "",
+    technique: str | None = None,
 ) -> ProcessorHandle:
     """Install an attention core on the selected attention layers of a pipeline's denoiser(s).
+
+    Cores compose per layer (docs/architecture.md, "Composition"): a layer runs at most one *pattern* core (dense,
+    GNA, CLEAR, PARO, ...; a second one on the same layer is an error naming both techniques), plus any *modifiers*
+    (head perturbation) and *observers* (recorders). Applying A then B gives the same processors as B then A.
 
     Args:
         pipe_or_model: a diffusers pipeline (its ``unet`` / ``transformer`` / ``transformer_2``) or a denoiser.
         core_or_factory: an :class:`AttentionCore` shared by all selected layers, or a factory
             ``fn(layer: LayerInfo) -> core | None`` (``None`` keeps that layer's processor).
-        layers: layer selection (see :func:`select_layers`); ``None`` selects all supported layers.
+        layers: layer selection (see :func:`select_layers`); ``None`` selects all supported layers. A selection that
+            installs nothing (``layers=[]``, a factory returning ``None`` everywhere) is an error.
         kinds: restrict to layer kinds (``"self"``, ``"cross"``, ``"joint"``, ``"single"``).
         processor_cls: processor class to instantiate (subclasses of :class:`AttnPackProcessor`).
         description: shown in the handle's repr.
+        technique: the name used in conflict errors and in :func:`in_effect` (default: ``processor_cls.technique``,
+            else ``description``, else the core's class name).
 
     Returns:
         a :class:`ProcessorHandle` restoring the original processors.
@@ -339,8 +567,12 @@ def apply_processors(
     if not callable(core_or_factory):
         raise TypeError(f"`core_or_factory` must be an attention core or a factory function, got {core_or_factory!r}.")
     is_factory = _is_factory(core_or_factory)
+    name = technique or processor_cls.technique or description or type(core_or_factory).__name__
     handle = ProcessorHandle(description)
     kinds = set(kinds) if kinds is not None else None
+    plans: list[tuple[torch.nn.Module, dict[str, tuple[LayerInfo, _Contribution]]]] = []
+    conflicts: dict[str, list[str]] = {}
+    selected_any = False
     for model in models:
         infos = list_layers(model)
         if kinds is not None:
@@ -348,24 +580,53 @@ def apply_processors(
             if not infos:
                 raise ValueError(f"{type(model).__name__} has no attention layers of kind {sorted(kinds)}.")
         selected = select_layers(infos, layers)
-        current = model.attn_processors
-        new = dict(current)
-        installed: dict[str, Any] = {}
+        selected_any = selected_any or bool(selected)
+        table, current = _table(model), model.attn_processors
+        plan: dict[str, tuple[LayerInfo, _Contribution]] = {}
         for info in selected:
             core = core_or_factory(info) if is_factory else core_or_factory
             if core is None:
                 continue
-            key = f"{info.name}.processor"
-            proc = processor_cls(core, info)
-            new[key] = proc
-            installed[key] = proc
-        model.set_attn_processor(new)  # a full dict: set_attn_processor consumes it, so pass our own copy
-        handle._record(model, {k: current[k] for k in installed}, installed)
-        for key, proc in installed.items():
-            handle.processors[key if len(models) == 1 else f"{type(model).__name__}:{key}"] = proc
+            new = _Contribution(name, core_role(core), core, processor_cls)
+            comp = table.get(info.name)
+            if comp is not None and current.get(f"{info.name}.processor") is comp.installed:
+                for other in comp.contributions.values():
+                    same_pattern = new.role == other.role == ROLE_PATTERN and not (
+                        getattr(core, "fallback", False) or getattr(other.core, "fallback", False)
+                    )
+                    if same_pattern or other.technique == name:
+                        conflicts.setdefault(other.technique, []).append(info.name)
+            plan[info.name] = (info, new)
+        plans.append((model, plan))
+    if conflicts:
+        lines = [f"{other} on {len(names)} of them ({_layer_list(names)})" for other, names in conflicts.items()]
+        raise ValueError(
+            f"{name!r} cannot be installed: its layers already run {'; '.join(lines)}. A layer runs one attention "
+            "pattern (dense, GNA, CLEAR, PARO, ... are alternatives) and each technique once; remove the other "
+            "technique's handle first, or give the two techniques disjoint `layers`."
+        )
+    if not any(plan for _, plan in plans):
+        why = "leaves no attention layer to install on" if selected_any else "selects no attention layer"
+        raise ValueError(
+            f"{name!r} {why} (`layers`={layers!r}; options such as `dense_layers` or a plan may exclude layers): "
+            "nothing would change. Select at least one layer (leave `layers` unset for all). "
+            f"Valid layers: {_describe(list_layers(models[0]))}"
+        )
+    for model, plan in plans:
+        table, current = _table(model), model.attn_processors
+        new_procs = dict(current)
+        for layer_name, (info, contribution) in plan.items():
+            key = f"{layer_name}.processor"
+            comp = table.get(layer_name)
+            if comp is None or current.get(key) is not comp.installed:  # new, or replaced by someone else since
+                comp = table[layer_name] = _LayerComposition(info, original=current[key])
+            comp.contributions[handle._token] = contribution
+            comp.installed = new_procs[key] = comp.build(current[key])
+        model.set_attn_processor(new_procs)  # a full dict: set_attn_processor consumes it, so pass our own copy
+        handle._layers.append((model, list(plan), "" if len(models) == 1 else f"{type(model).__name__}:"))
         install_run_context(model, pipeline)
         handle._models_with_context.append(model)
-    logger.debug("installed %d %s processors", len(handle.processors), processor_cls.__name__)
+    logger.debug("installed %s on %d layers", name, sum(len(plan) for _, plan in plans))
     return handle
 
 
@@ -410,22 +671,27 @@ def set_attention_backend(pipe_or_model, backend: str) -> ProcessorHandle:
                 i.index for i in list_layers(model) if not hasattr(procs[f"{i.name}.processor"], "_attention_backend")
             ]
             if stock:
-                inner = apply_processors(model, DenseCore(), layers=stock, description="dense (dispatcher-aware)")
+                inner = apply_processors(
+                    model, DenseCore(fallback=True), layers=stock, description="dense (dispatcher-aware)"
+                )
                 handle.add_callback(inner.remove)
-                handle.processors.update(inner.processors)
-    previous: list[tuple[Any, Any]] = []
+                handle._children.append(inner)
+    previous: list[tuple[torch.nn.Module, str, Any, Any]] = []
     for model in models:
-        for proc in model.attn_processors.values():
+        for key, proc in model.attn_processors.items():
             if hasattr(proc, "_attention_backend"):
-                previous.append((proc, proc.__dict__.get("_attention_backend", _DEFAULT)))
+                previous.append((model, key, proc, proc.__dict__.get("_attention_backend", _DEFAULT)))
                 proc._attention_backend = name
 
     def restore():
-        for proc, value in previous:
-            if value is _DEFAULT:
-                proc.__dict__.pop("_attention_backend", None)
-            else:
-                proc._attention_backend = value
+        for model, key, proc, value in previous:
+            now = model.attn_processors.get(key)
+            # a processor rebuilt since on this layer (another technique composed with it) carried the backend over
+            for target in {id(proc): proc, id(now): now}.values() if isinstance(now, AttnPackProcessor) else (proc,):
+                if value is _DEFAULT:
+                    target.__dict__.pop("_attention_backend", None)
+                else:
+                    target._attention_backend = value
 
     handle.add_callback(restore)
     return handle

@@ -150,6 +150,24 @@ def run_overrides(*, roles: Sequence[str] | None = None, **extras: Any) -> Itera
         _OVERRIDES.reset(token)
 
 
+# a state already built for the denoiser call in flight by a hook wrapping the run-context hook (head guidance), with
+# the batch size of the call it makes: the run-context hook derives roles and extras from it instead of rebuilding
+_PREBUILT: contextvars.ContextVar[tuple[torch.nn.Module, RunState] | None] = contextvars.ContextVar(
+    "attnpack_prebuilt_state", default=None
+)
+
+
+@contextlib.contextmanager
+def reuse_state(module: torch.nn.Module, state: RunState, batch_size: int) -> Iterator[None]:
+    """Denoiser calls of ``module`` inside the block reuse ``state`` (grid, step, timestep, ...) with ``batch_size``
+    rows: for hooks that wrap the run-context hook and have built the call's state already."""
+    token = _PREBUILT.set((module, dataclasses.replace(state, batch_size=batch_size)))
+    try:
+        yield
+    finally:
+        _PREBUILT.reset(token)
+
+
 @contextlib.contextmanager
 def _bound_run(run: RunState | None) -> Iterator[None]:
     token = _CURRENT.set(run)
@@ -407,7 +425,12 @@ class RunContextHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         if not self.active:
             return self.fn_ref.original_forward(*args, **kwargs)
-        state = self.build_state(module, args, kwargs)
+        prebuilt = _PREBUILT.get()
+        if prebuilt is not None and prebuilt[0] is module:
+            state = dataclasses.replace(prebuilt[1])
+            self._apply_overrides(state)
+        else:
+            state = self.build_state(module, args, kwargs)
         token = _CURRENT.set(state)
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -436,10 +459,13 @@ class RunContextHook(ModelHook):
         )
         if state.image_len is None and state.grid is not None:
             state.image_len = math.prod(state.grid)
+        self._apply_overrides(state)
+        return state
+
+    def _apply_overrides(self, state: RunState) -> None:
         overrides = _OVERRIDES.get() or {}
         state.extras = dict(overrides.get("extras", {}))
         state.roles = self._roles(state.batch_size, overrides.get("roles"))
-        return state
 
     def _step_position(self, timestep: float | None) -> tuple[int | None, int | None]:
         if self._tracker is not None:

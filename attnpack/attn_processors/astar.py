@@ -24,7 +24,15 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from ._apply import AttentionCall, AttnPackProcessor, ProcessorHandle, apply_processors, list_layers, resolve_denoisers
+from ._apply import (
+    AttentionCall,
+    AttnPackProcessor,
+    ObserverCore,
+    ProcessorHandle,
+    apply_processors,
+    list_layers,
+    resolve_denoisers,
+)
 from ._context import ROLE_COND
 
 
@@ -57,6 +65,8 @@ class StoreComplete(Exception):
 
 class AStarAttnProcessor(AttnPackProcessor):
     """UNet cross-attention processor that also records attention probabilities for A-STAR."""
+
+    technique = "a-star"
 
 
 def cross_attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,18 +149,16 @@ class CrossAttentionStore:
         return mean.reshape(mean.shape[0], *self.grid, mean.shape[-1])
 
 
-class CrossAttentionStoreCore:
-    """Dense attention (through diffusers' dispatcher) that feeds the :class:`CrossAttentionStore` of the run context.
-
-    Outside a call carrying a store (``run_overrides(astar_store=...)``) it is plain dense attention.
+class CrossAttentionStoreCore(ObserverCore):
+    """Observer feeding the :class:`CrossAttentionStore` of the run context; alone on a layer it runs dense attention
+    (through diffusers' dispatcher). Outside a call carrying a store (``run_overrides(astar_store=...)``) it records
+    nothing.
     """
 
-    def __call__(self, query, key, value, call: AttentionCall) -> torch.Tensor:
-        out = call.dense(query, key, value)
+    def observe(self, query, key, value, call: AttentionCall, out: torch.Tensor) -> None:
         store = call.run.extras.get(STORE_KEY) if call.run is not None else None
         if store is not None:
             store.record(query, key, call)
-        return out
 
     def __repr__(self) -> str:
         return "CrossAttentionStoreCore()"
@@ -262,7 +270,6 @@ def apply_cross_attention_store(pipe_or_unet, layers: Iterable[str]) -> Processo
     names = list(layers)
     if not names:
         raise ValueError("`layers` must name at least one cross-attention layer.")
-    previous = models[0].attn_processors
     handle = apply_processors(
         pipe_or_unet if len(models) == 1 else models[0],
         CrossAttentionStoreCore(),
@@ -271,8 +278,4 @@ def apply_cross_attention_store(pipe_or_unet, layers: Iterable[str]) -> Processo
         processor_cls=AStarAttnProcessor,
         description="A-STAR cross-attention store",
     )
-    for key, proc in handle.processors.items():  # keep a backend chosen with set_attention_backend on these layers
-        backend = getattr(previous.get(key), "_attention_backend", None)
-        if backend is not None:
-            proc._attention_backend = backend
-    return handle
+    return handle  # a backend chosen with set_attention_backend on these layers carries over (apply_processors)

@@ -51,6 +51,8 @@ BACKENDS = ("reference", "flex", "triton")
 class ClearAttnProcessor(AttnPackProcessor):
     """FLUX attention processor running CLEAR (the FLUX family adapter with a :class:`ClearCore`)."""
 
+    technique = "clear"
+
 
 @dataclasses.dataclass
 class ClearState:

@@ -42,7 +42,15 @@ from typing import Union
 
 import torch
 
-from ._apply import AttentionCall, AttnPackProcessor, ProcessorHandle, apply_processors, list_layers, resolve_denoisers
+from ._apply import (
+    AttentionCall,
+    AttnPackProcessor,
+    ModifierCore,
+    ProcessorHandle,
+    apply_processors,
+    list_layers,
+    resolve_denoisers,
+)
 from ._context import ROLE_PERTURBED
 from ._families import LayerInfo, TokenLayout, dense_attention, family_of_model
 
@@ -308,8 +316,8 @@ def _mask_part(mask: torch.Tensor | None, rows: slice, heads: slice) -> torch.Te
 
 
 # ------------------------------------------------------------------------------------------------- core
-class HeadPerturbationCore:
-    """Attention core: dense attention, then SoftPAG on the selected heads of the perturbed batch rows.
+class HeadPerturbationCore(ModifierCore):
+    """Modifier core: the layer's attention (dense alone), then SoftPAG on the selected heads of the perturbed rows.
 
     The blend is written in place into views of the attention output (contiguous runs of rows and heads), so the
     extra memory is the target of one chunk of queries (for ``identity`` with ``token_scope="full"``: none).
@@ -345,8 +353,9 @@ class HeadPerturbationCore:
             return list(range(batch))
         return [] if call.run is None else [r for r in call.run.rows(ROLE_PERTURBED) if r < batch]
 
-    def __call__(self, query, key, value, call: AttentionCall) -> torch.Tensor:
-        out = call.dense(query, key, value)
+    def modify(self, query, key, value, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        """Blend the perturbed rows' selected heads of ``out`` (the layer's attention, whatever pattern computed it:
+        dense alone, or GNA / CLEAR / PARO composed with this core) towards the perturbation target."""
         rows = self._rows(call, query.shape[0])
         if not rows or not self.heads or self.softness == 0.0:
             return out
@@ -382,6 +391,8 @@ class HeadPerturbationCore:
 
 class HeadPerturbationAttnProcessor(AttnPackProcessor):
     """attnpack processor running a :class:`HeadPerturbationCore` (any supported family)."""
+
+    technique = "head-guidance"
 
 
 def _check_softness(softness: float) -> float:
@@ -460,9 +471,12 @@ def parse_heads(spec: HeadSpec) -> list[tuple[int, int | None]]:
     return out
 
 
-def resolve_heads(model: torch.nn.Module, spec: HeadSpec) -> dict[str, list[int]]:
-    """Check ``spec`` against ``model``'s layer and head counts: ``{layer name: sorted head indices}``."""
-    layers = perturbable_layers(model)
+def resolve_heads(
+    model: torch.nn.Module, spec: HeadSpec, layers: Sequence[LayerInfo] | None = None
+) -> dict[str, list[int]]:
+    """Check ``spec`` against ``model``'s layer and head counts: ``{layer name: sorted head indices}``.
+    ``layers``: ``perturbable_layers(model)`` when the caller has it already."""
+    layers = perturbable_layers(model) if layers is None else layers
     family = family_of_model(model)
     chosen: dict[str, set[int]] = {}
     for layer, head in parse_heads(spec):
@@ -486,9 +500,11 @@ def resolve_heads(model: torch.nn.Module, spec: HeadSpec) -> dict[str, list[int]
     return {name: sorted(chosen[name]) for name in sorted(chosen, key=order.__getitem__)}
 
 
-def format_heads(model: torch.nn.Module, resolved: dict[str, list[int]]) -> list[str]:
+def format_heads(
+    model: torch.nn.Module, resolved: dict[str, list[int]], layers: Sequence[LayerInfo] | None = None
+) -> list[str]:
     """``["L1H10", ...]`` for a :func:`resolve_heads` result."""
-    index = {info.name: i for i, info in enumerate(perturbable_layers(model))}
+    index = {info.name: i for i, info in enumerate(perturbable_layers(model) if layers is None else layers)}
     return [f"L{index[name]}H{h}" for name, heads in resolved.items() for h in heads]
 
 
@@ -510,7 +526,8 @@ def install_head_perturbation(
     _check_kind_scope(kind, token_scope)
     softness = _check_softness(softness)
     models, _ = resolve_denoisers(pipe_or_model)
-    resolved = resolve_heads(models[0], heads)
+    layers = perturbable_layers(models[0])
+    resolved = resolve_heads(models[0], heads, layers)
     for other in models[1:]:
         if resolve_heads(other, heads) != resolved:
             raise ValueError("the pipeline's denoisers differ in layout; apply head perturbation to each model.")
@@ -519,12 +536,13 @@ def install_head_perturbation(
         selected = resolved.get(info.name)
         return None if selected is None else HeadPerturbationCore(selected, softness, kind, token_scope, rows)
 
+    names = format_heads(models[0], resolved, layers)
     handle = apply_processors(
         pipe_or_model,
         factory,
         layers=list(resolved),
         processor_cls=HeadPerturbationAttnProcessor,
-        description=f"head perturbation {', '.join(format_heads(models[0], resolved))}",
+        description=f"head perturbation {', '.join(names)}",
     )
-    handle.heads = format_heads(models[0], resolved)
+    handle.heads = names
     return handle

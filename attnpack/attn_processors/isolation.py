@@ -441,6 +441,8 @@ class MaskedMutualCrossCore:
 class IRDiffusionAttnProcessor(AttnPackProcessor):
     """UNet attention processor running an IR-Diffusion core (see the module docstring)."""
 
+    technique = "ir-diffusion"
+
 
 # ------------------------------------------------------------------------------------------------- layers
 def _self_layers(unet: torch.nn.Module) -> list[LayerInfo]:

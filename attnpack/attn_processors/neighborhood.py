@@ -45,6 +45,8 @@ class GNAAttnProcessor(AttnPackProcessor):
     """Generalized neighborhood attention (https://arxiv.org/abs/2504.16922) on any supported family: the family
     adapter computes q, k, v exactly as the stock processor, :class:`GNACore` restricts the image queries."""
 
+    technique = "gna"
+
 
 def _tuple(value, n: int, name: str, *, allow_bool: bool = False) -> tuple:
     if isinstance(value, (list, tuple)):

@@ -56,6 +56,8 @@ class ParoAttnProcessor(AttnPackProcessor):
     Paper: https://arxiv.org/abs/2506.16054. Install with :func:`apply_paro`.
     """
 
+    technique = "paro"
+
 
 def normalize_quant(quant: str | None, plan_quant: str | None = None) -> str | None:
     """``"plan"`` -> the plan's choice; ``None`` / ``"none"`` -> no quantization; else a mode of ``QUANT_MODES``."""

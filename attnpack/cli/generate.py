@@ -10,7 +10,6 @@ from ._common import (
     add_technique_args,
     json_object,
     load_from_args,
-    set_attention_backend,
     technique_specs,
 )
 
@@ -63,22 +62,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_path(out, VIDEO_SUFFIXES if video else IMAGE_SUFFIXES)
     from ..techniques import apply_techniques
 
-    techniques = apply_techniques(pipe, specs)
-    handle = None
-    try:
-        handle = set_attention_backend(pipe, args.attention_backend)
-        result = run_generation(
-            pipe,
-            settings,
-            extra_parameters={
-                "attention_backend": args.attention_backend or "default",
-                "techniques": [{"name": name, **options} for name, options in specs],
-            },
-        )
-    finally:
-        if handle is not None:
-            handle.remove()
-        techniques.remove()
+    with apply_techniques(pipe, specs, args.attention_backend) as techniques:
+        result = run_generation(pipe, settings, extra_parameters=techniques.parameters())
     if video:
         save_video(result.images[0], out, result.parameters, fps=args.fps)
     else:

@@ -164,13 +164,15 @@ def _jsonable(value: Any) -> Any:
 
 def _identity(job: BatchJob, model: str) -> dict[str, Any]:
     """What an existing file must have been made with to count as this job's output (explicit settings only)."""
+    from ..techniques import technique_parameters
+
     s = job.settings
     ident = {
         "model": model,
         "prompt": s.prompt,
         "negative_prompt": s.negative_prompt,
         "seed": s.seed,
-        "techniques": [{"name": n, **o} for n, o in job.row.techniques],
+        "techniques": technique_parameters(job.row.techniques, None)["techniques"],
         "pipeline_kwargs": s.pipeline_kwargs,
     }
     for key in ("steps", "guidance", "height", "width", "num_frames"):
@@ -250,27 +252,6 @@ def _process_device(device: str | None, state) -> str | None:
             "(each process then uses its own GPU) or give --device cpu."
         )
     return device
-
-
-def _install(pipe, techniques, backend: str | None) -> list:
-    """Apply the techniques, then the attention backend (as ``attnpack generate`` does); returns the handles."""
-    from ..techniques import apply_techniques
-
-    handles = [apply_techniques(pipe, techniques)]
-    if backend is not None:
-        from ..attn_processors._apply import set_attention_backend
-
-        try:
-            handles.append(set_attention_backend(pipe, backend))
-        except BaseException:
-            handles[0].remove()
-            raise
-    return handles
-
-
-def _remove(handles: list) -> None:
-    for handle in reversed(handles):
-        handle.remove()
 
 
 def _agree(error: BaseException | None) -> None:
@@ -432,23 +413,26 @@ def _run_jobs(pipe, jobs: Sequence[BatchJob], config: BatchConfig, outdir: Path,
     if pipe is not None:
         pipe.set_progress_bar_config(disable=True)  # one bar per process, counting outputs
     bar = tqdm(jobs, desc=f"batch {rank}" if processes > 1 else "batch", position=rank, unit="img")
-    handles: list = []
+    from ..techniques import apply_techniques
+
+    techniques = None
     current: str | None = None
     install_error: str | None = None
     try:
         for job in bar:
             key = json.dumps(job.row.techniques, sort_keys=True, default=str)
             if key != current:  # rows with the same techniques share one installation
-                _remove(handles)
-                handles, current, install_error = [], key, None
+                if techniques is not None:
+                    techniques.remove()
+                techniques, current, install_error = None, key, None
                 try:
-                    handles = _install(pipe, job.row.techniques, config.attention_backend)
+                    techniques = apply_techniques(pipe, job.row.techniques, config.attention_backend)
                 except (ValueError, TypeError) as exc:
                     install_error = str(exc)
             try:
                 if install_error is not None:
                     raise ValueError(install_error)
-                seconds += _generate(pipe, job, config, outdir, journal, rank)
+                seconds += _generate(pipe, job, config, outdir, journal, rank, techniques.parameters())
                 generated += 1
             except Exception as exc:  # one failed output never stops the batch
                 message = f"{job.row.where} ({job.name}): {type(exc).__name__}: {exc}"
@@ -458,14 +442,16 @@ def _run_jobs(pipe, jobs: Sequence[BatchJob], config: BatchConfig, outdir: Path,
                     logger.warning("traceback of %s", job.name, exc_info=True)
     finally:
         bar.close()
-        _remove(handles)
+        if techniques is not None:
+            techniques.remove()
     return generated, seconds, failures
 
 
-def _generate(pipe, job: BatchJob, config: BatchConfig, outdir: Path, journal: Path, rank: int) -> float:
-    """Generate and save one output, then journal its record; returns the seconds it took."""
+def _generate(pipe, job: BatchJob, config: BatchConfig, outdir: Path, journal: Path, rank: int, techniques) -> float:
+    """Generate and save one output, then journal its record; returns the seconds it took. ``techniques``: the
+    installed techniques' :meth:`~attnpack.techniques.TechniquesHandle.parameters`."""
     start = time.perf_counter()
-    result = run_generation(pipe, job.settings, extra_parameters=_extra_parameters(config, job))
+    result = run_generation(pipe, job.settings, extra_parameters={**_extra_parameters(config, job), **techniques})
     # same settings, same file, whichever process makes it: timing and the device index go to metadata.jsonl only
     parameters = dict(result.parameters)
     pipeline_seconds = parameters.pop("seconds")
@@ -491,7 +477,5 @@ def _extra_parameters(config: BatchConfig, job: BatchJob) -> dict[str, Any]:
         "source": Path(config.prompts).name,
         "revision": config.revision,
         "variant": config.variant,
-        "attention_backend": config.attention_backend or "default",
-        "techniques": [{"name": name, **options} for name, options in job.row.techniques],
         **({"fps": config.fps} if job.name.endswith((".gif", ".mp4")) else {}),
     }

@@ -43,6 +43,7 @@ from ..attn_processors._context import (
     ROLE_UNCOND,
     RunContextHook,
     RunState,
+    reuse_state,
     run_overrides,
 )
 from ..attn_processors.head_perturbation import (
@@ -56,7 +57,13 @@ from ..techniques import Option, Technique, register_technique
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_head_perturbation", "HeadGuidanceHook", "HeadGuidanceHandle", "guidance_window"]
+__all__ = [
+    "apply_head_perturbation",
+    "HeadGuidanceHook",
+    "HeadGuidanceHandle",
+    "guidance_window",
+    "scheduled_scale",
+]
 
 HOOK_NAME = "attnpack_head_guidance"
 
@@ -71,6 +78,22 @@ def guidance_window(start: float, end: float, num_steps: int | None, step: int |
     if num_steps is None or step is None:
         return False
     return int(start * num_steps) <= step < int(end * num_steps)
+
+
+def scheduled_scale(
+    scale: float, start: float, end: float, adaptive_scale: float, num_steps: int | None, step: int | None, timestep
+) -> float:
+    """The perturbation guidance scale at one step (diffusers' PAG schedule): 0 outside the window
+    (:func:`guidance_window`), else ``max(0, s - adaptive_scale * (1000 - t))``; ``timestep`` may be a callable
+    returning ``t`` (only called when ``adaptive_scale > 0``)."""
+    if scale == 0.0 or not guidance_window(start, end, num_steps, step):
+        return 0.0
+    if adaptive_scale > 0.0:
+        t = timestep() if callable(timestep) else timestep
+        if t is None:
+            raise RuntimeError("`adaptive_scale` needs the timestep, but the denoiser call has none.")
+        return max(0.0, scale - adaptive_scale * (1000.0 - float(torch.as_tensor(t).flatten()[0])))
+    return scale
 
 
 def _map_batched(value: Any, fn: Callable[[torch.Tensor], torch.Tensor], batch: int, name: str | None = None) -> Any:
@@ -137,19 +160,15 @@ class HeadGuidanceHook(ModelHook):
     def scale_at(self, state: RunState) -> float:
         """Guidance scale for the call described by ``state`` (0 outside the window)."""
         s = self.settings
-        if s.scale == 0.0 or not guidance_window(s.start, s.end, state.num_steps, state.step_index):
-            return 0.0
-        if s.adaptive_scale > 0.0:
-            return max(0.0, s.scale - s.adaptive_scale * (1000.0 - self._timestep(state)))
-        return s.scale
+        return scheduled_scale(
+            s.scale, s.start, s.end, s.adaptive_scale, state.num_steps, state.step_index, lambda: self._timestep(state)
+        )
 
-    def _timestep(self, state: RunState) -> float:
+    def _timestep(self, state: RunState):
         pipeline = self.context.pipeline
         timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
         if timesteps is not None and state.step_index is not None and state.step_index < len(timesteps):
             return float(timesteps[state.step_index])
-        if state.timestep is None:
-            raise RuntimeError("`adaptive_scale` needs the timestep, but the denoiser call has none.")
         return state.timestep
 
     # ---------------------------------------------------------------- forward
@@ -183,15 +202,18 @@ class HeadGuidanceHook(ModelHook):
         def rows_of(x: torch.Tensor) -> torch.Tensor:
             return x.index_select(0, idx.to(x.device))
 
+        n_ptb = len(cond_rows)
         if self.settings.separate_pass:
-            output = forward(*args, **kwargs)
+            with reuse_state(module, state, batch):
+                output = forward(*args, **kwargs)
             perturbed = self._rebind(bound, rows_of, batch)
-            with run_overrides(roles=(ROLE_PERTURBED,) * len(cond_rows)):
+            with run_overrides(roles=(ROLE_PERTURBED,) * n_ptb), reuse_state(module, state, n_ptb):
                 eps_ptb = _sample_of(forward(*perturbed.args, **perturbed.kwargs))
             eps = _sample_of(output)
         else:
             extended = self._rebind(bound, lambda x: torch.cat([x, rows_of(x)]), batch)
-            with run_overrides(roles=tuple(roles) + (ROLE_PERTURBED,) * len(cond_rows)):
+            roles_ext = tuple(roles) + (ROLE_PERTURBED,) * n_ptb
+            with run_overrides(roles=roles_ext), reuse_state(module, state, batch + n_ptb):
                 output = forward(*extended.args, **extended.kwargs)
             both = _sample_of(output)
             eps, eps_ptb = both[:batch], both[batch:]
@@ -371,5 +393,6 @@ register_technique(
         ),
         families=("unet", "sd3", "flux", "wan"),
         doc="docs/head-guidance.md",
+        role="modifier",
     )
 )

@@ -33,7 +33,7 @@ from ..attn_processors.head_perturbation import (
     install_head_perturbation,
     parse_heads,
 )
-from .guidance import guidance_window
+from .guidance import scheduled_scale
 
 
 if TYPE_CHECKING:
@@ -146,18 +146,17 @@ class HeadPerturbationGuidance(BaseGuidance):
 
     # ---------------------------------------------------------------- combination
     def _ptb_scale(self) -> float:
-        s = float(self.perturbed_guidance_scale)
-        if not self._enabled or s == 0.0:
+        if not self._enabled:
             return 0.0
-        if not guidance_window(
-            self.perturbed_guidance_start, self.perturbed_guidance_stop, self._num_inference_steps, self._step
-        ):
-            return 0.0
-        a = float(self.perturbed_guidance_adaptive_scale)
-        if a > 0.0 and self._timestep is not None:
-            t = float(torch.as_tensor(self._timestep).flatten()[0])
-            s = max(0.0, s - a * (1000.0 - t))
-        return s
+        return scheduled_scale(
+            float(self.perturbed_guidance_scale),
+            self.perturbed_guidance_start,
+            self.perturbed_guidance_stop,
+            float(self.perturbed_guidance_adaptive_scale) if self._timestep is not None else 0.0,
+            self._num_inference_steps,
+            self._step,
+            self._timestep,
+        )
 
     def _is_ptb_enabled(self) -> bool:
         return self._ptb_scale() > 0.0

@@ -62,6 +62,21 @@ _KEEP_DTYPES: contextvars.ContextVar[bool] = contextvars.ContextVar("attnpack_ir
 _RESERVED = ("prompt", "prompt_2", "latents", "generator", "num_images_per_prompt", "output_type", "return_dict")
 
 
+def _refuse_head_guidance(unet) -> None:
+    """IR-Diffusion and head guidance do not compose: both define the batch's rows (IR's reference and target rows,
+    guidance's appended perturbed rows), and guidance only acts on plain [uncond, cond] batches, so it would silently
+    do nothing during the IR phases. Refuse before any work (docs/architecture.md, "Composition")."""
+    from .guidance import HOOK_NAME
+
+    registry = getattr(unet, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+        raise ValueError(
+            "IR-Diffusion does not compose with head guidance: IR-Diffusion builds its own batch (reference and "
+            "target rows), where head guidance's perturbed rows are not defined. Remove the head-guidance handle "
+            "(handle.remove()) before calling this pipeline."
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class IRSubject:
     """One subject: ``prompt`` generates its reference image; ``word`` names it in that prompt and in the scene
@@ -308,6 +323,7 @@ class _IRDiffusionMixin:
             ir_steps=tuple(ir_steps),
         )
         IRAttnState(masks=None, **state_args)  # validates the options before any generation
+        _refuse_head_guidance(self.unet)
         user_ref = _user_masks(reference_masks, reference_boxes, n, height, width, "reference")
         user_tgt = _user_masks(target_masks, target_boxes, n, height, width, "target")
         if user_tgt is not None:

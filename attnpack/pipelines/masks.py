@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..attn_processors._apply import ObserverCore
 from ..attn_processors.isolation import mask_bbox
 
 
@@ -308,8 +309,8 @@ class SubjectMasks:
 
 
 # ------------------------------------------------------------------------------------------------- attention source
-class AttentionSubjectMaps:
-    """Attention core that derives subject maps from the model's own attention (no extra weights).
+class AttentionSubjectMaps(ObserverCore):
+    """Observer core that derives subject maps from the model's own attention (no extra weights).
 
     For the last batch row (the conditional image of a vanilla ``[uncond, cond]`` batch) and every transformer block,
     it forms the official attention-derived map ``(SA + SA^2 + ... + SA^p) CA[:, tokens] / p`` (``SA``: head-averaged
@@ -342,18 +343,17 @@ class AttentionSubjectMaps:
         middle = (run.step_index + 0.5) / run.num_steps  # a step counts where its middle falls
         return self.steps[0] <= middle < self.steps[1]
 
-    def __call__(self, q, k, v, call):
-        out = call.dense(q, k, v)
+    def observe(self, q, k, v, call, out) -> None:
         if not self._active(call.run) or call.layout.grid is None:
-            return out
+            return
         block = call.layer.name.rsplit(".", 1)[0]
         scale = getattr(call.attn, "scale", q.shape[-1] ** -0.5)
         if call.layer.kind == "self":
             self._pending[block] = (q[-1:].float(), k[-1:].float(), scale)
-            return out
+            return
         pending = self._pending.pop(block, None)
         if call.layer.kind != "cross" or pending is None:
-            return out
+            return
         probs = torch.softmax(q[-1:].float() @ k[-1:].float().transpose(-1, -2) * scale, dim=-1).mean(1)[0]  # [N, T]
         x = torch.stack([probs[:, t].mean(-1) for t in self.token_groups], dim=-1)  # [N, c]
         sq, sk, sscale = pending
@@ -367,7 +367,6 @@ class AttentionSubjectMaps:
         contribution = (total / self.power).T.cpu()
         self.sums[grid] = contribution if grid not in self.sums else self.sums[grid] + contribution
         self.counts[grid] = self.counts.get(grid, 0) + 1
-        return out
 
     def soft_maps(self) -> torch.Tensor:
         """Layer- and step-averaged maps ``[c, h, w]`` at the finest recorded grid (coarser grids upsampled

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..attn_processors._apply import AttentionCall
+from ..attn_processors._apply import AttentionCall, ObserverCore
 
 
 __all__ = ["AttentionRecorder", "LocalWindowProbe", "local_window_mask", "locality"]
@@ -54,7 +54,7 @@ class LocalWindowProbe:
         return f"LocalWindowProbe(window={self.window})"
 
 
-class AttentionRecorder:
+class AttentionRecorder(ObserverCore):
     """Records image-to-image attention probabilities, averaged over heads and batch rows, and returns dense
     attention unchanged.
 
@@ -69,7 +69,7 @@ class AttentionRecorder:
         self.maps: dict[tuple[str, int], torch.Tensor] = {}
         self.grids: dict[str, tuple[int, ...]] = {}
 
-    def __call__(self, q, k, v, call: AttentionCall):
+    def observe(self, q, k, v, call: AttentionCall, out) -> None:
         lay, step = call.layout, call.run.step_index
         if (
             not lay.is_cross
@@ -86,7 +86,6 @@ class AttentionRecorder:
             probs = logits.softmax(-1)[..., : ki.shape[2]]  # image keys' share of the full softmax
             self.maps[(call.layer.name, step)] = probs.mean(dim=(0, 1)).cpu()
             self.grids[call.layer.name] = tuple(lay.grid)
-        return call.dense(q, k, v)
 
     def __repr__(self) -> str:
         return "AttentionRecorder()"

@@ -285,19 +285,12 @@ def installed(
     pipe, techniques: Sequence[tuple[Any, Mapping[str, Any]]] = (), attention_backend: str | None = None
 ) -> Iterator[Any]:
     """Install ``techniques`` (``[(Technique, parsed options)]``) and the attention backend on ``pipe`` for the
-    block; on exit, whatever happened, remove them in reverse order (processors, hooks and weights restored)."""
-    handles = []
-    try:
-        for technique, options in techniques:
-            handles.append(technique.apply(pipe, **options))
-        if attention_backend:
-            from ..attn_processors._apply import set_attention_backend
+    block (:func:`attnpack.apply_techniques`); on exit, whatever happened, remove them (processors, hooks and weights
+    restored). Yields the :class:`~attnpack.techniques.TechniquesHandle` (its ``parameters()`` go into outputs)."""
+    from ..techniques import apply_techniques
 
-            handles.append(set_attention_backend(pipe, attention_backend))
-        yield pipe
-    finally:
-        for handle in reversed(handles):
-            handle.remove()
+    with apply_techniques(pipe, techniques, attention_backend) as handle:
+        yield handle
 
 
 class Runtime:
@@ -353,13 +346,10 @@ class Runtime:
         parameters)`` (see :meth:`save`)."""
         from ..pipelines.generation import run_generation
 
-        extra = {
-            "techniques": [{"name": tech.name, **opts} for tech, opts in techniques],
-            "attention_backend": attention_backend or "default",
-            **(extra_parameters or {}),
-        }
-        with self.session(model) as pipe, installed(pipe, techniques, attention_backend):
-            result = run_generation(pipe, settings, extra_parameters=extra)
+        with self.session(model) as pipe, installed(pipe, techniques, attention_backend) as handle:
+            result = run_generation(
+                pipe, settings, extra_parameters={**handle.parameters(), **(extra_parameters or {})}
+            )
         return (*self.save(result, settings.seed), result.parameters)
 
     # -- outputs
