@@ -178,6 +178,7 @@ def _paro_plan(pipe):
         seed=1,
         block_size=4,
         num_inference_steps=2,
+        timestep_buckets=1,
     )
 
 
