@@ -21,6 +21,10 @@ _EXPORTS: dict[str, str] = {
     "DenseCore": "attnpack.attn_processors._apply",
     "list_layers": "attnpack.attn_processors._apply",
     "set_attention_backend": "attnpack.attn_processors._apply",
+    "ModifierCore": "attnpack.attn_processors._apply",
+    "ObserverCore": "attnpack.attn_processors._apply",
+    "in_effect": "attnpack.attn_processors._apply",
+    "apply_techniques": "attnpack.techniques",
     "LayerInfo": "attnpack.attn_processors._families",
     "TokenLayout": "attnpack.attn_processors._families",
     "RunState": "attnpack.attn_processors._context",
@@ -86,8 +90,11 @@ if TYPE_CHECKING:  # pragma: no cover
         AttentionCall,
         AttnPackProcessor,
         DenseCore,
+        ModifierCore,
+        ObserverCore,
         ProcessorHandle,
         apply_processors,
+        in_effect,
         list_layers,
         set_attention_backend,
     )
@@ -106,3 +113,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pipelines.loading import builtin_models, load_pipeline
     from .pipelines.paro_calibrate import calibrate_paro
     from .pipelines.paro_plan import ParoPlan
+    from .techniques import apply_techniques

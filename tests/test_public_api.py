@@ -46,6 +46,10 @@ EXPECTED = {
     "save_video",
     "search_heads",
     "set_attention_backend",
+    "ModifierCore",
+    "ObserverCore",
+    "in_effect",
+    "apply_techniques",
 }
 
 

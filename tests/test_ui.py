@@ -120,6 +120,46 @@ def test_technique_is_applied_for_one_request_only(app):
     assert params["processors"] == {"FluxAttnProcessor": 3}
 
 
+def test_head_guidance_combines_with_a_pattern_technique(app):
+    """Issue 19: the Generate tab runs GNA and head guidance together, as the Python API does (in either order)."""
+    from test_ui_support import STEPS as steps
+
+    import attnpack
+    from attnpack.pipelines._tiny import TINY_MODELS, build_tiny_pipeline
+
+    demo, _, client = app
+    image, _, _, params = generate(
+        client,
+        seed=5,
+        technique="gna",
+        gna__window_size="3",
+        combine_with="head-guidance",
+        head_guidance__heads="L0, L2H1",
+        head_guidance__scale=3.0,
+    )
+    pipe = build_tiny_pipeline(MODEL)
+    with (
+        attnpack.apply_head_perturbation(pipe, heads=["L0", "L2H1"], scale=3.0),
+        attnpack.apply_gna(pipe, window_size=3),
+    ):
+        expected = pipe(
+            PROMPT,
+            num_inference_steps=steps,
+            generator=torch.Generator("cpu").manual_seed(5),
+            output_type="np",
+            **TINY_MODELS[MODEL][2],
+        ).images[0]
+    np.testing.assert_array_equal(pixels(image), (expected * 255).round().astype(np.uint8))
+    assert [t["name"] for t in params["techniques"]] == ["gna", "head-guidance"]
+    assert "gna + head-guidance" in params["in_effect"]
+    assert stock_processor_types(demo.attnpack_runtime._pipes[MODEL]) == ["FluxAttnProcessor"] * 3
+    assert "not in the list of choices: ['none', 'head-guidance']" in error_of(
+        client, technique="gna", combine_with="gna"
+    )
+    message = error_of(client, technique="head-guidance", head_guidance__heads="L0", combine_with="head-guidance")
+    assert "technique 'head-guidance' is given twice" in message
+
+
 def test_weights_file_option_only_from_allowed_safetensors(app, allowed, tmp_path):
     from safetensors.torch import save_file
 

@@ -19,7 +19,7 @@ from typing import Any
 from ._runtime import UIConfig, check_weights_file, looks_like_path
 
 
-__all__ = ["NO_TECHNIQUE", "TechniqueControls", "technique_controls", "api_name_of"]
+__all__ = ["NO_TECHNIQUE", "TechniqueControls", "technique_controls", "combinable", "api_name_of"]
 
 NO_TECHNIQUE = "none"
 
@@ -82,6 +82,7 @@ class TechniqueControls:
     widgets: dict[str, Any]  # API parameter name -> component
     keys: dict[str, tuple[str, str]]  # API parameter name -> (technique, option)
     techniques: dict[str, Any]
+    combine: Any = None  # a second picker for a modifier technique (head guidance) on top of the first, or None
 
     def add_options(self) -> None:
         """One group per technique (its summary, then one component per option, wrapping in rows), visible only
@@ -101,29 +102,46 @@ class TechniqueControls:
                         self.keys[api_name] = (name, opt.name)
             self.groups[name] = group
 
-        def show(picked: str):
-            return [gr.update(visible=name == picked) for name in self.groups]
+        pickers = [self.selector] + ([self.combine] if self.combine is not None else [])
+
+        def show(*picked: str):
+            return [gr.update(visible=name in picked) for name in self.groups]
 
         if self.groups:
-            self.selector.change(
-                show, self.selector, list(self.groups.values()), queue=False, api_visibility="private"
-            )
+            for picker in pickers:
+                picker.change(show, pickers, list(self.groups.values()), queue=False, api_visibility="private")
 
-    def specs(self, technique: str | None, values: Mapping[str, Any], config: UIConfig) -> list[tuple[Any, dict]]:
-        """``[(Technique, options)]`` for :meth:`~attnpack.ui._runtime.Runtime.session` from the request's values
-        (``{api name: value}``); empty for :data:`NO_TECHNIQUE`. Options are converted and checked here."""
+    def specs(
+        self, technique: str | None, values: Mapping[str, Any], config: UIConfig, combine_with: str | None = None
+    ) -> list[tuple[Any, dict]]:
+        """``[(Technique, options)]`` for :meth:`~attnpack.ui._runtime.Runtime.generate` from the request's values
+        (``{api name: value}``): the picked technique (none for :data:`NO_TECHNIQUE`), then ``combine_with`` (a
+        modifier technique such as head guidance, or none). Options are converted and checked here."""
+        from ..techniques import check_composable
+
+        unknown = sorted(set(values) - set(self.keys))
+        if unknown:
+            raise ValueError(
+                f"unknown technique options {', '.join(unknown)}; the options are {', '.join(self.keys)}."
+            )
+        specs = self._spec(technique, values, config, "technique")
+        if combine_with and combine_with != NO_TECHNIQUE:
+            tech = self.techniques.get(combine_with)
+            if tech is None or tech.role != "modifier":
+                known = ", ".join([NO_TECHNIQUE, *combinable(self.techniques)])
+                raise ValueError(f"`combine_with` must be one of {known}, got combine_with={combine_with!r}.")
+            specs += self._spec(combine_with, values, config, "combine_with")
+        check_composable(specs)
+        return specs
+
+    def _spec(self, technique: str | None, values: Mapping[str, Any], config: UIConfig, argument: str) -> list:
         from ..techniques import parse_options
 
         if not technique or technique == NO_TECHNIQUE:
             return []
         if technique not in self.techniques:
             known = ", ".join([NO_TECHNIQUE, *self.techniques])
-            raise ValueError(f"`technique` must be one of {known}, got technique={technique!r}.")
-        unknown = sorted(set(values) - set(self.keys))
-        if unknown:
-            raise ValueError(
-                f"unknown technique options {', '.join(unknown)}; the options are {', '.join(self.keys)}."
-            )
+            raise ValueError(f"`{argument}` must be one of {known}, got {argument}={technique!r}.")
         raw: dict[str, Any] = {}
         for api_name, value in values.items():
             tech, option = self.keys[api_name]
@@ -153,12 +171,31 @@ def _required(tech) -> list[str]:
     return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
 
 
-def technique_controls(techniques: Mapping[str, Any], *, label: str = "Attention technique") -> TechniqueControls:
+def combinable(techniques: Mapping[str, Any]) -> list[str]:
+    """The techniques that can be added on top of another one (modifiers: head guidance)."""
+    return [name for name, tech in techniques.items() if tech.role == "modifier"]
+
+
+def technique_controls(
+    techniques: Mapping[str, Any], *, label: str = "Attention technique", combine: bool = False
+) -> TechniqueControls:
     """Build the picker (inside the current Gradio context); :meth:`TechniqueControls.add_options` adds the option
-    groups where they should go."""
+    groups where they should go. ``combine=True`` adds a second picker for a modifier technique (head guidance) to
+    run on top of the first (docs/architecture.md, "Composition")."""
     import gradio as gr
 
     techniques = dict(techniques)
     choices = [(f"{NO_TECHNIQUE} (stock attention)", NO_TECHNIQUE)] + [(name, name) for name in techniques]
     selector = gr.Dropdown(choices=choices, value=NO_TECHNIQUE, label=label, info="its options appear below")
-    return TechniqueControls(selector, {}, {}, {}, techniques)
+    second = None
+    modifiers = combinable(techniques)
+    if combine and modifiers:
+        patterns = ", ".join(n for n, t in techniques.items() if t.role == "pattern")
+        second = gr.Dropdown(
+            choices=[(NO_TECHNIQUE, NO_TECHNIQUE)] + [(n, n) for n in modifiers],
+            value=NO_TECHNIQUE,
+            label="Combine with",
+            info=f"runs on top of the technique on the left; composes with any of {patterns} (those are "
+            "alternatives to each other)",
+        )
+    return TechniqueControls(selector, {}, {}, {}, techniques, second)

@@ -42,7 +42,7 @@ def build_generate_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
     with gr.Tab("Generate", id="generate"):
         with gr.Row():
             model = model_picker(config)
-            controls = technique_controls(techniques)
+            controls = technique_controls(techniques, combine=True)
         controls.add_options()
         prompt, run = prompt_row()
         image, video = result_views()
@@ -69,17 +69,18 @@ def build_generate_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
         num_frames: float = 0,
         technique: str = NO_TECHNIQUE,
         attention_backend: str | None = None,
+        combine_with: str = NO_TECHNIQUE,
         progress=gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio recognises the default)
         **technique_options: Any,
     ):
-        """Generate one image or video (0 for a size, steps or frames and -1 for guidance mean the model's default).
-        Returns the image file (PNG, parameters embedded), the video file (MP4 or GIF, video models only), the seed
+        """Generate one image or video (0 for a size, steps or frames and -1 for guidance mean the model's default),
+        with ``technique`` and, on top of it, ``combine_with`` (head guidance) when given. Returns the image file (PNG, parameters embedded), the video file (MP4 or GIF, video models only), the seed
         actually used, and the parameters."""
         with user_errors():
             settings = request_settings(
                 config, prompt, negative_prompt, seed, randomize_seed, width, height, steps, guidance, num_frames
             )
-            specs = controls.specs(technique, technique_options, config)
+            specs = controls.specs(technique, technique_options, config, combine_with)
             progress(0.0, desc=f"loading {model}")
             image_path, video_path, parameters = runtime.generate(model, settings, specs, attention_backend or None)
         return image_path, video_path, settings.seed, parameters
@@ -87,7 +88,14 @@ def build_generate_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
     event = gr.on(
         triggers=[run.click, prompt.submit],
         fn=generate,
-        inputs=[model, prompt, *advanced.inputs(), controls.selector, backend],
+        inputs=[
+            model,
+            prompt,
+            *advanced.inputs(),
+            controls.selector,
+            backend,
+            *[c for c in [controls.combine] if c is not None],
+        ],
         inputs_kwargs=controls.widgets,
         outputs=[image, video, advanced.seed, parameters],
         api_name="generate",
