@@ -1,4 +1,5 @@
-"""Atomic output writing with generation parameters embedded (PNG tEXt, GIF comment, MP4 metadata)."""
+"""Atomic output writing with generation parameters embedded (PNG tEXt, GIF comment, MP4 metadata); safetensors files
+read with errors that name the file; training states (checkpoints) stored as safetensors + JSON, never pickle."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ __all__ = [
     "save_image",
     "save_video",
     "read_parameters",
+    "read_safetensors",
+    "save_state",
+    "load_state",
+    "check_state_fields",
+    "pickle_checkpoint_error",
     "IMAGE_SUFFIXES",
     "VIDEO_SUFFIXES",
 ]
@@ -179,3 +185,179 @@ def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
     return Path(dst)
+
+
+# ------------------------------------------------------------------------------------------------- safetensors
+def _shown(path: Path) -> str:
+    shown = repr(str(path))
+    if path.is_symlink():
+        shown += f" (a link to {os.path.realpath(path)!r})"
+    return shown
+
+
+_HEADER_HINTS = {  # safetensors' words for a damaged header -> what they mean for the user
+    "header too large": "its first 8 bytes are no safetensors header length, so it is another kind of file",
+    "invalid header length": "it ends inside its header",
+    "incomplete metadata, file not fully covered": "its size does not match the tensor data its header lists "
+    "(truncated, or offsets past the end of the file)",
+}
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, Any], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file; any problem with the file is one ``ValueError`` naming it.
+
+    ``what`` names the file in messages (e.g. ``"`weights` file"``, ``"PARO plan"``). A missing path, a folder, a
+    device, an empty, truncated or renamed file (a pickle, a text file), a header that is not UTF-8 JSON or whose
+    offsets run past the end of the file: all raise ``ValueError("<what> '<path>' ...")``, never a
+    ``SafetensorError`` or an ``OSError``. Nothing is unpickled. Tensors are on the CPU.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path).expanduser()
+    shown = _shown(path)
+    if not path.exists():
+        raise ValueError(f"{what} {shown} does not exist; check the path.")
+    if not path.is_file():
+        raise ValueError(f"{what} {shown} is not a regular file (a folder or a device); give a .safetensors file.")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise ValueError(f"{what} {shown} cannot be read ({exc.strerror or exc}).") from None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
+        reason = str(exc).removeprefix("Error while deserializing header: ") or type(exc).__name__
+        reason = f"{_HEADER_HINTS[reason]}: {reason}" if reason in _HEADER_HINTS else reason
+        if not head:
+            reason = "the file is empty"
+        elif head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            reason += "; it looks like a pickle (torch.save) file, which attnpack never loads: pickles can run code"
+        raise ValueError(f"{what} {shown} is not a valid safetensors file ({reason}).") from None
+    return tensors, metadata
+
+
+# ------------------------------------------------------------------------------------------------- training states
+# A training state (weights, optimizer and LR-scheduler state dicts, step, losses, config) is one safetensors file:
+# every tensor under the key of its place in the state ("optimizer/state/0/exp_avg"), and the rest of the structure
+# as JSON in the metadata entry "state", where a tensor is {"__tensor__": key}, a tuple {"__tuple__": [...]} and a
+# dict with keys other than plain strings {"__dict__": [[key, value], ...]}. Loading builds only dicts, lists,
+# tuples, strings, numbers, booleans, None and tensors: no code runs, whoever wrote the file.
+STATE_VERSION = 1
+_MARKERS = ("__tensor__", "__tuple__", "__dict__")
+
+
+def save_state(path: str | os.PathLike, state: dict[str, Any], kind: str) -> Path:
+    """Write ``state`` (nested dicts / lists / tuples of tensors, str, int, float, bool, None) to ``path``
+    atomically as safetensors + JSON; ``kind`` is stored and checked by :func:`load_state`."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+
+    def encode(value: Any, where: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().to("cpu").contiguous()
+            ptr = tensor.untyped_storage().data_ptr()
+            if tensor.numel() and ptr in storages:  # safetensors refuses tensors sharing memory
+                tensor = tensor.clone()
+            storages.add(tensor.untyped_storage().data_ptr())
+            key, n = where, 1
+            while key in tensors:
+                key, n = f"{where}#{n}", n + 1
+            tensors[key] = tensor
+            return {"__tensor__": key}
+        if value is None or isinstance(value, (str, bool, int, float)):
+            return value
+        if isinstance(value, (list, tuple)):
+            items = [encode(v, f"{where}/{i}") for i, v in enumerate(value)]
+            return items if isinstance(value, list) else {"__tuple__": items}
+        if isinstance(value, dict):
+            if all(isinstance(k, str) for k in value) and not any(m in value for m in _MARKERS):
+                return {k: encode(v, f"{where}/{k}") for k, v in value.items()}
+            return {"__dict__": [[encode(k, f"{where}/key"), encode(v, f"{where}/{k}")] for k, v in value.items()]}
+        raise TypeError(f"cannot store a {type(value).__name__} at {where!r} in a training state file.")
+
+    text = json.dumps(encode(state, "state"), allow_nan=True)
+    metadata = {"format": kind, "version": str(STATE_VERSION), "state": text}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def load_state(path: str | os.PathLike, kind: str, what: str = "checkpoint") -> dict[str, Any]:
+    """Read a file written by :func:`save_state` with the same ``kind``; tensors are fresh CPU copies.
+
+    A damaged, foreign or newer file raises ``ValueError`` naming it (see :func:`read_safetensors`).
+    """
+    tensors, metadata = read_safetensors(path, what)
+    shown = _shown(Path(path))
+    if metadata.get("format") != kind:
+        raise ValueError(f"{what} {shown} is not of kind {kind!r} (its format entry is {metadata.get('format')!r}).")
+    version = metadata.get("version", "")
+    if not version.isdigit() or int(version) > STATE_VERSION:
+        raise ValueError(
+            f"{what} {shown} has format version {version!r}; this attnpack reads versions up to {STATE_VERSION}. "
+            "Upgrade attnpack, or start over without resuming."
+        )
+    try:
+        raw = json.loads(metadata.get("state", ""))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{what} {shown} is damaged: its 'state' metadata is not JSON ({exc}).") from None
+    used: set[str] = set()
+
+    def decode(value: Any, where: str) -> Any:
+        if isinstance(value, list):
+            return [decode(v, where) for v in value]
+        if not isinstance(value, dict):
+            return value
+        marker = [m for m in _MARKERS if m in value]
+        if not marker:
+            return {k: decode(v, f"{where}/{k}") for k, v in value.items()}
+        inner = value[marker[0]]
+        if len(value) == 1 and marker == ["__tensor__"] and isinstance(inner, str) and inner in tensors:
+            used.add(inner)
+            return tensors[inner].clone()  # fresh, aligned memory, not a view of the mapped file
+        if len(value) == 1 and marker == ["__tuple__"] and isinstance(inner, list):
+            return tuple(decode(v, where) for v in inner)
+        if len(value) == 1 and marker == ["__dict__"] and isinstance(inner, list):
+            if all(isinstance(p, list) and len(p) == 2 for p in inner):
+                pairs = [(decode(k, where), decode(v, where)) for k, v in inner]
+                with contextlib.suppress(TypeError):  # unhashable keys
+                    return dict(pairs)
+        raise ValueError(f"{what} {shown} is damaged: bad entry {json.dumps(value)[:120]} under {where!r}.")
+
+    try:
+        state = decode(raw, "state")
+    except RecursionError:
+        raise ValueError(f"{what} {shown} is damaged: its state is nested too deeply.") from None
+    unused = sorted(set(tensors) - used)
+    if not isinstance(state, dict) or unused:
+        problem = f"holds tensors its state does not use ({', '.join(unused[:3])})" if unused else "has no state"
+        raise ValueError(f"{what} {shown} is damaged: it {problem}.")
+    return state
+
+
+def check_state_fields(state: dict[str, Any], fields: dict[str, type | tuple], path, what: str = "checkpoint") -> None:
+    """Raise ``ValueError`` naming ``path`` unless ``state[name]`` exists and is an instance of ``fields[name]`` for
+    every field (``bool`` never counts as ``int``)."""
+    for name, kinds in fields.items():
+        value = state.get(name, KeyError)
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if value is KeyError or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            found = "nothing" if value is KeyError else type(value).__name__
+            expect = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            raise ValueError(f"{what} {_shown(Path(path))} is damaged: {name!r} should be {expect}, found {found}.")
+
+
+def pickle_checkpoint_error(path: str | os.PathLike) -> ValueError:
+    """The error for a checkpoint in the pickle format of earlier attnpack versions, which is never loaded."""
+    return ValueError(
+        f"{str(path)!r} is a checkpoint in the pickle format (torch.save) of earlier attnpack versions: loading "
+        "it could run arbitrary code, so attnpack no longer reads it (checkpoints are now safetensors + JSON). "
+        "Delete it, pass --no-resume (resume=False) to start over, or use another output folder."
+    )

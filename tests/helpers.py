@@ -57,3 +57,20 @@ def assert_same_image_after_reload(actual, expected, max_changed: float = 0.01):
 def forward(model, inputs):
     with torch.no_grad():
         return model(**inputs, return_dict=False)[0]
+
+
+class _Planted:
+    """Unpickling this object opens ``marker`` for writing, i.e. creates the file: a stand-in for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant_pickle(path, marker):
+    """Write a ``torch.save`` file at ``path`` whose unpickling creates ``marker`` (a planted malicious checkpoint)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": 5, "payload": _Planted(marker)}, path)
+    return path

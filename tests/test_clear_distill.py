@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import plant_pickle
 from PIL import Image
 
 import attnpack
@@ -113,12 +115,12 @@ def _image_folder(path, n=3):
     return path
 
 
-def _cli(data, out, steps, *extra):
+def _cli(data, out, steps, *extra, rc=0):
     args = ["distill-clear", "-m", "tiny-flux", "--data", str(data), "-o", str(out), "--resolution", "64",
             "--max-sequence-length", "16", "--steps", str(steps), "--checkpoint-every", "3", "--optimizer", "adamw",
             "--lr", "1e-3", "--attn-loss-every", "2", "--radius", "2", "--down-factor", "2", "--batch-size", "2",
             "--save-dtype", "fp32", *extra]  # fmt: skip
-    assert main(args) == 0
+    assert main(args) == rc
 
 
 def test_cli_end_to_end_reload_and_resume(tmp_path):
@@ -149,12 +151,34 @@ def test_cli_end_to_end_reload_and_resume(tmp_path):
         safe_open(str(tmp_path / "b" / "clear_local_2_down_2.safetensors"), framework="pt") as fb,
     ):
         assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in keys)
-    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-0000003.pt", "step-0000006.pt"]
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == [
+        "step-0000003.safetensors",
+        "step-0000006.safetensors",
+    ]
     # changed settings refuse to resume
     with pytest.raises(ValueError, match="settings changed .*resolution"):
         distill_clear(ClearDistillConfig(model="tiny-flux", output_dir=str(tmp_path / "a"), data=str(data),
                                          radius=2, down_factor=2, resolution=128, max_sequence_length=16, steps=7,
                                          optimizer="adamw", attn_loss_every=2), show_progress=False)  # fmt: skip
+
+
+def test_planted_pickle_checkpoint_is_never_loaded(tmp_path, capsys, caplog):
+    """A pickle ``step-*.pt`` in the output folder (earlier versions' format, or planted) is never unpickled: alone it
+    stops the command before any model work with an error naming it; after --no-resume it is ignored (logged)."""
+    data = _image_folder(tmp_path / "data", n=2)
+    out, marker = tmp_path / "o", tmp_path / "code-ran"
+    planted = plant_pickle(out / "checkpoints" / "step-0000005.pt", marker)
+    _cli(data, out, 1, rc=2)
+    err = capsys.readouterr().err
+    assert f"{str(planted)!r} is a checkpoint in the pickle format" in err and "no longer reads it" in err
+    assert not marker.exists() and not (out / "cache").exists()  # refused before loading or caching anything
+    _cli(data, out, 1, "--no-resume")  # starts over; writes step-0000001.safetensors
+    with caplog.at_level(logging.WARNING, logger="attnpack.pipelines.clear_distill"):
+        _cli(data, out, 2)  # resumes from the safetensors checkpoint
+    assert "ignoring 1 pickle checkpoints" in caplog.text and "step-0000005.pt" in caplog.text
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # step 2 continued step 1 instead of starting over
+    assert not marker.exists() and planted.is_file()
 
 
 def test_teacher_samples_then_distillation(tmp_path):

@@ -70,3 +70,39 @@ def test_written_files_get_normal_permissions(tmp_path):
     path.chmod(0o640)
     save_image(np.ones((4, 4, 3)), path)
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_training_state_round_trip(tmp_path):
+    """save_state / load_state keep every type a torch state dict uses: tuples, int keys, bool vs int, NaN, dtypes,
+    0-d and empty tensors, tensors sharing memory; other objects are refused when writing."""
+    import torch
+    from safetensors import safe_open
+
+    from attnpack._io import load_state, save_state
+
+    shared = torch.arange(6.0)
+    state = {
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": shared}, 1: {}},
+                      "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "foreach": None, "params": [0, 1]}]},
+        "same": shared, "view": shared[2:4], "half": torch.ones(2, 3, dtype=torch.bfloat16),
+        "mask": torch.tensor([True, False]), "empty": torch.zeros(0, 4), "flags": [True, 1, 1.0, float("nan")],
+        "__tensor__": "a key that looks like a marker", (1, 2): "tuple key",
+    }  # fmt: skip
+    path = save_state(tmp_path / "s.safetensors", state, "test")
+    loaded = load_state(path, "test")
+    assert loaded.keys() == state.keys() and list(loaded["optimizer"]["state"]) == [0, 1]
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    flags = loaded["flags"]
+    assert (
+        [type(f) for f in flags] == [bool, int, float, float] and flags[:3] == [True, 1, 1.0] and flags[3] != flags[3]
+    )
+    for key in ("same", "view", "half", "mask", "empty"):
+        assert loaded[key].dtype == state[key].dtype and torch.equal(loaded[key], state[key]), key
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], shared)
+    assert loaded["__tensor__"] == state["__tensor__"] and loaded[(1, 2)] == "tuple key"
+    with safe_open(str(path), framework="pt") as fh:  # tensors under the keys of their places in the state
+        assert "state/optimizer/state/0/exp_avg" in fh.keys() and fh.metadata()["format"] == "test"
+    with pytest.raises(TypeError, match="cannot store a object at 'state/x'"):
+        save_state(tmp_path / "t.safetensors", {"x": object()}, "test")
+    with pytest.raises(ValueError, match="is not of kind 'other'"):
+        load_state(path, "other")

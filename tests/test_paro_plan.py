@@ -120,7 +120,7 @@ def test_load_rejects_other_files_and_damage(tmp_path):
     junk.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="safetensors"):
         ParoPlan.load(junk)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="PARO plan .*missing.safetensors' does not exist"):
         ParoPlan.load(tmp_path / "missing.safetensors")
     plan = make_plan()
     path = plan.save(tmp_path / "plan.safetensors")
@@ -174,5 +174,10 @@ def test_check_model_and_layout_errors():
     plan.check_layout((3, 4, 4), 8, True)
     with pytest.raises(ValueError, match="calibrate a plan for this resolution"):
         plan.check_layout((3, 4, 6), 8, True)
-    with pytest.raises(ValueError, match="text tokens"):
+    with pytest.raises(ValueError, match=r"has 16 text tokens \(plan: 8\)\. .*calibrate"):
         plan.check_layout((3, 4, 4), 16, True)
+    with pytest.raises(ValueError, match=r"has token grid \(3, 4, 6\) \(plan: \(3, 4, 4\)\) and 9 text tokens"):
+        plan.check_layout((3, 4, 6), 9, True)
+    # only the text position differs: the message says so instead of showing two equal grids
+    with pytest.raises(ValueError, match=r"has text tokens after the image tokens \(plan: before; the plan's text_fi"):
+        plan.check_layout((3, 4, 4), 8, False)

@@ -6,11 +6,15 @@ The full retrain (hours on a CPU) is the slow test at the end.
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import plant_pickle
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from attnpack.cli import main
@@ -85,7 +89,11 @@ def test_resume_reproduces_an_uninterrupted_run(stage, tmp_path, tiny_vae):
     first = train(stage, tmp_path / "b", config=cfg, vae=tiny_vae, stop_after=2, progress=False)
     assert first["exported"] is None and first["steps_done"] == 2
     ckpt = tmp_path / "b" / f"{stage}.ckpt" / CHECKPOINT_NAME
-    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    with safe_open(str(ckpt), framework="pt") as fh:  # safetensors + JSON, no pickle
+        assert json.loads(fh.metadata()["state"])["step"] == 2
+        assert "state/optimizer/state/0/exp_avg" in fh.keys() and any(
+            k.startswith("state/network/") for k in fh.keys()
+        )
     second = train(stage, tmp_path / "b", config=cfg, vae=tiny_vae, progress=False)
     assert second["steps_done"] == 4
 
@@ -94,6 +102,23 @@ def test_resume_reproduces_an_uninterrupted_run(stage, tmp_path, tiny_vae):
     assert all(torch.equal(a[k], b[k]) for k in a)
     for folder in (tmp_path / "a", tmp_path / "b"):  # atomic writes leave no temporary files behind
         assert not [p for p in folder.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_planted_pickle_checkpoint_is_never_loaded(tmp_path, caplog):
+    """A pickle checkpoint.pt (earlier versions' format, or planted) is never unpickled: alone it is refused with an
+    error naming it before any model is built; next to a safetensors checkpoint it is ignored (logged)."""
+    cfg = tiny_config("evaluator", steps=2)
+    marker = tmp_path / "code-ran"
+    planted = plant_pickle(tmp_path / "evaluator.ckpt" / "checkpoint.pt", marker)
+    with pytest.raises(ValueError, match=re.escape(f"{str(planted)!r} is a checkpoint in the pickle format")):
+        train("evaluator", tmp_path, config=cfg, progress=False)
+    assert not marker.exists()
+    first = train("evaluator", tmp_path, config=cfg, resume=False, stop_after=1, progress=False)
+    assert first["steps_done"] == 1
+    with caplog.at_level(logging.INFO, logger="attnpack.toy.train"):
+        second = train("evaluator", tmp_path, config=cfg, progress=False)
+    assert second["steps_done"] == 2 and "resuming evaluator from step 1" in caplog.text
+    assert "ignoring the pickle checkpoint" in caplog.text and not marker.exists() and planted.is_file()
 
 
 def test_exported_pipelines_are_diffusers_folders_with_their_config(tmp_path, tiny_vae):

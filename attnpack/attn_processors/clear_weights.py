@@ -120,8 +120,10 @@ def read_clear_checkpoint(weights: str | os.PathLike | Mapping[str, torch.Tensor
         raise TypeError(
             f"`weights` must be a path to a .safetensors CLEAR checkpoint or a state dict, got {type(weights).__name__}."
         )
+    from .._io import read_safetensors
+
     path = Path(weights).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(
             f"`weights` file {str(path)!r} does not exist. Download an official checkpoint, e.g. "
             "`huggingface_hub.hf_hub_download('Huage001/CLEAR', 'clear_local_16.safetensors')`, or pass a file "
@@ -129,13 +131,7 @@ def read_clear_checkpoint(weights: str | os.PathLike | Mapping[str, torch.Tensor
         )
     if path.suffix != ".safetensors":
         raise ValueError(f"`weights` must be a .safetensors file (the official CLEAR format), got {str(path)!r}.")
-    from safetensors import safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-        for key in f.keys():
-            state[key] = f.get_tensor(key)
+    state, metadata = read_safetensors(path, "`weights` file")
     return state, metadata, str(path)
 
 
@@ -166,14 +162,33 @@ def check_clear_checkpoint(
     expected = clear_parameter_names(transformer)
     expected_set = set(expected)
     pool_keys = {pooling_key(n): n for n in layer_names}
-    # pooling weights say which down factor the checkpoint was trained with
-    factors = sorted({f for k, v in state.items() if k.endswith("spatial_weight") for f in [_pooling_factor(v.shape)]})
-    found = [k for k in state if k.endswith("spatial_weight")]
-    if found and down_factor == 1:
-        trained = factors[0] if len(factors) == 1 and factors[0] is not None else "?"
+    not_float = [f"{k} ({v.dtype})" for k, v in state.items() if not v.is_floating_point()]
+    if not_float:
         raise ValueError(
-            f"`weights` {source!r} holds pooling weights ({len(found)} spatial_weight keys, d={trained}): it was "
-            f"trained with down_factor={trained}; pass down_factor={trained}."
+            f"`weights` {source!r} holds tensors that are not floating point: {_preview(not_float, 3)}. CLEAR "
+            "weights are float tensors (the released files are bf16); the file is damaged or not a CLEAR checkpoint."
+        )
+    not_finite = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if not_finite:
+        raise ValueError(
+            f"`weights` {source!r} holds NaN or infinite values in {_preview(not_finite, 3)}; the file is damaged "
+            "or its distillation diverged."
+        )
+    # pooling weights say which down factor the checkpoint was trained with
+    found = [k for k in state if k.endswith("spatial_weight")]
+    shape = "[1, 1, 1, d, 1, d, 1]" if down_factor == 1 else f"[1, 1, 1, {down_factor}, 1, {down_factor}, 1]"
+    misshaped = [f"{k} {list(state[k].shape)}" for k in found if _pooling_factor(state[k].shape) is None]
+    if misshaped:
+        raise ValueError(
+            f"`weights` {source!r} holds pooling weights of the wrong shape: {_preview(misshaped, 3)}; every "
+            f"spatial_weight must be {shape}. The file is damaged or not a CLEAR checkpoint."
+        )
+    factors = sorted({_pooling_factor(state[k].shape) for k in found})
+    if found and down_factor == 1:
+        trained = factors[0] if len(factors) == 1 else factors
+        raise ValueError(
+            f"`weights` {source!r} holds pooling weights ({len(found)} spatial_weight keys of shape "
+            f"{list(state[found[0]].shape)}): it was trained with down_factor={trained}; pass down_factor={trained}."
         )
     if down_factor > 1:
         if not found:
@@ -182,10 +197,9 @@ def check_clear_checkpoint(
                 f"but down_factor={down_factor} was requested; pass down_factor=1."
             )
         if factors != [down_factor]:
-            shown = [f if f is not None else "not [1, 1, 1, d, 1, d, 1]" for f in factors]
             raise ValueError(
-                f"`weights` {source!r} holds pooling weights for d={shown}, but down_factor={down_factor} was "
-                f"requested; pass the down_factor the checkpoint was trained with."
+                f"`weights` {source!r} holds pooling weights for d={factors}, but down_factor={down_factor} was "
+                f"requested (pooling weights {shape}); pass the down_factor the checkpoint was trained with."
             )
     unexpected = [k for k in state if k not in pool_keys and k not in expected_set]
     if unexpected:

@@ -15,8 +15,8 @@ Paper: https://arxiv.org/abs/2412.16112; reference note ``shared/reference/clear
   latent mean / std are cached once (a fresh latent sample each step, as the official cache).
 - **Runs** under ``accelerate launch`` (single or multi-GPU data parallel): data sharded by rank, batch indices,
   noise and timesteps derived from (seed, step, rank), so a resumed run continues exactly. Checkpoints (trainable
-  weights + optimizer state) and the final weights (official key format, ``clear_local_<r>[_down_<d>].safetensors``)
-  are written atomically.
+  weights + optimizer state, ``checkpoints/step-<n>.safetensors``: tensors + JSON, never pickle) and the final weights
+  (official key format, ``clear_local_<r>[_down_<d>].safetensors``) are written atomically.
 
 Differences from the official script (deliberate): no DeepSpeed requirement, attention outputs captured by forward
 hooks (no growing global lists under gradient checkpointing), images resized and centre-cropped to the resolution
@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .._io import atomic_path
+from .._io import atomic_path, check_state_fields, load_state, pickle_checkpoint_error, save_state
 
 
 logger = logging.getLogger(__name__)
@@ -386,6 +386,9 @@ class ClearDistiller:
         own = self.trainable_state()
         if set(state) != set(own):
             raise ValueError("the checkpoint's trainable weights do not match this student (different model or d).")
+        wrong = [k for k, v in state.items() if not isinstance(v, torch.Tensor) or v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"the checkpoint's trainable weights {wrong[:3]} do not have this student's shapes.")
         with torch.no_grad():
             for k, v in state.items():
                 own[k].copy_(v.to(own[k].device, own[k].dtype))
@@ -463,11 +466,14 @@ def make_optimizer(params, cfg: ClearDistillConfig) -> torch.optim.Optimizer:
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
+CHECKPOINT_KIND = "attnpack.clear_distill_checkpoint"
+
+
+def _checkpoints(folder: Path, suffix: str = ".safetensors") -> list[tuple[int, Path]]:
     if not folder.is_dir():
         return []
     found = []
-    for p in folder.glob("step-*.pt"):
+    for p in folder.glob(f"step-*{suffix}"):
         try:
             found.append((int(p.stem.split("-")[1]), p))
         except ValueError:
@@ -476,16 +482,17 @@ def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 
 def _save_checkpoint(folder: Path, step: int, distiller: ClearDistiller, optimizer, cfg, keep: int) -> Path:
+    """``step-<step>.safetensors``: trainable weights and optimizer tensors, the rest (step, optimizer structure,
+    config) as JSON in its metadata (:func:`attnpack._io.save_state`); written atomically, the oldest pruned."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:07d}.pt"
+    path = folder / f"step-{step:07d}.safetensors"
     state = {
         "step": step,
         "trainable": {k: v.detach().cpu() for k, v in distiller.trainable_state().items()},
         "optimizer": optimizer.state_dict(),
         "config": dataclasses.asdict(cfg),
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_state(path, state, CHECKPOINT_KIND)
     for _, old in _checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -494,18 +501,43 @@ def _save_checkpoint(folder: Path, step: int, distiller: ClearDistiller, optimiz
 _RESUME_KEYS = ("model", "radius", "down_factor", "resolution", "optimizer")
 
 
-def _load_checkpoint(path: Path, distiller: ClearDistiller, optimizer, cfg: ClearDistillConfig) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = state.get("config", {})
+def _read_resume_checkpoint(folder: Path, cfg: ClearDistillConfig) -> tuple[Path, dict] | None:
+    """The newest checkpoint in ``folder``, read and checked against ``cfg`` before any model is loaded.
+
+    Pickle checkpoints (``step-*.pt``) of earlier versions are never loaded: alone they are an error, next to
+    safetensors checkpoints they are ignored with a warning."""
+    found = _checkpoints(folder)
+    legacy = [p for _, p in _checkpoints(folder, ".pt")]
+    if legacy and not found:
+        raise pickle_checkpoint_error(legacy[-1])
+    if legacy:
+        logger.warning("ignoring %d pickle checkpoints in %s (never loaded): %s", len(legacy), folder, legacy[-1].name)
+    if not found:
+        return None
+    path = found[-1][1]
+    state = load_state(path, CHECKPOINT_KIND)
+    check_state_fields(state, {"step": int, "trainable": dict, "optimizer": dict, "config": dict}, path)
+    saved = state["config"]
     changed = [k for k in _RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ValueError(
             f"cannot resume from {str(path)!r}: settings changed ({diffs}). Use another output folder or --no-resume."
         )
-    distiller.load_trainable_state(state["trainable"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"])
+    return path, state
+
+
+def _load_checkpoint(path: Path, state: dict, distiller: ClearDistiller, optimizer) -> int:
+    """Put a checkpoint read by :func:`_read_resume_checkpoint` into the student and the optimizer; its step."""
+    try:
+        distiller.load_trainable_state(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(
+            f"cannot resume from {str(path)!r}: it does not fit this run ({exc}). Use another output folder or "
+            "--no-resume."
+        ) from None
+    return state["step"]
 
 
 # ------------------------------------------------------------------------------------------------- the run
@@ -532,11 +564,13 @@ def distill_clear(
     cfg.validate()
     if cfg.optimizer == "prodigy":
         make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)  # fail before loading anything
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    resume_from = _read_resume_checkpoint(ckpt_dir, cfg) if cfg.resume else None
     accelerator = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     show = show_progress and accelerator.is_local_main_process
-    out = Path(cfg.output_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "config.json") as tmp:
@@ -574,9 +608,8 @@ def distill_clear(
     student.train()
     optimizer = make_optimizer(distiller.trainable_parameters(), cfg)
     start = 0
-    ckpt_dir = out / "checkpoints"
-    if cfg.resume and _checkpoints(ckpt_dir):
-        start = _load_checkpoint(_checkpoints(ckpt_dir)[-1][1], distiller, optimizer, cfg)
+    if resume_from is not None:
+        start = _load_checkpoint(*resume_from, distiller, optimizer)
         logger.info("resuming CLEAR distillation at step %d", start)
     model, optimizer = accelerator.prepare(distiller.module, optimizer)
     data = CachedSamples(paths, cfg.seed)

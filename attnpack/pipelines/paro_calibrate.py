@@ -186,11 +186,9 @@ class _Calibration:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
     def restore(self, path: Path, fingerprint: str) -> dict[str, int]:
-        from safetensors import safe_open
+        from .._io import read_safetensors
 
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors, meta = read_safetensors(path, "`checkpoint`")
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"`checkpoint` {str(path)!r} is not a PARO calibration checkpoint.")
         if meta.get("fingerprint") != fingerprint:

@@ -125,6 +125,71 @@ def pack_mask_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed.view(*lead, -1)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _json_check(check):
+    def parse(text: str):
+        value = json.loads(text)
+        if not check(value):
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+# metadata entry -> (parser of its text, what it must be); `info` may be absent
+_META_FIELDS = {
+    "model_class": (str, "a class name"),
+    "config_hash": (str, "a hash"),
+    "family": (str, "a family name"),
+    "grid": (_json_check(lambda v: isinstance(v, list) and all(map(_is_int, v))), "a JSON list of ints"),
+    "text_len": (int, "an int"),
+    "text_first": (_json_check(lambda v: isinstance(v, bool)), "true or false"),
+    "num_inference_steps": (int, "an int"),
+    "block_size": (int, "an int"),
+    "densities": (_json_check(lambda v: isinstance(v, list) and all(map(_is_number, v))), "a list of numbers"),
+    "density": (_finite, "a finite number"),
+    "timestep_buckets": (int, "an int"),
+    "layers": (_json_check(lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)), "a list of names"),
+    "heads": (int, "an int"),
+    "mask_bits": (int, "an int"),
+    "alpha": (_finite, "a finite number"),
+    "quant": (_json_check(lambda v: v is None or isinstance(v, str)), "a JSON string or null"),
+    "mask_rule": (str, "a rule name"),
+    "info": (_json_check(lambda v: isinstance(v, dict)), "a JSON object"),
+}
+# tensor -> (dtypes it may have, what a plan stores)
+_TENSOR_DTYPES = {
+    "orders": ((torch.int8,), "int8"),
+    "masks": ((torch.uint8,), "uint8"),
+    "order_metrics": ((torch.float32,), "float32"),
+}
+
+
+def _meta_value(meta: dict[str, str], key: str, parse, what: str, name: str):
+    if key not in meta:
+        if key == "info":
+            return {}
+        raise ValueError(f"{name} lacks the metadata entry {key!r}: the file is damaged or incomplete.")
+    try:
+        return parse(meta[key])
+    except (ValueError, TypeError, RecursionError):  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{name} is damaged: metadata {key}={meta[key][:80]!r} is not {what}.") from None
+
+
 @dataclasses.dataclass(eq=False)
 class ParoPlan:
     """A calibrated PARO plan for one denoiser, token grid and step schedule.
@@ -201,6 +266,27 @@ class ParoPlan:
 
     def validate(self) -> None:
         """Raise ``ValueError`` if the fields are inconsistent (a damaged or hand-edited plan)."""
+        for name, low in (("text_len", 0), ("num_inference_steps", 1), ("block_size", 1), ("timestep_buckets", 0),
+                          ("heads", 1), ("mask_bits", 1)):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"ParoPlan.{name} must be an int >= {low}, got {value!r}.")
+        if len(self.grid) not in (2, 3) or any(g < 1 for g in self.grid):
+            raise ValueError(f"ParoPlan.grid must be 2 or 3 positive sizes (frames, height, width), got {self.grid}.")
+        if not isinstance(self.text_first, bool):
+            raise ValueError(f"ParoPlan.text_first must be True or False, got {self.text_first!r}.")
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"ParoPlan.layers must be distinct layer names, got {list(self.layers)[:4]}.")
+        for name in ("density", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"ParoPlan.{name} must be a finite number, got {value!r}.")
+        from ..kernels.paro import MASK_RULES, QUANT_MODES
+
+        if self.quant is not None and self.quant not in QUANT_MODES:
+            raise ValueError(f"ParoPlan.quant must be one of {', '.join(QUANT_MODES)} or None, got {self.quant!r}.")
+        if self.mask_rule not in MASK_RULES:
+            raise ValueError(f"ParoPlan.mask_rule must be one of {', '.join(MASK_RULES)}, got {self.mask_rule!r}.")
         n_layers, t = len(self.layers), self.num_blocks
         if tuple(self.orders.shape) != (n_layers, self.heads):
             raise ValueError(f"ParoPlan.orders must be [{n_layers}, {self.heads}], got {tuple(self.orders.shape)}.")
@@ -226,6 +312,11 @@ class ParoPlan:
             raise ValueError(
                 f"ParoPlan.timestep_buckets={self.timestep_buckets} must be in [0, num_inference_steps // 2 = "
                 f"{self.num_inference_steps // 2}]."
+            )
+        metrics = None if self.order_metrics is None else tuple(self.order_metrics.shape)
+        if metrics is not None and metrics != (n_layers, self.heads, n_orders, 2):
+            raise ValueError(
+                f"ParoPlan.order_metrics must be [{n_layers}, {self.heads}, {n_orders}, 2], got {list(metrics)}."
             )
 
     # ------------------------------------------------------------------------------------------------ lookups
@@ -350,12 +441,22 @@ class ParoPlan:
     def check_layout(self, grid: tuple[int, ...] | None, text_len: int, text_first: bool) -> None:
         """Raise ``ValueError`` unless an attention call's token layout is the calibrated one."""
         grid = None if grid is None else tuple(grid)
-        if grid != self.grid or text_len != self.text_len or (text_len and text_first != self.text_first):
+        side = {True: "before", False: "after"}
+        wrong = []
+        if grid != self.grid:
+            wrong.append(f"token grid {grid} (plan: {self.grid})")
+        if text_len != self.text_len:
+            wrong.append(f"{text_len} text tokens (plan: {self.text_len})")
+        elif text_len and text_first != self.text_first:
+            wrong.append(
+                f"text tokens {side[text_first]} the image tokens (plan: {side[self.text_first]}; the plan's "
+                "text_first is wrong for this model)"
+            )
+        if wrong:
             raise ValueError(
-                f"this PARO plan was calibrated for a token grid {self.grid} with {self.text_len} text tokens; this "
-                f"call has grid {grid} with {text_len} text tokens. PARO masks are static: calibrate a plan for this "
-                "resolution, frame count and prompt length (`attnpack calibrate-paro --height ... --width ... "
-                "--frames ...`)."
+                f"this PARO plan does not fit this attention call, which has {' and '.join(wrong)}. PARO masks are "
+                "static: calibrate a plan for this resolution, frame count and prompt length (`attnpack "
+                "calibrate-paro --height ... --width ... --frames ...`)."
             )
 
     # ------------------------------------------------------------------------------------------------ files
@@ -395,51 +496,39 @@ class ParoPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ParoPlan:
-        """Read a plan written by :meth:`save`."""
-        from safetensors import SafetensorError, safe_open
+        """Read a plan written by :meth:`save`; a damaged or foreign file raises ``ValueError`` naming it."""
+        from .._io import read_safetensors
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"PARO plan {str(path)!r} does not exist.")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError) as exc:
-            raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+        tensors, meta = read_safetensors(path, "PARO plan")
+        name = f"PARO plan {str(path)!r}"
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{str(path)!r} is not an attnpack PARO plan (no '{FORMAT}' metadata).")
-        if int(meta.get("version", 0)) > VERSION:
+            raise ValueError(f"{name} is not an attnpack PARO plan (no '{FORMAT}' metadata).")
+        version = _meta_value(meta, "version", int, "an int", name) if "version" in meta else 0
+        if version > VERSION:
             raise ValueError(
-                f"{str(path)!r} is a PARO plan of format version {meta['version']}; this attnpack reads up to "
-                f"{VERSION}. Upgrade attnpack."
+                f"{name} is of format version {version}; this attnpack reads up to {VERSION}. Upgrade attnpack."
             )
+        fields = {key: _meta_value(meta, key, parse, what, name) for key, (parse, what) in _META_FIELDS.items()}
+        extra = sorted(set(tensors) - set(_TENSOR_DTYPES))
+        if extra:
+            raise ValueError(f"{name} holds tensors a plan does not have: {', '.join(extra[:4])}.")
+        for key, (kinds, what) in _TENSOR_DTYPES.items():
+            if key not in tensors:
+                if key == "order_metrics":
+                    continue
+                raise ValueError(f"{name} lacks the tensor {key!r}: the file is damaged or incomplete.")
+            if tensors[key].dtype not in kinds:
+                raise ValueError(f"{name}: tensor {key!r} is {tensors[key].dtype}, a plan stores it as {what}.")
+        if "order_metrics" in tensors and not bool(torch.isfinite(tensors["order_metrics"]).all()):
+            raise ValueError(f"{name}: tensor 'order_metrics' holds NaN or infinite values; the file is damaged.")
         try:
-            return cls(
-                model_class=meta["model_class"],
-                config_hash=meta["config_hash"],
-                family=meta["family"],
-                grid=tuple(json.loads(meta["grid"])),
-                text_len=int(meta["text_len"]),
-                text_first=json.loads(meta["text_first"]),
-                num_inference_steps=int(meta["num_inference_steps"]),
-                block_size=int(meta["block_size"]),
-                densities=tuple(json.loads(meta["densities"])),
-                density=float(meta["density"]),
-                timestep_buckets=int(meta["timestep_buckets"]),
-                layers=tuple(json.loads(meta["layers"])),
-                heads=int(meta["heads"]),
-                orders=tensors["orders"],
-                masks=tensors["masks"],
-                mask_bits=int(meta["mask_bits"]),
-                alpha=float(meta["alpha"]),
-                quant=json.loads(meta["quant"]),
-                mask_rule=meta["mask_rule"],
-                order_metrics=tensors.get("order_metrics"),
-                info=json.loads(meta.get("info", "{}")),
-            )
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{str(path)!r}: damaged PARO plan metadata ({exc!r}).") from None
+            for key in ("grid", "densities", "layers"):
+                fields[key] = tuple(fields[key])
+            return cls(**fields, orders=tensors["orders"], masks=tensors["masks"],
+                       order_metrics=tensors.get("order_metrics"))  # fmt: skip
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{name} is damaged or was edited: {exc}") from None
 
     def __repr__(self) -> str:
         dens = ", ".join(f"{d:g}" for d in self.densities)

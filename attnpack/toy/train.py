@@ -3,9 +3,9 @@
 Every stage trains on the procedural dataset (:class:`attnpack.toy.data.ToyScenes`) and is reproducible from its
 :class:`TrainConfig`: batch ``s`` holds scenes ``s*B ... s*B+B-1`` of ``data_seed``, and all noise of step ``s`` comes
 from a generator seeded with ``(seed, s)``. A run therefore resumes exactly where it stopped (checkpoints hold the
-weights, the EMA weights, the optimizer and the LR schedule, and are written atomically), and runs under
-``accelerate`` (``Accelerator``: CPU, one GPU, or ``accelerate launch`` with several processes, each taking its slice
-of the global batch).
+weights, the EMA weights, the optimizer and the LR schedule as safetensors + JSON, never pickle, and are written
+atomically), and runs under ``accelerate`` (``Accelerator``: CPU, one GPU, or ``accelerate launch`` with several
+processes, each taking its slice of the global batch).
 
 Objectives:
 
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._io import check_state_fields, load_state, pickle_checkpoint_error, save_state
 from .data import ToyScenes
 from .models import (
     FLUX_CONFIG,
@@ -71,7 +72,10 @@ __all__ = [
 ]
 
 STAGES = ("vae", "evaluator", "toy-sd", "toy-flux")
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = "checkpoint.safetensors"
+LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # pickle, written by earlier versions; never loaded
+CHECKPOINT_KIND = "attnpack.toy_train_checkpoint"
+LATENTS_KIND = "attnpack.toy_latents"
 CONFIG_NAME = "train_config.json"
 LOG_NAME = "train_log.json"
 
@@ -407,14 +411,19 @@ class _DenoiserStage(_Stage):
         ``work_dir`` keyed by the VAE weights and the data seed, so a resumed run does not encode again)."""
         from tqdm.auto import tqdm
 
-        from .._io import atomic_path
-
         weights = next(self.vae_path.glob("*.safetensors"))
         key = hashlib.sha256(weights.read_bytes())
         key.update(json.dumps([self.cfg.data_seed, self.cfg.dataset_size, self.cfg.data], sort_keys=True).encode())
-        path = self.work_dir / f"latents-{key.hexdigest()[:16]}.pt"
+        path = self.work_dir / f"latents-{key.hexdigest()[:16]}.safetensors"
         if path.is_file():
-            return torch.load(path, weights_only=False)
+            try:
+                cache = load_state(path, LATENTS_KIND, "latent cache")
+                check_state_fields(cache, {"mean": torch.Tensor, "std": torch.Tensor, "caption": list}, path)
+                if len(cache["mean"]) == len(cache["std"]) == len(cache["caption"]) == self.cfg.dataset_size:
+                    return cache
+                logger.warning("latent cache %s does not hold %d scenes; encoding again", path, self.cfg.dataset_size)
+            except ValueError as exc:
+                logger.warning("%s; encoding the scenes again", exc)
         n, means, stds, captions = self.cfg.dataset_size, [], [], []
         with torch.no_grad():
             for start in tqdm(range(0, n, 128), desc="encode scenes", disable=not self.progress):
@@ -425,8 +434,7 @@ class _DenoiserStage(_Stage):
                 captions += items["caption"]
         cache = {"mean": torch.cat(means), "std": torch.cat(stds), "caption": captions}
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save(cache, tmp)
+        save_state(path, cache, LATENTS_KIND)
         return cache
 
     def _scenes(self, indices: list[int], gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
@@ -582,6 +590,28 @@ def _load_init(st: _Stage, cfg: TrainConfig, out_dir: Path) -> dict:
     return record
 
 
+def _read_checkpoint(ckpt_dir: Path, cfg: TrainConfig) -> dict | None:
+    """The checkpoint in ``ckpt_dir`` (``None``: none), read and checked against ``cfg``. A pickle checkpoint of an
+    earlier version is never loaded: alone it is an error, next to a safetensors one it is ignored (logged)."""
+    path, legacy = ckpt_dir / CHECKPOINT_NAME, ckpt_dir / LEGACY_CHECKPOINT_NAME
+    if legacy.exists() and not path.exists():
+        raise pickle_checkpoint_error(legacy)
+    if legacy.exists():
+        logger.warning("ignoring the pickle checkpoint %s (never loaded); resuming from %s", legacy, path.name)
+    if not (path.exists() or path.is_symlink()):  # a dangling link is a damaged checkpoint, not none
+        return None
+    state = load_state(path, CHECKPOINT_KIND)
+    fields = {"step": int, "config": dict, "network": dict, "ema": (dict, type(None)), "optimizer": dict,
+              "scheduler": dict, "seconds": (float, int), "losses": list}  # fmt: skip
+    check_state_fields(state, fields, path)
+    if state["config"] != cfg.to_dict():
+        raise ValueError(
+            f"checkpoint {str(path)!r} was written with a different training config; pass the same config, "
+            "or --no-resume to start over (the checkpoint is then replaced)."
+        )
+    return state
+
+
 def train(
     stage: str,
     out_dir: str | os.PathLike,
@@ -599,10 +629,10 @@ def train(
 
     Args:
         stage: one of :data:`STAGES`.
-        out_dir: working folder. ``out_dir/<stage>.ckpt/checkpoint.pt`` is the resumable checkpoint (written
-            atomically every ``config.checkpoint_every`` steps); the exported weights go to ``out_dir/<stage>``
-            (a diffusers folder: ``save_pretrained`` of the model or pipeline, with ``train_config.json`` and
-            ``train_log.json`` next to the trained weights).
+        out_dir: working folder. ``out_dir/<stage>.ckpt/checkpoint.safetensors`` is the resumable checkpoint
+            (tensors + JSON, never pickle; written atomically every ``config.checkpoint_every`` steps); the exported
+            weights go to ``out_dir/<stage>`` (a diffusers folder: ``save_pretrained`` of the model or pipeline, with
+            ``train_config.json`` and ``train_log.json`` next to the trained weights).
         config: the training configuration (default: :func:`default_config`, what the shipped weights used).
         vae: folder of a trained VAE for ``toy-sd`` / ``toy-flux`` (default ``out_dir/vae``).
         resume: continue from the checkpoint when there is one (its config must equal ``config``).
@@ -621,8 +651,6 @@ def train(
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from .._io import atomic_path
-
     cfg = config or default_config(stage)
     if cfg.stage != stage:
         raise ValueError(f"`config` is for stage {cfg.stage!r}, not {stage!r}.")
@@ -632,6 +660,7 @@ def train(
     ckpt_dir = out_dir / f"{name}.ckpt"
     ckpt_path = ckpt_dir / CHECKPOINT_NAME
     vae_path = Path(vae) if vae is not None else out_dir / "vae"
+    state = _read_checkpoint(ckpt_dir, cfg) if resume else None  # checked before any model is built
 
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     device = accelerator.device
@@ -645,18 +674,17 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(cfg, s))
 
     start, seconds, losses = 0, 0.0, []
-    if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["config"] != cfg.to_dict():
+    if state is not None:
+        try:
+            network.load_state_dict(state["network"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
             raise ValueError(
-                f"checkpoint {str(ckpt_path)!r} was written with a different training config; pass the same config, "
-                "or --no-resume to start over (the checkpoint is then replaced)."
-            )
-        network.load_state_dict(state["network"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+                f"checkpoint {str(ckpt_path)!r} does not fit this {stage} run ({exc}); pass --no-resume to start over."
+            ) from None
         start, seconds, losses = state["step"], state["seconds"], state["losses"]
         logger.info("resuming %s from step %d", stage, start)
     network.to(device)
@@ -678,8 +706,7 @@ def train(
             "seconds": seconds,
             "losses": losses,
         }
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(state, tmp)
+        save_state(ckpt_path, state, CHECKPOINT_KIND)
 
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     world, rank = accelerator.num_processes, accelerator.process_index
