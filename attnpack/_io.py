@@ -54,10 +54,16 @@ def check_output_path(path: str | os.PathLike, suffixes: Sequence[str], *, argum
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ValueError(f"`{argument}` folder {str(parent)!r} does not exist; create it first.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"`{argument}` folder {str(parent)!r} is not writable.")
     if path.is_dir():
         raise ValueError(f"`{argument}` {str(path)!r} is a folder; give a file name.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"`{argument}` folder {str(parent)!r} is not writable.")
+    try:  # the real test (access() says yes to root everywhere, also in /proc): create and remove a file there
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"`{argument}` folder {str(parent)!r} is not writable: {exc.strerror or exc}.") from None
     return path
 
 
@@ -107,12 +113,18 @@ def save_image(image, path: str | os.PathLike, parameters: dict[str, Any] | None
     return path
 
 
+MAX_FPS = 240
+
+
 def save_video(frames, path: str | os.PathLike, parameters: dict[str, Any] | None = None, fps: int = 8) -> Path:
     """Write video ``frames`` (list of PIL / HWC arrays, or ``[F, H, W, C]``) as GIF or MP4, atomically.
 
     GIF stores ``parameters`` in its comment extension; MP4 (needs ``imageio-ffmpeg``: ``pip install
     attnpack[video]``) stores it in the container's ``comment`` metadata.
     """
+    from ._utils import check_number
+
+    fps = check_number("fps", fps, 1, MAX_FPS, integer=True)
     path = Path(path)
     arrays = [_to_uint8(f) for f in frames]
     text = json.dumps(parameters or {}, sort_keys=True, default=str)

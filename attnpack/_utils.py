@@ -5,11 +5,14 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import math
+import numbers
+from typing import Any
 
 import torch
 
 
-__all__ = ["parse_dtype", "package_versions", "require", "is_available", "DTYPE_NAMES"]
+__all__ = ["parse_dtype", "package_versions", "require", "is_available", "check_number", "DTYPE_NAMES"]
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -35,6 +38,26 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device | No
     if not isinstance(dtype, str) or dtype.lower() not in DTYPE_NAMES:
         raise ValueError(f"`dtype` must be one of auto, {', '.join(DTYPE_NAMES)}, got {dtype!r}.")
     return DTYPE_NAMES[dtype.lower()]
+
+
+def check_number(
+    name: str, value: Any, low: float | None = None, high: float | None = None, *, integer: bool = False
+) -> Any:
+    """``value`` as a finite number (an ``int`` with ``integer=True``) in ``[low, high]``, else a ``TypeError`` /
+    ``ValueError`` naming ``name``, the value and the rule. Every number a user gives attnpack (Python API, command
+    line, batch rows, the UI) goes through this: NaN and infinities never reach a pipeline (they would give black
+    images with exit 0), nor do values that overflow downstream."""
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    if not ok:
+        raise TypeError(f"`{name}` must be {kind}, got {value!r}.")
+    value = int(value) if integer else float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ValueError(f"`{name}` must be {kind} in {bounds}, got {value!r}.")
+    return value
 
 
 def is_available(module: str) -> bool:

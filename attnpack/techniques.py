@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -132,6 +133,12 @@ def _split(text: str) -> list[str]:
     return [p.strip() for p in text.strip("()").split(",") if p.strip()]
 
 
+def _finite(value):
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
+
+
 def _convert(opt: Option, value: Any) -> Any:
     kind = opt.kind
     is_text = isinstance(value, str)
@@ -140,9 +147,9 @@ def _convert(opt: Option, value: Any) -> Any:
             raise ValueError("expected an integer")
         return int(value)
     if kind == "float":
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) or is_text):
             raise ValueError("expected a number")
-        return float(value)
+        return _finite(float(value))
     if kind == "bool":
         return _parse_bool(value) if is_text else bool(value)
     if kind == "str":
@@ -158,7 +165,7 @@ def _convert(opt: Option, value: Any) -> Any:
         items = _split(value) if is_text else (list(value) if isinstance(value, (list, tuple)) else [value])
         if not items or any(isinstance(v, bool) for v in items):
             raise ValueError("expected a number or a comma-separated list of numbers")
-        out = tuple(cast(v) for v in items)
+        out = tuple(_finite(cast(v)) for v in items)
         return out[0] if len(out) == 1 else out
     if kind == "strs":
         if is_text:

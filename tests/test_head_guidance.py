@@ -269,7 +269,7 @@ def test_handle_restores_and_errors(pipes):
     assert model._diffusers_hook.hooks == {}  # guidance and run-context hooks are gone
     assert model.forward.__name__ == forward_before.__name__
     for kwargs, message in [
-        (dict(scale=-1.0), "`scale` must be in"),
+        (dict(scale=-1.0), "`scale` must be a number in"),
         (dict(softness=1.5), "`softness` must be a number in"),
         (dict(kind="blur"), "`kind` must be one of"),
         (dict(token_scope="text"), "`token_scope` must be one of"),

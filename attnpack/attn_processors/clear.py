@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .._utils import check_number
 from ..kernels.clear import ClearPatternCache, clear_attention, resolve_clear_tiles
 from ._apply import AttentionCall, AttnPackProcessor, ProcessorHandle, apply_processors, list_layers, resolve_denoisers
 from ._families import family_of_model
@@ -120,10 +121,9 @@ class ClearCore:
         return f"ClearCore(radius={s.radius}, down_factor={s.down_factor}{extra})"
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {name}={value!r}.")
-    return value
+# a radius past the grid's diagonal is dense attention already; the bound keeps r**2 inside the kernels' int32
+MAX_RADIUS = 4096
+MAX_DOWN_FACTOR = 64
 
 
 def apply_clear(
@@ -169,8 +169,8 @@ def apply_clear(
         names = ", ".join(type(m).__name__ for m in models)
         raise ValueError(f"CLEAR supports FLUX.1 transformers (FluxTransformer2DModel) only, got {names}.")
     transformer = flux[0]
-    radius = _check_int("radius", radius, 1)
-    down_factor = _check_int("down_factor", down_factor, 1)
+    radius = check_number("radius", radius, 1, MAX_RADIUS, integer=True)
+    down_factor = check_number("down_factor", down_factor, 1, MAX_DOWN_FACTOR, integer=True)
     if not isinstance(proportional_attention, bool):
         raise TypeError(f"`proportional_attention` must be a bool, got {proportional_attention!r}.")
     if backend is not None:

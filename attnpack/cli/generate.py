@@ -37,7 +37,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_output_path, save_image, save_video
+    from .._io import IMAGE_SUFFIXES, MAX_FPS, VIDEO_SUFFIXES, check_output_path, save_image, save_video
+    from .._utils import check_number
     from ..pipelines.generation import GenerationSettings, run_generation
     from ..pipelines.loading import is_video_pipeline
 
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         pipeline_kwargs=args.pipeline_kwargs,
     )
     settings.validate()
+    check_number("--fps", args.fps, 1, MAX_FPS, integer=True)
     specs = technique_specs(args)  # validate technique options before loading the model
     if args.out is not None:  # fail before loading anything if the output cannot be written
         check_output_path(args.out, IMAGE_SUFFIXES + VIDEO_SUFFIXES)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._utils import check_number
+
 
 __all__ = [
     "segregation_loss",
@@ -322,13 +324,12 @@ def step_size_schedule(num_steps: int, scale_factor: float = 20.0, step_size=Non
     every step; a sequence gives one value per step.
     """
     if step_size is None:
-        if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)) or scale_factor < 0:
-            raise ValueError(f"`scale_factor` must be a non-negative number, got {scale_factor!r}.")
-        return (float(scale_factor) * np.sqrt(np.linspace(1.0, 0.5, num_steps))).tolist()
+        scale_factor = check_number("scale_factor", scale_factor, 0.0, 1e4)
+        return (scale_factor * np.sqrt(np.linspace(1.0, 0.5, num_steps))).tolist()
     if isinstance(step_size, (int, float)) and not isinstance(step_size, bool):
-        return [float(step_size)] * num_steps
+        return [check_number("step_size", step_size, 0.0, 1e4)] * num_steps
     if isinstance(step_size, (Sequence, np.ndarray, torch.Tensor)) and len(step_size) == num_steps:
-        return [float(v) for v in step_size]
+        return [check_number(f"step_size[{i}]", float(v), 0.0, 1e4) for i, v in enumerate(step_size)]
     raise ValueError(
         f"`step_size` must be None, a number or a sequence of {num_steps} numbers (one per step), got {step_size!r}."
     )

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._utils import parse_dtype
+from .._io import MAX_FPS
+from .._utils import check_number, parse_dtype
 from .generation import GenerationSettings
 
 
@@ -176,8 +177,7 @@ class BatchConfig:
     def validate(self) -> None:
         if self.format not in (None, "png", "gif", "mp4"):
             raise ValueError(f"`format` must be png, gif or mp4, got {self.format!r}.")
-        if isinstance(self.fps, bool) or not isinstance(self.fps, int) or self.fps < 1:
-            raise ValueError(f"`fps` must be a positive integer, got {self.fps!r}.")
+        check_number("fps", self.fps, 1, MAX_FPS, integer=True)
         if Path(self.prompts).suffix.lower() not in PROMPT_SUFFIXES:
             raise ValueError(f"`prompts` must be a {', '.join(PROMPT_SUFFIXES)} file, got {self.prompts!r}.")
         if not Path(self.prompts).is_file():

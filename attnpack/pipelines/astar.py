@@ -29,6 +29,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils import BaseOutput
 
+from .._utils import check_number
 from ..attn_processors._context import ROLE_COND, ROLE_UNCOND, run_overrides
 from ..attn_processors.astar import (
     STORE_KEY,
@@ -330,8 +331,7 @@ class _AStarMixin:
             )
         self._astar_check(prompt, height, width, negative_prompt, family_kwargs)
         for name, value in (("segregation_weight", segregation_weight), ("retention_weight", retention_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.")
+            check_number(name, value, 0.0)
         if token_normalization not in TOKEN_NORMALIZATIONS:
             raise ValueError(
                 f"`token_normalization` must be one of {TOKEN_NORMALIZATIONS}, got {token_normalization!r}."

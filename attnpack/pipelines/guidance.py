@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .._utils import check_number
 from ..attn_processors._apply import ProcessorHandle, resolve_denoisers
 from ..attn_processors._context import (
     HOOK_NAME as RUN_CONTEXT_HOOK,
@@ -66,6 +67,7 @@ __all__ = [
 ]
 
 HOOK_NAME = "attnpack_head_guidance"
+MAX_SCALE = 100.0  # published scales are 1-10; far larger ones only overflow into black images
 
 # denoiser arguments that have no batch dimension even when their first size equals the batch size
 NON_BATCHED_ARGUMENTS = frozenset({"img_ids", "txt_ids"})
@@ -287,13 +289,7 @@ class HeadGuidanceHandle:
 
 
 def _check_number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number, got {value!r}.")
-    value = float(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise ValueError(f"`{name}` must be in {bounds}, got {value!r}.")
-    return value
+    return check_number(name, value, low, high)
 
 
 def apply_head_perturbation(
@@ -338,10 +334,10 @@ def apply_head_perturbation(
         with attnpack.apply_head_perturbation(pipe, heads="sd3-medium/dark", scale=3.0, softness=0.5):
             image = pipe("a lighthouse", guidance_scale=5.0).images[0]
     """
-    scale = _check_number("scale", scale, 0.0)
+    scale = _check_number("scale", scale, 0.0, MAX_SCALE)
     start = _check_number("start", start, 0.0, 1.0)
     end = _check_number("end", end, 0.0, 1.0)
-    adaptive_scale = _check_number("adaptive_scale", adaptive_scale, 0.0)
+    adaptive_scale = _check_number("adaptive_scale", adaptive_scale, 0.0, MAX_SCALE)
     if not start < end:
         raise ValueError(f"`start` must be smaller than `end`, got start={start}, end={end}.")
     if not isinstance(separate_pass, bool):
@@ -380,7 +376,7 @@ register_technique(
         apply=apply_head_perturbation,
         options=(
             Option("heads", "strs", None, "heads: L1H10, L13 (all heads of layer 13), presets like sd3-medium/dark"),
-            Option("scale", "float", 3.0, "perturbation guidance scale s (0: off)", minimum=0.0),
+            Option("scale", "float", 3.0, "perturbation guidance scale s (0: off)", minimum=0.0, maximum=MAX_SCALE),
             Option("softness", "float", 1.0, "SoftPAG u: 0 no perturbation, 1 PAG", minimum=0.0, maximum=1.0),
             Option("kind", "str", "identity", "perturbation target", choices=KINDS),
             Option("token_scope", "str", "full", "full (HeadHunter) or image (diffusers PAG)", choices=TOKEN_SCOPES),
@@ -388,7 +384,9 @@ register_technique(
                 "start", "float", 0.0, "start of the guidance window (fraction of steps)", minimum=0.0, maximum=1.0
             ),
             Option("end", "float", 1.0, "end of the guidance window (fraction of steps)", minimum=0.0, maximum=1.0),
-            Option("adaptive_scale", "float", 0.0, "PAG adaptive scale: s - a*(1000 - t)", minimum=0.0),
+            Option(
+                "adaptive_scale", "float", 0.0, "PAG adaptive scale: s - a*(1000 - t)", minimum=0.0, maximum=MAX_SCALE
+            ),
             Option("separate_pass", "bool", False, "run the perturbed rows as an extra forward (less memory)"),
         ),
         families=("unet", "sd3", "flux", "wan"),

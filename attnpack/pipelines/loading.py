@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -47,6 +48,20 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device` is {device!r} but no CUDA GPU is available here; use --device cpu.")
     return dev
+
+
+def _check_model_index(index: Path) -> None:
+    """A pipeline folder's ``model_index.json`` must be a JSON object naming the pipeline class (``_class_name``);
+    diffusers fails with a bare ``KeyError`` otherwise."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{index} is not a readable JSON file: {exc}.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
+        raise ValueError(
+            f"{index} does not name a pipeline class (`_class_name`): it is not a diffusers pipeline index. "
+            "Write the folder with `pipe.save_pretrained(folder)`."
+        )
 
 
 def load_pipeline(
@@ -107,6 +122,7 @@ def load_pipeline(
                     f"`model` folder {name!r} has no model_index.json; it is not a diffusers pipeline folder "
                     "(write one with `pipe.save_pretrained(folder)`)."
                 )
+            _check_model_index(path / "model_index.json")
             pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
         elif name.startswith(("tiny-", "toy-")):
             raise ValueError(f"Unknown built-in model {name!r}. Built-in models: {', '.join(builtin_models())}.")
