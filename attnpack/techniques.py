@@ -183,12 +183,29 @@ def _check_range(opt: Option, value: Any) -> None:
         raise ValueError(f"must be one of {', '.join(map(str, opt.choices))}")
 
 
+def _texts(value: Any) -> Iterable[str]:
+    """Every string in ``value`` (nested lists, tuples and dicts included)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _texts(key)
+            yield from _texts(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _texts(item)
+
+
 def parse_options(technique: Technique | str, raw: Mapping[str, Any]) -> dict[str, Any]:
     """Convert and validate ``raw`` options (strings or Python values); unset options keep the API defaults."""
+    from .pipelines.generation import check_text
+
     tech = get_technique(technique) if isinstance(technique, str) else technique
     out: dict[str, Any] = {}
     for name, value in raw.items():
         opt = tech.option(name)
+        for text in _texts(value):  # before anything parses it, and without echoing it in the error
+            check_text(f"{tech.name}.{name}", text)
         try:
             converted = _convert(opt, value)
             if converted is not None:

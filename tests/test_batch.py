@@ -160,6 +160,18 @@ def test_jsonl_overrides_and_bad_rows(tmp_path, sd15, capsys):
     assert [r["file"] for r in records(out)] == sorted(p.name for p in out.glob("*.png"))
 
 
+def test_over_long_prompt_line_is_a_bad_row(tmp_path, sd15, capsys):
+    """A 12 MB prompt line (83 s and 2.8 GB in the tokenizer before it was bounded) is refused as a bad row."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x" * 12_000_000 + "\na red cat\n")
+    assert run(tmp_path, "-m", "tiny-sd15", "--steps", "2", prompts=prompts) == 1  # a bad row: reported, not fatal
+    err = capsys.readouterr().err
+    assert "bad row skipped: p.txt:1: `prompt` is too long (12000000 characters; at most 4000); shorten it." in err
+    assert "1 written, 0 skipped (already done), 1 failed (1 bad row) of 2 outputs" in err
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["00001_0.png"]  # the row keeps its index
+    np.testing.assert_array_equal(pixels(tmp_path / "out" / "00001_0.png"), stock(sd15, "a red cat", 0))
+
+
 def test_csv_config_file_and_command_line(tmp_path, sd15):
     (tmp_path / "p.csv").write_text('prompt,seed,temperature.scale\na red cat,0,\n"a blue\ndog",2,1.5\n')
     (tmp_path / "c.yaml").write_text(
