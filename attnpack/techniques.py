@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -130,6 +131,8 @@ def _convert(opt: Option, value: Any) -> Any:
     kind = opt.kind
     is_text = isinstance(value, str)
     if kind == "int":
+        if isinstance(value, float) and value.is_integer():  # 3.0 from a JSON file or a UI number field
+            return int(value)
         if isinstance(value, bool) or not (isinstance(value, int) or is_text):
             raise ValueError("expected an integer")
         return int(value)
@@ -174,6 +177,8 @@ def _convert(opt: Option, value: Any) -> Any:
 def _check_range(opt: Option, value: Any) -> None:
     values = value if isinstance(value, tuple) else (value,)
     for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("must be a finite number")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if opt.minimum is not None and v < opt.minimum:
                 raise ValueError(f"must be >= {opt.minimum}")
