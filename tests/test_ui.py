@@ -20,6 +20,7 @@ import torch
 from test_ui_support import (
     STEPS,
     Watch,
+    fetch_file,
     free_port,
     launched,
     need,
@@ -587,6 +588,33 @@ def test_benchmark_compares_a_technique_with_stock_attention(app):
         client.predict(technique="none", **args)
 
 
+# ------------------------------------------------------------------------------------------------ output folder
+def outdir_with_secrets(tmp_path) -> tuple[Path, list[Path]]:
+    """An output folder that already holds files of its owner, which the UI must never serve."""
+    outdir = tmp_path / "outputs"
+    (outdir / "private").mkdir(parents=True)
+    secrets = [outdir / "private" / "credentials.txt", outdir / "notes.png"]
+    for path in secrets:
+        path.write_text("token=not-for-the-web")
+    return outdir, secrets
+
+
+def test_outdir_serves_only_what_the_ui_wrote(tmp_path):
+    """Before, `--outdir DIR` put DIR in Gradio's allowed paths: anyone could download DIR/private/credentials.txt."""
+    outdir, secrets = outdir_with_secrets(tmp_path)
+    demo = build_demo(default_loader(device="cpu"), device="cpu", output_dir=outdir, techniques=ui_techniques())
+    with launched(demo) as url:
+        image, _, _, params = generate(gradio_client.Client(url, verbose=False), seed=3)
+        np.testing.assert_array_equal(pixels(image), reference_image(MODEL, PROMPT, 3))  # the client's download
+        (kept,) = demo.attnpack_runtime.output_dir.iterdir()  # the result is kept in the folder the UI made
+        assert kept.parent.parent == outdir and kept.parent.name.startswith("attnpack-ui-")
+        assert read_parameters(kept) == params
+        assert fetch_file(url, kept) == (200, kept.read_bytes())  # a result is served
+        for path in [*secrets, outdir / "private", kept.parent / ".." / "private" / "credentials.txt"]:
+            assert fetch_file(url, path)[0] == 403, path  # nothing else in the folder is
+    assert sorted(p.name for p in outdir.iterdir()) == sorted([kept.parent.name, "private", "notes.png"])
+
+
 # ------------------------------------------------------------------------------------------------ building
 def test_building_loads_no_model_and_importing_is_light(tmp_path):
     def refuse(name):
@@ -617,16 +645,18 @@ def test_cli_errors_before_launching(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_readme_first_command_launches_the_ui_on_the_default_model():
-    """Run the README's first command (its `attnpack ui` part, on a free port) and generate through it."""
+def test_readme_first_command_launches_the_ui_on_the_default_model(tmp_path):
+    """Run the README's first command (its `attnpack ui` part, on a free port, with an --outdir that holds private
+    files) and generate through it; only the result is served."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     first = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()[0]
     assert first.startswith("pip install") and '".[ui]"' in first
     command = first.split("&&")[-1].split()
     assert command[:2] == ["attnpack", "ui"]
     port = free_port()
+    outdir, secrets = outdir_with_secrets(tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "attnpack", *command[1:], "--port", str(port)],
+        [sys.executable, "-m", "attnpack", *command[1:], "--port", str(port), "--outdir", str(outdir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -646,6 +676,10 @@ def test_readme_first_command_launches_the_ui_on_the_default_model():
         image, _, seed, params = generate(client, seed=3)
         assert params["model"] == "tiny-flux" and seed == 3
         np.testing.assert_array_equal(pixels(image), reference_image("tiny-flux", PROMPT, 3))
+        (kept,) = outdir.glob("attnpack-ui-*/*.png")
+        assert fetch_file(url, kept) == (200, kept.read_bytes()) and read_parameters(kept) == params
+        for path in secrets:
+            assert fetch_file(url, path)[0] == 403, path
     finally:
         proc.terminate()
         try:

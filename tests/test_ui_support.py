@@ -67,12 +67,32 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def launched(demo):
-    """Launch ``demo`` on a free local port; yield its URL; close it afterwards."""
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    """Launch ``demo`` on a free local port, serving what `attnpack ui` serves; yield its URL; close it afterwards."""
+    demo.launch(
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        quiet=True,
+        allowed_paths=demo.attnpack_runtime.served_paths,
+    )
     try:
         yield demo.local_url
     finally:
         demo.close()
+
+
+def fetch_file(url: str, path) -> tuple[int, bytes]:
+    """``GET /gradio_api/file=<path>`` on the local server at ``url``: ``(HTTP status, body)``."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    assert url.startswith("http://127.0.0.1:"), url  # the test's own server only
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/gradio_api/file={urllib.parse.quote(str(path))}") as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
 
 
 def raw_call(client, api_name: str, timeout: float = 300, **kwargs) -> tuple[str, object]:
