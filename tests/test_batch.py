@@ -229,6 +229,33 @@ def test_skip_existing_does_only_what_is_missing(tmp_path, sd15, capsys):
     assert [r["file"] for r in records(out)] == sorted(after)
 
 
+def test_skip_existing_remakes_damaged_outputs(tmp_path, sd15, capsys):
+    """A finished output cut short afterwards (its parameters, at the start of the PNG, still read) is made again, to
+    the same bytes, and reported; an intact one is kept."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue dog\nthe sea\n")
+    args = ["-m", "tiny-sd15", "--steps", "2", "--height", "64", "--width", "64"]
+    assert run(tmp_path, *args, prompts=prompts) == 0
+    out = tmp_path / "out"
+    original = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    kept = (out / "00002_0.png").stat().st_mtime_ns
+    (out / "00000_0.png").write_bytes(original["00000_0.png"][: len(original["00000_0.png"]) // 2])  # cut in half
+    (out / "00001_0.png").write_bytes(original["00001_0.png"][:-1])  # one byte short
+    assert read_parameters(out / "00000_0.png") == read_parameters(out / "00002_0.png") | {
+        "prompt": "a red cat", "file": "00000_0.png", "row": 0, "line": 1
+    }  # fmt: skip
+    capsys.readouterr()
+    assert run(tmp_path, *args, "--skip-existing", prompts=prompts) == 0
+    err = capsys.readouterr().err
+    assert "00000_0.png is incomplete or damaged: " in err and "00001_0.png is incomplete or damaged: " in err
+    assert "2 written, 1 skipped (already done), 2 damaged (made again), 0 failed (0 bad rows) of 3 outputs" in err
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == original  # made again, byte for byte
+    assert (out / "00002_0.png").stat().st_mtime_ns == kept
+    np.testing.assert_array_equal(pixels(out / "00000_0.png"), stock(sd15, "a red cat", 0))
+    assert [r["file"] for r in records(out)] == sorted(original)  # one record per file
+    assert sorted(os.listdir(out)) == sorted([*original, METADATA_FILE])
+
+
 def test_model_is_loaded_only_when_there_is_work(tmp_path, sd15, monkeypatch, capsys):
     """A finished batch of a local (or Hub) model re-runs with --skip-existing without loading its weights."""
     from attnpack.pipelines import batch

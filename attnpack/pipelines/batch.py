@@ -16,7 +16,8 @@ Resumability: an output file is complete or absent (temporary file + rename). Ea
 finished file to its own journal (``.metadata.<rank>.jsonl.part``); the main process folds the journals into
 ``metadata.jsonl`` (rewritten atomically, one record per file name) at the start and the end of every run, and
 recovers the record of a finished file whose journal line was lost from the parameters embedded in the file. So a
-killed run leaves no partial image and no duplicate record, and ``skip_existing`` re-runs only what is missing.
+killed run leaves no partial image and no duplicate record, and ``skip_existing`` re-runs only what is missing, made
+with other settings, or damaged (an existing output must decode completely to be kept).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_path, read_parameters, save_image, save_video
+from .._io import atomic_path, check_complete, read_parameters, save_image, save_video
 from ._batch_input import (
     PROMPT_SUFFIXES,
     ROW_KEYS,
@@ -182,7 +183,10 @@ def _identity(job: BatchJob, model: str) -> dict[str, Any]:
 def _plan_work(outdir: Path, jobs: Sequence[BatchJob], model: str, skip_existing: bool):
     """Main process, before any output is written: clean up after a killed run, decide what to (re)generate.
 
-    Returns ``(names to generate, number skipped, notes)``.
+    With ``skip_existing`` an existing output is kept only if it was made with this job's settings and decodes
+    completely (:func:`~attnpack._io.check_complete`): a file cut short keeps its parameters, which come first.
+
+    Returns ``(names to generate, number skipped, number of damaged outputs found, notes)``.
     """
     names = {job.name for job in jobs} | {METADATA_FILE}
     for path in outdir.iterdir():
@@ -191,23 +195,29 @@ def _plan_work(outdir: Path, jobs: Sequence[BatchJob], model: str, skip_existing
             path.unlink()  # a temporary file of a killed run: never a finished output
     todo: list[str] = []
     notes: list[str] = []
+    damaged = 0
     for job in jobs:
         path = outdir / job.name
         if skip_existing and path.is_file():
             try:
                 params = read_parameters(path)
             except Exception:
-                notes.append(f"{job.name} is unreadable; generating it again")
-                todo.append(job.name)
-                continue
-            ident = _identity(job, model)
-            changed = [k for k, v in ident.items() if _jsonable(params.get(k)) != v]
-            if not changed:
-                continue
-            notes.append(f"{job.name} was made with other settings ({', '.join(changed)}); generating it again")
+                params = None
+            if params is None:
+                notes.append(f"{job.name} is damaged (its parameters are unreadable); generating it again")
+                damaged += 1
+            elif changed := [k for k, v in _identity(job, model).items() if _jsonable(params.get(k)) != v]:
+                notes.append(f"{job.name} was made with other settings ({', '.join(changed)}); generating it again")
+            else:
+                try:
+                    check_complete(path)
+                    continue
+                except ValueError as exc:
+                    notes.append(f"{exc}; generating it again")
+                    damaged += 1
         todo.append(job.name)
     merge_metadata(outdir, expected=[j.name for j in jobs], drop=todo)
-    return todo, len(jobs) - len(todo), notes
+    return todo, len(jobs) - len(todo), damaged, notes
 
 
 # ---------------------------------------------------------------------------------------------------- runner
@@ -223,6 +233,7 @@ class BatchSummary:
     seconds: float  # wall time of the run
     image_seconds: float  # generation + saving, summed over outputs and processes
     processes: int = 1
+    damaged: int = 0  # existing outputs found cut short or unreadable by --skip-existing, and made again
 
     @property
     def ok(self) -> bool:
@@ -232,9 +243,10 @@ class BatchSummary:
         per = f", {self.image_seconds / self.generated:.2f} s per image" if self.generated else ""
         procs = f" on {self.processes} processes" if self.processes > 1 else ""
         bad = f"{self.bad_rows} bad row{'' if self.bad_rows == 1 else 's'}"
+        damaged = f", {self.damaged} damaged (made again)" if self.damaged else ""
         return (
-            f"{self.generated} written, {self.skipped} skipped (already done), {len(self.failures)} failed ({bad}) "
-            f"of {self.outputs + self.bad_rows} outputs{per}; {self.seconds:.1f} s in all{procs}"
+            f"{self.generated} written, {self.skipped} skipped (already done){damaged}, {len(self.failures)} failed "
+            f"({bad}) of {self.outputs + self.bad_rows} outputs{per}; {self.seconds:.1f} s in all{procs}"
         )
 
 
@@ -336,14 +348,14 @@ def run_batch(config: BatchConfig, *, pipe=None) -> BatchSummary:
     if state.is_main_process:
         try:
             model = config.model if pipe is None else getattr(pipe, "_attnpack_model", None) or pipe.name_or_path
-            todo, skipped, notes = _plan_work(outdir, plan, model, config.skip_existing)
+            todo, skipped, damaged, notes = _plan_work(outdir, plan, model, config.skip_existing)
             for note in notes:
                 _say(f"attnpack batch: {note}")
-            shared = [(todo, skipped, None)]
+            shared = [(todo, skipped, damaged, None)]
         except Exception as exc:
-            shared = [([], 0, f"{type(exc).__name__}: {exc}")]
+            shared = [([], 0, 0, f"{type(exc).__name__}: {exc}")]
             error = exc
-    todo, skipped, message = broadcast_object_list(shared)[0]
+    todo, skipped, damaged, message = broadcast_object_list(shared)[0]
     if error is not None:
         raise error
     if message is not None:
@@ -370,6 +382,7 @@ def run_batch(config: BatchConfig, *, pipe=None) -> BatchSummary:
         seconds=time.perf_counter() - start,
         image_seconds=sum(r[1] for r in results),
         processes=state.num_processes,
+        damaged=damaged,
     )
     if state.is_main_process:
         _say(f"attnpack batch: {summary} -> {outdir}")
