@@ -22,14 +22,16 @@ with other settings, or damaged (an existing output must decode completely to be
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +64,16 @@ __all__ = [
     "read_rows",
     "plan_jobs",
     "merge_metadata",
+    "outdir_lock",
     "run_batch",
     "METADATA_FILE",
+    "LOCK_FILE",
     "PROMPT_SUFFIXES",
     "ROW_KEYS",
 ]
 
 METADATA_FILE = "metadata.jsonl"
+LOCK_FILE = ".attnpack-batch.lock"  # held by the batch writing to its folder (outdir_lock)
 _OUTPUT_NAME = re.compile(r"^(\d{5,})_(\d+)\.[a-z0-9]+$")
 _TEMP_NAME = re.compile(r"^\.(.+)\.[A-Za-z0-9_]+\.tmp$")  # attnpack._io.atomic_path's temporary files
 _JOURNAL_GLOB = ".metadata.*.jsonl.part"
@@ -220,6 +225,56 @@ def _plan_work(outdir: Path, jobs: Sequence[BatchJob], model: str, skip_existing
     return todo, len(jobs) - len(todo), damaged, notes
 
 
+# ------------------------------------------------------------------------------------------------ one batch per folder
+@contextlib.contextmanager
+def outdir_lock(outdir: str | os.PathLike) -> Iterator[Path | None]:
+    """Hold the exclusive lock of a batch output folder for the block: ``outdir/.attnpack-batch.lock``, locked with
+    ``fcntl.flock`` and holding ``<pid> <host>``. The kernel releases the lock when its process dies however it dies,
+    so a killed batch never blocks the next one; the file is removed when the block ends.
+
+    Raises ``ValueError`` naming the process that holds it (the command line's exit status 2). Two batches writing
+    to one folder would delete each other's files in flight. Without ``fcntl`` (not POSIX) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        logger.warning("cannot lock %s on this system: run one batch per output folder at a time", outdir)
+        yield None
+        return
+    path = Path(outdir) / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+            os.close(fd)
+            who = f"process {holder[0]} on {holder[1]}" if len(holder) == 2 else "a process that is starting"
+            raise ValueError(
+                f"`outdir` {str(outdir)!r} is in use by another attnpack batch ({who}); wait for it to finish, or "
+                "give another --outdir."
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # the holder before us removes the file as it lets go: the lock must be on the file that is at `path` now
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        opened = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # still locked here, so no other batch holds this file
+        os.close(fd)
+
+
 # ---------------------------------------------------------------------------------------------------- runner
 @dataclasses.dataclass
 class BatchSummary:
@@ -328,68 +383,71 @@ def run_batch(config: BatchConfig, *, pipe=None) -> BatchSummary:
         for error in bad:
             _say(f"attnpack batch: bad row skipped: {error}")
 
-    # the output suffix depends on the model being an image or a video model; the pipeline class tells, so a big
-    # local or Hub model is loaded only by processes that have outputs to make
-    error: BaseException | None = None
-    plan: list[BatchJob] = []
-    try:
-        if rows:
-            video = is_video_pipeline(pipe) if pipe is not None else _is_video_model(config)
-            if video is None:
-                pipe = _load(config, state)
-                video = is_video_pipeline(pipe)
-            plan = plan_jobs(rows, _suffix(config, video))
-    except Exception as exc:  # every process must learn of it, or the others wait forever at the next step
-        error = exc
-    _agree(error)
-
-    # the main process cleans up after a killed run and decides what to do, before anything is written
-    shared: list[Any] = [None]
-    if state.is_main_process:
+    with contextlib.ExitStack() as held:
+        error: BaseException | None = None
+        plan: list[BatchJob] = []
         try:
-            model = config.model if pipe is None else getattr(pipe, "_attnpack_model", None) or pipe.name_or_path
-            todo, skipped, damaged, notes = _plan_work(outdir, plan, model, config.skip_existing)
-            for note in notes:
-                _say(f"attnpack batch: {note}")
-            shared = [(todo, skipped, damaged, None)]
-        except Exception as exc:
-            shared = [([], 0, 0, f"{type(exc).__name__}: {exc}")]
-            error = exc
-    todo, skipped, damaged, message = broadcast_object_list(shared)[0]
-    if error is not None:
-        raise error
-    if message is not None:
-        raise RuntimeError(f"the main batch process failed: {message}")
-
-    wanted = set(todo)
-    with state.split_between_processes([job for job in plan if job.name in wanted]) as mine:
-        try:
-            if mine and pipe is None:
-                pipe = _load(config, state)
-        except Exception as exc:
+            if state.is_main_process:  # one batch per folder: the main process holds the folder's lock to the end
+                held.enter_context(outdir_lock(outdir))
+            # the output suffix depends on the model being an image or a video model; the pipeline class tells, so
+            # a big local or Hub model is loaded only by processes that have outputs to make
+            if rows:
+                video = is_video_pipeline(pipe) if pipe is not None else _is_video_model(config)
+                if video is None:
+                    pipe = _load(config, state)
+                    video = is_video_pipeline(pipe)
+                plan = plan_jobs(rows, _suffix(config, video))
+        except Exception as exc:  # every process must learn of it, or the others wait forever at the next step
             error = exc
         _agree(error)
-        done = _run_jobs(pipe, mine, config, outdir, state.process_index, state.num_processes)
-    results = gather_object([done])
-    if state.is_main_process:
-        merge_metadata(outdir, expected=[job.name for job in plan])
-    summary = BatchSummary(
-        outputs=len(plan),
-        generated=sum(r[0] for r in results),
-        skipped=skipped,
-        failures=[str(e) for e in bad] + [m for r in results for m in r[2]],
-        bad_rows=len(bad),
-        seconds=time.perf_counter() - start,
-        image_seconds=sum(r[1] for r in results),
-        processes=state.num_processes,
-        damaged=damaged,
-    )
-    if state.is_main_process:
-        _say(f"attnpack batch: {summary} -> {outdir}")
-        if summary.failures:
-            _say("attnpack batch: failures:\n  " + "\n  ".join(summary.failures))
-    state.wait_for_everyone()
-    return summary
+
+        # the main process cleans up after a killed run and decides what to do, before anything is written
+        shared: list[Any] = [None]
+        if state.is_main_process:
+            try:
+                model = config.model if pipe is None else getattr(pipe, "_attnpack_model", None) or pipe.name_or_path
+                todo, skipped, damaged, notes = _plan_work(outdir, plan, model, config.skip_existing)
+                for note in notes:
+                    _say(f"attnpack batch: {note}")
+                shared = [(todo, skipped, damaged, None)]
+            except Exception as exc:
+                shared = [([], 0, 0, f"{type(exc).__name__}: {exc}")]
+                error = exc
+        todo, skipped, damaged, message = broadcast_object_list(shared)[0]
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(f"the main batch process failed: {message}")
+
+        wanted = set(todo)
+        with state.split_between_processes([job for job in plan if job.name in wanted]) as mine:
+            try:
+                if mine and pipe is None:
+                    pipe = _load(config, state)
+            except Exception as exc:
+                error = exc
+            _agree(error)
+            done = _run_jobs(pipe, mine, config, outdir, state.process_index, state.num_processes)
+        results = gather_object([done])
+        if state.is_main_process:
+            merge_metadata(outdir, expected=[job.name for job in plan])
+        summary = BatchSummary(
+            outputs=len(plan),
+            generated=sum(r[0] for r in results),
+            skipped=skipped,
+            failures=[str(e) for e in bad] + [m for r in results for m in r[2]],
+            bad_rows=len(bad),
+            seconds=time.perf_counter() - start,
+            image_seconds=sum(r[1] for r in results),
+            processes=state.num_processes,
+            damaged=damaged,
+        )
+        if state.is_main_process:
+            _say(f"attnpack batch: {summary} -> {outdir}")
+            if summary.failures:
+                _say("attnpack batch: failures:\n  " + "\n  ".join(summary.failures))
+        state.wait_for_everyone()
+        return summary
 
 
 def _load(config: BatchConfig, state):
