@@ -28,6 +28,7 @@ __all__ = [
     "load_state",
     "check_state_fields",
     "pickle_checkpoint_error",
+    "check_complete",
     "IMAGE_SUFFIXES",
     "VIDEO_SUFFIXES",
 ]
@@ -190,6 +191,71 @@ def read_parameters(path: str | os.PathLike) -> dict[str, Any]:
                 return json.loads(line[len("comment=") :].replace("\\=", "=").replace("\\;", ";").replace("\\#", "#"))
         raise ValueError(f"{str(path)!r} has no embedded attnpack parameters.")
     raise ValueError(f"Cannot read parameters from {suffix!r} files.")
+
+
+# the last bytes of every complete file: PNG's IEND chunk (length 0, type, CRC), GIF's trailer
+_TRAILERS = {".png": b"\x00\x00\x00\x00IEND\xaeB`\x82", ".gif": b"\x3b"}
+
+
+def _mp4_boxes_end_at_file_end(path: Path) -> bool:
+    """Whether the MP4's top-level boxes (4-byte size, type; size 1: a 64-bit size follows; 0: to the end) tile the
+    file exactly: a cut anywhere leaves the last box longer than what remains."""
+    end, pos = path.stat().st_size, 0
+    with open(path, "rb") as fh:
+        while pos < end:
+            fh.seek(pos)
+            header = fh.read(16)
+            size = int.from_bytes(header[:4], "big") if len(header) >= 8 else -1
+            if size == 1:
+                size = int.from_bytes(header[8:16], "big") if len(header) == 16 else -1
+            elif size == 0:
+                size = end - pos
+            if size < 8 or pos + size > end:
+                return False
+            pos += size
+    return end > 0
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` unless the PNG, GIF or MP4 at ``path`` decodes completely.
+
+    A file cut short (a copy or a sync that stopped, a full disk, a tool that does not write atomically) may still
+    carry its parameters, which come first in PNG and GIF files; so :func:`read_parameters` alone does not show it.
+    PNG and GIF: the format's last bytes, then every frame decoded (and, for PNG, every chunk's checksum). MP4: the
+    top-level boxes end exactly at the end of the file, then every frame decoded by ffmpeg, with no error reported.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in _TRAILERS:
+            with open(path, "rb") as fh:
+                fh.seek(max(0, path.stat().st_size - len(_TRAILERS[suffix])))
+                if fh.read() != _TRAILERS[suffix]:
+                    raise ValueError(f"the file does not end like a complete {suffix[1:].upper()} file")
+            with Image.open(path) as im:
+                for frame in range(getattr(im, "n_frames", 1)):
+                    im.seek(frame)
+                    im.load()
+            if suffix == ".png":
+                with Image.open(path) as im:
+                    im.verify()  # chunk checksums: what load() does not look at
+        elif suffix == ".mp4":
+            import imageio_ffmpeg
+
+            if not _mp4_boxes_end_at_file_end(path):
+                raise ValueError("its last MP4 box runs past the end of the file")
+
+            done = subprocess.run(
+                [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-xerror", "-i", str(path), "-f", "null", "-"],
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0 or done.stderr.strip():
+                raise ValueError((done.stderr.strip().splitlines() or [f"ffmpeg exit status {done.returncode}"])[-1])
+        else:
+            raise ValueError(f"cannot check {suffix!r} files; attnpack writes .png, .gif and .mp4")
+    except (OSError, SyntaxError, EOFError, ValueError) as exc:  # PIL reports broken files with all of these
+        raise ValueError(f"{path.name} is incomplete or damaged: {exc}") from None
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -133,23 +133,19 @@ def _split(text: str) -> list[str]:
     return [p.strip() for p in text.strip("()").split(",") if p.strip()]
 
 
-def _finite(value):
-    if not math.isfinite(value):
-        raise ValueError("expected a finite number")
-    return value
-
-
 def _convert(opt: Option, value: Any) -> Any:
     kind = opt.kind
     is_text = isinstance(value, str)
     if kind == "int":
+        if isinstance(value, float) and value.is_integer():  # 3.0 from a JSON file or a UI number field
+            return int(value)
         if isinstance(value, bool) or not (isinstance(value, int) or is_text):
             raise ValueError("expected an integer")
         return int(value)
     if kind == "float":
         if isinstance(value, bool) or not (isinstance(value, (int, float)) or is_text):
             raise ValueError("expected a number")
-        return _finite(float(value))
+        return float(value)
     if kind == "bool":
         return _parse_bool(value) if is_text else bool(value)
     if kind == "str":
@@ -165,7 +161,7 @@ def _convert(opt: Option, value: Any) -> Any:
         items = _split(value) if is_text else (list(value) if isinstance(value, (list, tuple)) else [value])
         if not items or any(isinstance(v, bool) for v in items):
             raise ValueError("expected a number or a comma-separated list of numbers")
-        out = tuple(_finite(cast(v)) for v in items)
+        out = tuple(cast(v) for v in items)
         return out[0] if len(out) == 1 else out
     if kind == "strs":
         if is_text:
@@ -187,6 +183,8 @@ def _convert(opt: Option, value: Any) -> Any:
 def _check_range(opt: Option, value: Any) -> None:
     values = value if isinstance(value, tuple) else (value,)
     for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("must be a finite number")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if opt.minimum is not None and v < opt.minimum:
                 raise ValueError(f"must be >= {opt.minimum}")
@@ -196,12 +194,29 @@ def _check_range(opt: Option, value: Any) -> None:
         raise ValueError(f"must be one of {', '.join(map(str, opt.choices))}")
 
 
+def _texts(value: Any) -> Iterable[str]:
+    """Every string in ``value`` (nested lists, tuples and dicts included)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _texts(key)
+            yield from _texts(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _texts(item)
+
+
 def parse_options(technique: Technique | str, raw: Mapping[str, Any]) -> dict[str, Any]:
     """Convert and validate ``raw`` options (strings or Python values); unset options keep the API defaults."""
+    from .pipelines.generation import check_text
+
     tech = get_technique(technique) if isinstance(technique, str) else technique
     out: dict[str, Any] = {}
     for name, value in raw.items():
         opt = tech.option(name)
+        for text in _texts(value):  # before anything parses it, and without echoing it in the error
+            check_text(f"{tech.name}.{name}", text)
         try:
             converted = _convert(opt, value)
             if converted is not None:

@@ -160,6 +160,18 @@ def test_jsonl_overrides_and_bad_rows(tmp_path, sd15, capsys):
     assert [r["file"] for r in records(out)] == sorted(p.name for p in out.glob("*.png"))
 
 
+def test_over_long_prompt_line_is_a_bad_row(tmp_path, sd15, capsys):
+    """A 12 MB prompt line (83 s and 2.8 GB in the tokenizer before it was bounded) is refused as a bad row."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x" * 12_000_000 + "\na red cat\n")
+    assert run(tmp_path, "-m", "tiny-sd15", "--steps", "2", prompts=prompts) == 1  # a bad row: reported, not fatal
+    err = capsys.readouterr().err
+    assert "bad row skipped: p.txt:1: `prompt` is too long (12000000 characters; at most 4000); shorten it." in err
+    assert "1 written, 0 skipped (already done), 1 failed (1 bad row) of 2 outputs" in err
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["00001_0.png"]  # the row keeps its index
+    np.testing.assert_array_equal(pixels(tmp_path / "out" / "00001_0.png"), stock(sd15, "a red cat", 0))
+
+
 def test_csv_config_file_and_command_line(tmp_path, sd15):
     (tmp_path / "p.csv").write_text('prompt,seed,temperature.scale\na red cat,0,\n"a blue\ndog",2,1.5\n')
     (tmp_path / "c.yaml").write_text(
@@ -215,6 +227,33 @@ def test_skip_existing_does_only_what_is_missing(tmp_path, sd15, capsys):
     # a run without --skip-existing makes everything again, still one record per file
     assert run(tmp_path, *args, prompts=prompts) == 0
     assert [r["file"] for r in records(out)] == sorted(after)
+
+
+def test_skip_existing_remakes_damaged_outputs(tmp_path, sd15, capsys):
+    """A finished output cut short afterwards (its parameters, at the start of the PNG, still read) is made again, to
+    the same bytes, and reported; an intact one is kept."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue dog\nthe sea\n")
+    args = ["-m", "tiny-sd15", "--steps", "2", "--height", "64", "--width", "64"]
+    assert run(tmp_path, *args, prompts=prompts) == 0
+    out = tmp_path / "out"
+    original = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    kept = (out / "00002_0.png").stat().st_mtime_ns
+    (out / "00000_0.png").write_bytes(original["00000_0.png"][: len(original["00000_0.png"]) // 2])  # cut in half
+    (out / "00001_0.png").write_bytes(original["00001_0.png"][:-1])  # one byte short
+    assert read_parameters(out / "00000_0.png") == read_parameters(out / "00002_0.png") | {
+        "prompt": "a red cat", "file": "00000_0.png", "row": 0, "line": 1
+    }  # fmt: skip
+    capsys.readouterr()
+    assert run(tmp_path, *args, "--skip-existing", prompts=prompts) == 0
+    err = capsys.readouterr().err
+    assert "00000_0.png is incomplete or damaged: " in err and "00001_0.png is incomplete or damaged: " in err
+    assert "2 written, 1 skipped (already done), 2 damaged (made again), 0 failed (0 bad rows) of 3 outputs" in err
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == original  # made again, byte for byte
+    assert (out / "00002_0.png").stat().st_mtime_ns == kept
+    np.testing.assert_array_equal(pixels(out / "00000_0.png"), stock(sd15, "a red cat", 0))
+    assert [r["file"] for r in records(out)] == sorted(original)  # one record per file
+    assert sorted(os.listdir(out)) == sorted([*original, METADATA_FILE])
 
 
 def test_model_is_loaded_only_when_there_is_work(tmp_path, sd15, monkeypatch, capsys):

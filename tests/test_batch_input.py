@@ -182,6 +182,31 @@ def test_bad_rows_are_reported_with_line_numbers_and_keep_their_index(tmp_path):
     assert messages[1].endswith("technique options: toy: scale, window_size, layers.")
 
 
+def test_over_long_texts_are_bad_rows(tmp_path):
+    """Every text of a row is bounded (4000 characters) before anything tokenizes it; the error names the field."""
+    long = "x" * 4001
+    rows = [
+        {"prompt": long},
+        {"prompt": "a", "negative_prompt": long},
+        {"prompt": "a", "layers": long},
+        {"prompt": "ok"},
+    ]
+    _write(tmp_path, "p.jsonl", "\n".join(json.dumps(r) for r in rows))
+    rows, errors = read_rows(tmp_path / "p.jsonl", _config(tmp_path, "p.jsonl", techniques=[("toy", {})]))
+    assert [r.index for r in rows] == [3]
+    assert [str(e) for e in errors] == [
+        "p.jsonl:1: `prompt` is too long (4001 characters; at most 4000); shorten it.",
+        "p.jsonl:2: `negative_prompt` is too long (4001 characters; at most 4000); shorten it.",
+        "p.jsonl:3: `toy.layers` is too long (4001 characters; at most 4000); shorten it.",
+    ]
+    at_limit = "y" * 4000
+    _write(tmp_path, "p.txt", at_limit + "\n")
+    rows, errors = read_rows(tmp_path / "p.txt", _config(tmp_path))
+    assert errors == [] and rows[0].settings.prompt == at_limit
+    with pytest.raises(ValueError, match="`negative_prompt` is too long"):  # run-wide: a bad command line
+        _config(tmp_path, negative_prompt=long).validate()
+
+
 def test_bad_csv_rows(tmp_path):
     _write(tmp_path, "p.csv", 'prompt,steps\na cat,2\nextra,2,3\na dog,many\n"ok",\n')
     rows, errors = read_rows(tmp_path / "p.csv", _config(tmp_path, "p.csv"))

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from attnpack import read_parameters
-from attnpack.pipelines.batch import METADATA_FILE
+from attnpack.cli import main
+from attnpack.pipelines.batch import LOCK_FILE, METADATA_FILE
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,62 @@ def test_killed_run_resumes_with_skip_existing(tmp_path):
     assert [r["file"] for r in meta] == expected  # one record per file, in row and seed order
     for record in meta:
         assert record["prompt"] == f"a red cat number {record['row']}" and record["line"] == record["row"] + 1
+
+
+HOLD_LOCK = """
+import sys
+from attnpack.pipelines.batch import outdir_lock
+
+with outdir_lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()  # until the test kills this process
+"""
+
+
+def test_one_batch_per_output_folder(tmp_path, capsys):
+    """A second batch on a folder in use stops at once with exit status 2 naming the first one's process, and touches
+    nothing (before, it deleted the first batch's file in flight), also as two accelerate processes; once that process
+    is killed, its lock is gone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    in_flight = out / ".00000_0.png.k7x2q9ab.tmp"  # what the running batch is writing
+    in_flight.write_bytes(b"\x89PNG half")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        args = ["batch", "-m", "tiny-sd15", "--prompts", str(prompts), "--outdir", str(out), "--steps", "2"]
+        assert main(args) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("attnpack batch:")]
+        assert err == [
+            f"attnpack batch: error: `outdir` {str(out)!r} is in use by another attnpack batch (process {holder.pid} "
+            f"on {socket.gethostname()}); wait for it to finish, or give another --outdir."
+        ]
+        assert sorted(os.listdir(out)) == sorted([in_flight.name, LOCK_FILE])  # nothing deleted, nothing written
+        # under accelerate only the main process takes the lock; the other learns of its error instead of waiting
+        two = subprocess.run(
+            _launch_two_processes(["-m", "attnpack", *args], _free_port()),
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
+        assert two.returncode != 0 and err[0] in two.stderr
+        assert "another batch process failed: ValueError: `outdir`" in two.stderr
+        assert sorted(os.listdir(out)) == sorted([in_flight.name, LOCK_FILE])
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the lock file stays behind
+        holder.wait()
+    assert (out / LOCK_FILE).read_text().split() == [str(holder.pid), socket.gethostname()]
+    assert main(args) == 0  # the kernel released the dead process's lock
+    assert sorted(os.listdir(out)) == ["00000_0.png", METADATA_FILE]  # the killed run's temporary file is cleaned up
 
 
 def _launch_two_processes(args: list[str], port: int) -> list[str]:

@@ -98,6 +98,7 @@ def test_mp4_output(tmp_path):
         (["--dtype", "fp8"], "`dtype` must be one of"),
         (["--attention-backend", "warp"], "must be one of"),
         (["--steps", "0"], "`steps` must be an integer"),
+        (["--guidance", "nan"], "`guidance` must be a finite number, got nan"),
         (["-o", "out.jpg"], "must end with .png"),
         (["-m", "tiny-wan", "-o", "OUT.png"], "must end with .gif or .mp4"),
     ],
@@ -111,6 +112,37 @@ def test_bad_inputs_one_line_nonzero(argv, message, tmp_path, capsys, monkeypatc
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("attnpack generate: error:") and message in err[0]
     assert os.listdir(tmp_path) == []
+
+
+LONG = "a red cat " * 401  # 4010 characters: over the limit of 4000
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "-p", LONG], "`prompt` is too long (4010 characters; at most 4000)"),
+        (["generate", "-p", "cat", "--negative-prompt", LONG], "`negative_prompt` is too long (4010 characters"),
+        (["generate", "-p", "cat", "-t", "dense", "--opt", f"layers={LONG}"], "`dense.layers` is too long (4010"),
+        (["astar", "-p", LONG, "--concepts", "cat"], "`prompt` is too long (4010 characters"),
+        (["astar", "-p", "cat", "--concepts", "cat", "--negative-prompt", LONG], "`negative_prompt` is too long"),
+        (["ir", "--subjects", "SUBJECTS", "--scene", LONG], "`scene` is too long (4010 characters"),
+        (["ir", "--subjects", "SUBJECTS", "--scene", "a cat", "--negative-prompt", LONG], "`negative_prompt` is too"),
+        (["ir", "--subjects", "LONG_SUBJECTS", "--scene", "a cat"], "`subjects[0]['prompt']` is too long (4010"),
+    ],
+)
+def test_over_long_text_is_refused_before_loading_a_model(argv, message, tmp_path, capsys, monkeypatch):
+    from attnpack.pipelines import loading
+
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model for a refused input"))
+    subjects = {"SUBJECTS": ["a photo of a cat", "cat"], "LONG_SUBJECTS": [LONG, "cat"]}
+    for name, (prompt, word) in subjects.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps([{"prompt": prompt, "word": word}]))
+    argv = [str(tmp_path / f"{a}.json") if a in subjects else a for a in argv]
+    rc = main([*argv, "-o", str(tmp_path / "x.png")])
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[transformers]")]
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"attnpack {argv[0]}: error:") and message in err[0], err
+    assert "a red cat a red cat" not in err[0]  # the text is not echoed back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LONG_SUBJECTS.json", "SUBJECTS.json"]
 
 
 def test_unwritable_output_folder(tmp_path, capsys, monkeypatch):

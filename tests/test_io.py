@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnpack._io import atomic_path, check_output_path, read_parameters, save_image, save_video
+from attnpack._io import atomic_path, check_complete, check_output_path, read_parameters, save_image, save_video
 
 
 def test_png_roundtrip(tmp_path):
@@ -106,3 +106,33 @@ def test_training_state_round_trip(tmp_path):
         save_state(tmp_path / "t.safetensors", {"x": object()}, "test")
     with pytest.raises(ValueError, match="is not of kind 'other'"):
         load_state(path, "other")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".gif", ".mp4"])
+def test_check_complete_finds_every_cut(tmp_path, suffix):
+    """A file cut short anywhere is found, also where its parameters still read (they come first in PNG and GIF)."""
+    if suffix == ".mp4":
+        pytest.importorskip("imageio_ffmpeg")
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (32, 48, 3), dtype=np.uint8) for _ in range(5)]
+    path = tmp_path / f"x{suffix}"
+    if suffix == ".png":
+        save_image(frames[0], path, {"seed": 1})
+    else:
+        save_video(frames, path, {"seed": 1})
+    check_complete(path)  # a complete file passes
+    data = path.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    for keep in (len(data) - 1, len(data) - 12, len(data) - 13, len(data) - 200, len(data) // 2, 10, 0):
+        cut.write_bytes(data[:keep])
+        with pytest.raises(ValueError, match=f"^cut{suffix} is incomplete or damaged: "):
+            check_complete(cut)
+    cut.write_bytes(data[:-13])
+    if suffix != ".mp4":
+        assert read_parameters(cut) == {"seed": 1}  # what --skip-existing looked at before: it kept such files
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0xFF  # a flipped byte inside the image data
+    cut.write_bytes(bytes(damaged))
+    if suffix == ".png":  # checksummed; GIF and MP4 frame data carry no checksum, a flipped byte may decode
+        with pytest.raises(ValueError, match="incomplete or damaged"):
+            check_complete(cut)

@@ -17,7 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_ui_support import STEPS, Watch, free_port, launched, need, pixels, reference_image, ui_techniques
+from test_ui_support import (
+    STEPS,
+    Watch,
+    fetch_file,
+    free_port,
+    launched,
+    need,
+    pixels,
+    raw_call,
+    reference_image,
+    ui_techniques,
+)
 
 from attnpack import read_parameters
 
@@ -244,9 +255,9 @@ def test_paro_with_a_plan_file(app, allowed, tmp_path):
     "kwargs, expected",
     [
         (dict(width=60), "`width` must be a multiple of 8"),
-        (dict(height=512), "`height` must be in 16..256 in this UI"),
-        (dict(steps=-1), "`steps` must be in 1..8"),
-        (dict(steps=9), "`steps` must be in 1..8"),
+        (dict(height=512), "`height` must be an integer in 16..256 in this UI (0: the default), got height=512."),
+        (dict(steps=-1), "`steps` must be an integer in 1..8 in this UI"),
+        (dict(steps=9), "`steps` must be an integer in 1..8 in this UI"),
         (dict(prompt="  "), "`prompt` is empty"),
         (dict(seed=-1), "`seed` must be an integer in 0..2147483647"),
         (dict(technique="temperature", temperature__factor=100.0), "option `factor`=100.0 is invalid: must be <= 10"),
@@ -260,6 +271,79 @@ def test_paro_with_a_plan_file(app, allowed, tmp_path):
 def test_invalid_requests_give_readable_errors(app, kwargs, expected):
     _, _, client = app
     assert expected in error_of(client, **kwargs)
+
+
+NAN, INF = float("nan"), float("inf")
+TABLE = {
+    "headers": ["prompt", "word", "target box", "reference box"],
+    "data": [["a photo of a cat", "cat", "", ""]],
+    "metadata": None,
+}
+
+
+@pytest.mark.parametrize(
+    "api_name, field, kwargs",
+    [
+        ("/generate", "seed", dict(seed=NAN, randomize_seed=False)),
+        ("/generate", "seed", dict(seed=NAN, randomize_seed=True)),  # refused even where it would be unused
+        ("/generate", "width", dict(width=INF)),
+        ("/generate", "steps", dict(steps=NAN)),
+        ("/generate", "guidance", dict(guidance=NAN)),
+        ("/generate", "num_frames", dict(num_frames=-INF)),
+        ("/generate", "head_guidance__scale", dict(technique="head-guidance", head_guidance__scale=NAN)),
+        ("/generate", "temperature__factor", dict(technique="temperature", temperature__factor=NAN)),
+        ("/head_guidance", "scale", dict(heads="L0H0", scale=NAN)),
+        ("/head_grid", "adaptive_scale", dict(heads="L0H0", adaptive_scale=INF)),
+        ("/ir_diffusion", "dropout", dict(model="tiny-sdxl", scene="a cat", subjects=TABLE, dropout=NAN)),
+        ("/astar", "sigma", dict(model="tiny-sd15", concepts="cat", sigma=NAN)),
+        ("/benchmark", "repeats", dict(technique="dense", repeats=NAN)),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_field(app, api_name, field, kwargs):
+    """NaN and infinities sent through the raw API (gradio_client cannot send them) are refused with the field's name.
+    Before, a NaN steps answered `{"error": null}` and a NaN guidance or technique scale made a black image."""
+    _, _, client = app
+    args = {"model": MODEL, "prompt": "a cat", "steps": STEPS, **kwargs}
+    if api_name in ("/ir_diffusion", "/benchmark"):
+        args.pop("prompt" if api_name == "/ir_diffusion" else "steps")
+    event, message = raw_call(client, api_name, **args)
+    assert event == "error" and message == f"`{field}` must be a number, got {field}={kwargs[field]}.", message
+
+
+LONG = "x" * 4_000_000  # 4 MB: before, such a negative prompt was generated with, holding the device (46 s, toy-flux)
+
+
+@pytest.mark.parametrize(
+    "api_name, field, kwargs",
+    [
+        ("/generate", "negative_prompt", dict(negative_prompt=LONG)),
+        ("/generate", "model", dict(model=LONG)),
+        ("/generate", "gna__window_size", dict(technique="gna", gna__window_size=LONG)),
+        ("/generate", "temperature__factor_file", dict(technique="temperature", temperature__factor_file=LONG)),
+        ("/head_guidance", "heads", dict(heads=LONG)),
+        ("/head_grid", "softness_grid", dict(heads="L0H0", softness_grid=LONG)),
+        ("/ir_diffusion", "subjects", dict(scene="a cat", subjects={**TABLE, "data": [[LONG, "cat", "", ""]]})),
+        ("/ir_diffusion", "negative_prompt", dict(scene="a cat", subjects=TABLE, negative_prompt=LONG)),
+        ("/astar", "concepts", dict(prompt="a cat", concepts=LONG)),
+        ("/astar", "binarize", dict(prompt="a cat", concepts="cat", binarize=LONG)),
+        ("/astar_tokens", "prompt", dict(prompt=LONG)),
+        ("/benchmark", "prompt", dict(prompt=LONG, technique="dense")),
+    ],
+)
+def test_over_long_texts_are_refused_before_taking_the_device(app, api_name, field, kwargs):
+    """Every text field of every tab is bounded (4000 characters) before the request waits for the device: the test
+    holds the device lock, so a request that reached it would hang here instead of answering."""
+    demo, watch, client = app
+    args = {"model": MODEL, "prompt": PROMPT, **kwargs}
+    if api_name == "/ir_diffusion":
+        args.pop("prompt")
+    loads = list(watch.loads)
+    with demo.attnpack_runtime.lock:
+        job = client.submit(**args, api_name=api_name)
+        with pytest.raises(gradio_client.exceptions.AppError) as info:
+            job.result(timeout=60)
+    assert str(info.value) == f"`{field}` is too long (4000000 characters; at most 4000); shorten it."
+    assert watch.loads == loads
 
 
 def test_pickle_weights_are_never_loaded(app, allowed):
@@ -544,6 +628,33 @@ def test_benchmark_compares_a_technique_with_stock_attention(app):
         client.predict(technique="none", **args)
 
 
+# ------------------------------------------------------------------------------------------------ output folder
+def outdir_with_secrets(tmp_path) -> tuple[Path, list[Path]]:
+    """An output folder that already holds files of its owner, which the UI must never serve."""
+    outdir = tmp_path / "outputs"
+    (outdir / "private").mkdir(parents=True)
+    secrets = [outdir / "private" / "credentials.txt", outdir / "notes.png"]
+    for path in secrets:
+        path.write_text("token=not-for-the-web")
+    return outdir, secrets
+
+
+def test_outdir_serves_only_what_the_ui_wrote(tmp_path):
+    """Before, `--outdir DIR` put DIR in Gradio's allowed paths: anyone could download DIR/private/credentials.txt."""
+    outdir, secrets = outdir_with_secrets(tmp_path)
+    demo = build_demo(default_loader(device="cpu"), device="cpu", output_dir=outdir, techniques=ui_techniques())
+    with launched(demo) as url:
+        image, _, _, params = generate(gradio_client.Client(url, verbose=False), seed=3)
+        np.testing.assert_array_equal(pixels(image), reference_image(MODEL, PROMPT, 3))  # the client's download
+        (kept,) = demo.attnpack_runtime.output_dir.iterdir()  # the result is kept in the folder the UI made
+        assert kept.parent.parent == outdir and kept.parent.name.startswith("attnpack-ui-")
+        assert read_parameters(kept) == params
+        assert fetch_file(url, kept) == (200, kept.read_bytes())  # a result is served
+        for path in [*secrets, outdir / "private", kept.parent / ".." / "private" / "credentials.txt"]:
+            assert fetch_file(url, path)[0] == 403, path  # nothing else in the folder is
+    assert sorted(p.name for p in outdir.iterdir()) == sorted([kept.parent.name, "private", "notes.png"])
+
+
 # ------------------------------------------------------------------------------------------------ building
 def test_building_loads_no_model_and_importing_is_light(tmp_path):
     def refuse(name):
@@ -574,16 +685,18 @@ def test_cli_errors_before_launching(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_readme_first_command_launches_the_ui_on_the_default_model():
-    """Run the README's first command (its `attnpack ui` part, on a free port) and generate through it."""
+def test_readme_first_command_launches_the_ui_on_the_default_model(tmp_path):
+    """Run the README's first command (its `attnpack ui` part, on a free port, with an --outdir that holds private
+    files) and generate through it; only the result is served."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     first = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()[0]
     assert first.startswith("pip install") and '".[ui]"' in first
     command = first.split("&&")[-1].split()
     assert command[:2] == ["attnpack", "ui"]
     port = free_port()
+    outdir, secrets = outdir_with_secrets(tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "attnpack", *command[1:], "--port", str(port)],
+        [sys.executable, "-m", "attnpack", *command[1:], "--port", str(port), "--outdir", str(outdir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -603,6 +716,10 @@ def test_readme_first_command_launches_the_ui_on_the_default_model():
         image, _, seed, params = generate(client, seed=3)
         assert params["model"] == "tiny-flux" and seed == 3
         np.testing.assert_array_equal(pixels(image), reference_image("tiny-flux", PROMPT, 3))
+        (kept,) = outdir.glob("attnpack-ui-*/*.png")
+        assert fetch_file(url, kept) == (200, kept.read_bytes()) and read_parameters(kept) == params
+        for path in secrets:
+            assert fetch_file(url, path)[0] == 403, path
     finally:
         proc.terminate()
         try:

@@ -4,10 +4,11 @@ and the bounds on sizes and steps."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
-from attnpack.ui._layout import make_settings, pick_seed
+from attnpack.ui._layout import check_request, make_settings, number, pick_seed
 from attnpack.ui._runtime import MAX_SEED, UIConfig, check_weights_file, looks_like_path, resolve_model
 
 
@@ -125,8 +126,8 @@ def test_seeds():
     assert pick_seed(5, False) == 5 and pick_seed(5.0, False) == 5 and pick_seed(None, False) == 0
     seeds = {pick_seed(5, True) for _ in range(5)}
     assert len(seeds) > 1 and all(0 <= s <= MAX_SEED for s in seeds)
-    for bad in (-1, 1.5, MAX_SEED + 1):
-        with pytest.raises(ValueError, match="`seed` must be an integer"):
+    for bad in (-1, 1.5, MAX_SEED + 1, float("nan"), float("inf"), True, "3"):
+        with pytest.raises(ValueError, match=f"`seed` must be an integer in 0..{MAX_SEED}, got seed="):
             pick_seed(bad, False)
 
 
@@ -136,16 +137,74 @@ def test_settings_bounds():
     assert (s.width, s.height, s.steps, s.guidance, s.num_frames, s.negative_prompt) == (None,) * 6
     s = make_settings(cfg, "a cat", "dog", 3, 512, 64, 10, 0.0, 9)
     assert (s.width, s.height, s.steps, s.guidance, s.num_frames, s.negative_prompt) == (512, 64, 10, 0.0, 9, "dog")
+    nan, inf = float("nan"), float("inf")
     for args, message in [
-        (dict(width=520), "`width` must be in 16..512"),
+        (dict(width=520), "`width` must be an integer in 16..512 in this UI (0: the default), got width=520."),
         (dict(height=60), "`height` must be a multiple of 8"),
-        (dict(steps=11), "`steps` must be in 1..10"),
-        (dict(steps=2.5), "`steps` must be an integer"),
-        (dict(num_frames=10), "`num_frames` must be in 1..9"),
-        (dict(guidance=101), "`guidance` must be in 0..100"),
+        (dict(steps=11), "`steps` must be an integer in 1..10 in this UI"),
+        (dict(steps=2.5), "`steps` must be an integer in 1..10 in this UI (0: the default), got steps=2.5."),
+        (dict(num_frames=10), "`num_frames` must be an integer in 1..9"),
+        (dict(guidance=101), "`guidance` must be a number in -1..100 (-1: the pipeline's default), got guidance=101"),
         (dict(prompt=""), "`prompt` is empty"),
-        (dict(prompt="x" * 4001), "`prompt` is too long"),
+        (dict(prompt="x" * 4001), "`prompt` is too long (4001 characters; at most 4000)"),
+        (dict(negative_prompt="x" * 4001), "`negative_prompt` is too long (4001 characters; at most 4000)"),
+        # NaN passes every comparison: before, a NaN guidance made black images and a NaN size a message-less error
+        (dict(width=nan), "`width` must be an integer in 16..512 in this UI (0: the default), got width=nan."),
+        (dict(steps=inf), "`steps` must be an integer in 1..10 in this UI (0: the default), got steps=inf."),
+        (dict(num_frames=-inf), "`num_frames` must be an integer in 1..9"),
+        (dict(guidance=nan), "`guidance` must be a number in -1..100 (-1: the pipeline's default), got guidance=nan."),
+        (dict(guidance=True), "`guidance` must be a number"),
+        (dict(height="64"), "`height` must be an integer"),
     ]:
         kwargs = dict(prompt="a cat", negative_prompt=None, seed=0) | args
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=re.escape(message)):
             make_settings(cfg, **kwargs)
+
+
+def test_number_is_the_one_conversion_of_number_fields():
+    assert number("x", 3, 0, 5, integer=True) == 3 and isinstance(number("x", 3.0, integer=True), int)
+    assert number("x", 0.25, 0, 1) == 0.25 and number("x", -1e300) == -1e300
+    for value, bounds, message in [
+        (float("nan"), {}, "`x` must be a number, got x=nan."),
+        (float("-inf"), dict(low=0), "`x` must be a number >= 0, got x=-inf."),
+        (7, dict(high=5), "`x` must be a number <= 5, got x=7."),
+        (0.0005, dict(low=1e-3, high=10), "`x` must be a number in 0.001..10, got x=0.0005."),
+        (
+            2.5,
+            dict(integer=True, low=0, high=9, note=" (0: off)"),
+            "`x` must be an integer in 0..9 (0: off), got x=2.5.",
+        ),
+        (None, {}, "`x` must be a number, got x=None."),
+        ("1", {}, "`x` must be a number, got x='1'."),
+        (False, {}, "`x` must be a number, got x=False."),
+    ]:
+        with pytest.raises(ValueError) as info:
+            number("x", value, **bounds)
+        assert str(info.value) == message
+
+
+def test_every_text_and_number_of_a_request_is_checked():
+    import pandas as pd
+
+    table = pd.DataFrame([["a photo of a cat", "cat"], ["x" * 4001, "dog"]], columns=["prompt", "word"])
+    cases = [
+        ({"model": "m" * 4001}, "`model` is too long (4001 characters; at most 4000); shorten it."),
+        ({"subjects": table}, "`subjects` is too long (4001 characters"),
+        ({"subjects": {"data": [["a", "b"], ["c", "x" * 4001]]}}, "`subjects` is too long (4001"),
+        ({"presets": ["ok", "p" * 4001]}, "`presets` is too long"),
+        ({"gna__window_size": "3, " * 2000}, "`gna__window_size` is too long (6000 characters"),
+        (
+            {"head_guidance__scale": float("nan")},
+            "`head_guidance__scale` must be a number, got head_guidance__scale=nan.",
+        ),
+        ({"dropout": float("inf")}, "`dropout` must be a number, got dropout=inf."),
+        ({"seed": float("nan"), "randomize_seed": True}, "`seed` must be a number, got seed=nan."),
+    ]
+    for fields, message in cases:
+        with pytest.raises(ValueError) as info:
+            check_request({"prompt": "a cat", "steps": 2, "randomize_seed": False, **fields})
+        assert str(info.value).startswith(message), (str(info.value)[:200], message)
+        assert "xxxxxxxxxx" not in str(info.value) and "mmmmmmmmmm" not in str(info.value)  # never echoed
+    check_request(
+        {"prompt": "y" * 4000, "width": 64, "guidance": 3.5, "flag": True, "table": table.iloc[:1], "none": None}
+    )

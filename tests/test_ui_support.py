@@ -67,12 +67,57 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def launched(demo):
-    """Launch ``demo`` on a free local port; yield its URL; close it afterwards."""
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    """Launch ``demo`` on a free local port, serving what `attnpack ui` serves; yield its URL; close it afterwards."""
+    demo.launch(
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        quiet=True,
+        allowed_paths=demo.attnpack_runtime.served_paths,
+    )
     try:
         yield demo.local_url
     finally:
         demo.close()
+
+
+def fetch_file(url: str, path) -> tuple[int, bytes]:
+    """``GET /gradio_api/file=<path>`` on the local server at ``url``: ``(HTTP status, body)``."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    assert url.startswith("http://127.0.0.1:"), url  # the test's own server only
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/gradio_api/file={urllib.parse.quote(str(path))}") as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+
+
+def raw_call(client, api_name: str, timeout: float = 300, **kwargs) -> tuple[str, object]:
+    """Call a named endpoint with plain HTTP on the local server, as any script could: the JSON is written by Python's
+    `json`, which (unlike gradio_client) sends NaN and Infinity. Parameters not given take their API defaults.
+    Returns ``("complete", outputs)`` or ``("error", message)`` (``None`` when Gradio gave no message)."""
+    import json
+    import urllib.request
+
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"][api_name]["parameters"]
+    names = [p["parameter_name"] for p in params]
+    assert set(kwargs) <= set(names), sorted(set(kwargs) - set(names))
+    data = [kwargs.get(p["parameter_name"], p.get("parameter_default")) for p in params]
+    url = client.src.rstrip("/") + "/gradio_api/call" + api_name
+    assert url.startswith("http://127.0.0.1:"), url  # the test's own server only
+    request = urllib.request.Request(
+        url, data=json.dumps({"data": data}).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        event_id = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{url}/{event_id}", timeout=timeout) as response:
+        lines = response.read().decode().splitlines()
+    event = [line[len("event: ") :] for line in lines if line.startswith("event: ")][-1]
+    payload = json.loads([line[len("data: ") :] for line in lines if line.startswith("data: ")][-1])
+    return (event, payload) if event == "complete" else (event, payload and payload.get("error"))
 
 
 # ------------------------------------------------------------------------------------------------ test techniques

@@ -107,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
     from ..pipelines.generation import GenerationSettings
     from ..pipelines.loading import pipeline_defaults
 
-    GenerationSettings(args.prompt, None, args.seed, args.steps, args.guidance, args.height, args.width).validate()
+    GenerationSettings(
+        args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.height, args.width
+    ).validate()
     out = check_output_path(args.out, (".png",))
     maps_path = check_output_path(args.maps, (".png", ".gif"), argument="--maps") if args.maps else None
     if args.attn_res is not None and len(args.attn_res) not in (1, 2):

@@ -15,7 +15,7 @@ examples:
 
 Outputs are {row:05d}_{seed}.png (videos: .gif or .mp4) plus metadata.jsonl; see docs/batch.md.
 Exit status: 0 when every row and output succeeded, 1 when some failed (they are listed at the end),
-2 for a bad command line or config file."""
+2 for a bad command line or config file, or an output folder in use by another batch."""
 
 
 def register(sub) -> None:

@@ -119,6 +119,7 @@ def _per_subject(subjects: list[dict], key: str):
 def run(args: argparse.Namespace) -> int:
     from .._io import check_output_path, save_image
     from .._utils import package_versions
+    from ..pipelines.generation import check_text
     from ..pipelines.ir_diffusion import IRDiffusionPipeline, IRSubject
     from ..pipelines.loading import pipeline_defaults
     from ..pipelines.masks import overlay_masks
@@ -128,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
     scene = args.scene if args.scene is not None else scene
     if not scene:
         raise ValueError("give the scene prompt with `--scene` (or a 'scene' entry in the subjects file).")
+    check_text("scene", scene)
+    if args.negative_prompt is not None:
+        check_text("negative_prompt", args.negative_prompt)
     if args.attention_backend is not None:
         raise ValueError("`--attention-backend` is not supported by `attnpack ir`: its attention needs masks (SDPA).")
     threshold: str | float = args.mask_threshold

@@ -44,7 +44,12 @@ def register(sub) -> None:
     p.add_argument("--max-frames", type=int, default=257, help="most video frames accepted (default: 257)")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait (default: 16)")
     p.add_argument("--max-cached-models", type=int, default=1, help="pipelines kept loaded (default: 1)")
-    p.add_argument("--outdir", default=None, help="keep the results in this folder (default: a temporary folder)")
+    p.add_argument(
+        "--outdir",
+        default=None,
+        help="keep the results in a new folder attnpack-ui-<time>-<id> inside this folder (default: a temporary "
+        "folder); only that new folder is served",
+    )
     p.set_defaults(func=run)
 
 
@@ -75,10 +80,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.share:
         print("attnpack ui: --share makes this UI reachable by anyone with the link.", file=sys.stderr)
-    demo.launch(
-        server_name=args.host,
-        server_port=args.port,
-        share=args.share,
-        allowed_paths=[str(Path(args.outdir).expanduser().resolve())] if args.outdir else None,
-    )
+    runtime = demo.attnpack_runtime
+    if args.outdir is not None:
+        print(f"attnpack ui: results are kept in {runtime.output_dir}", file=sys.stderr)
+    # only the folder the UI made for its results: never the whole --outdir, whose other files anyone could fetch
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=runtime.served_paths)
     return 0

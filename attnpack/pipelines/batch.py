@@ -16,23 +16,26 @@ Resumability: an output file is complete or absent (temporary file + rename). Ea
 finished file to its own journal (``.metadata.<rank>.jsonl.part``); the main process folds the journals into
 ``metadata.jsonl`` (rewritten atomically, one record per file name) at the start and the end of every run, and
 recovers the record of a finished file whose journal line was lost from the parameters embedded in the file. So a
-killed run leaves no partial image and no duplicate record, and ``skip_existing`` re-runs only what is missing.
+killed run leaves no partial image and no duplicate record, and ``skip_existing`` re-runs only what is missing, made
+with other settings, or damaged (an existing output must decode completely to be kept).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_path, read_parameters, save_image, save_video
+from .._io import atomic_path, check_complete, read_parameters, save_image, save_video
 from ._batch_input import (
     PROMPT_SUFFIXES,
     ROW_KEYS,
@@ -61,13 +64,16 @@ __all__ = [
     "read_rows",
     "plan_jobs",
     "merge_metadata",
+    "outdir_lock",
     "run_batch",
     "METADATA_FILE",
+    "LOCK_FILE",
     "PROMPT_SUFFIXES",
     "ROW_KEYS",
 ]
 
 METADATA_FILE = "metadata.jsonl"
+LOCK_FILE = ".attnpack-batch.lock"  # held by the batch writing to its folder (outdir_lock)
 _OUTPUT_NAME = re.compile(r"^(\d{5,})_(\d+)\.[a-z0-9]+$")
 _TEMP_NAME = re.compile(r"^\.(.+)\.[A-Za-z0-9_]+\.tmp$")  # attnpack._io.atomic_path's temporary files
 _JOURNAL_GLOB = ".metadata.*.jsonl.part"
@@ -184,7 +190,10 @@ def _identity(job: BatchJob, model: str) -> dict[str, Any]:
 def _plan_work(outdir: Path, jobs: Sequence[BatchJob], model: str, skip_existing: bool):
     """Main process, before any output is written: clean up after a killed run, decide what to (re)generate.
 
-    Returns ``(names to generate, number skipped, notes)``.
+    With ``skip_existing`` an existing output is kept only if it was made with this job's settings and decodes
+    completely (:func:`~attnpack._io.check_complete`): a file cut short keeps its parameters, which come first.
+
+    Returns ``(names to generate, number skipped, number of damaged outputs found, notes)``.
     """
     names = {job.name for job in jobs} | {METADATA_FILE}
     for path in outdir.iterdir():
@@ -193,23 +202,79 @@ def _plan_work(outdir: Path, jobs: Sequence[BatchJob], model: str, skip_existing
             path.unlink()  # a temporary file of a killed run: never a finished output
     todo: list[str] = []
     notes: list[str] = []
+    damaged = 0
     for job in jobs:
         path = outdir / job.name
         if skip_existing and path.is_file():
             try:
                 params = read_parameters(path)
             except Exception:
-                notes.append(f"{job.name} is unreadable; generating it again")
-                todo.append(job.name)
-                continue
-            ident = _identity(job, model)
-            changed = [k for k, v in ident.items() if _jsonable(params.get(k)) != v]
-            if not changed:
-                continue
-            notes.append(f"{job.name} was made with other settings ({', '.join(changed)}); generating it again")
+                params = None
+            if params is None:
+                notes.append(f"{job.name} is damaged (its parameters are unreadable); generating it again")
+                damaged += 1
+            elif changed := [k for k, v in _identity(job, model).items() if _jsonable(params.get(k)) != v]:
+                notes.append(f"{job.name} was made with other settings ({', '.join(changed)}); generating it again")
+            else:
+                try:
+                    check_complete(path)
+                    continue
+                except ValueError as exc:
+                    notes.append(f"{exc}; generating it again")
+                    damaged += 1
         todo.append(job.name)
     merge_metadata(outdir, expected=[j.name for j in jobs], drop=todo)
-    return todo, len(jobs) - len(todo), notes
+    return todo, len(jobs) - len(todo), damaged, notes
+
+
+# ------------------------------------------------------------------------------------------------ one batch per folder
+@contextlib.contextmanager
+def outdir_lock(outdir: str | os.PathLike) -> Iterator[Path | None]:
+    """Hold the exclusive lock of a batch output folder for the block: ``outdir/.attnpack-batch.lock``, locked with
+    ``fcntl.flock`` and holding ``<pid> <host>``. The kernel releases the lock when its process dies however it dies,
+    so a killed batch never blocks the next one; the file is removed when the block ends.
+
+    Raises ``ValueError`` naming the process that holds it (the command line's exit status 2). Two batches writing
+    to one folder would delete each other's files in flight. Without ``fcntl`` (not POSIX) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        logger.warning("cannot lock %s on this system: run one batch per output folder at a time", outdir)
+        yield None
+        return
+    path = Path(outdir) / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+            os.close(fd)
+            who = f"process {holder[0]} on {holder[1]}" if len(holder) == 2 else "a process that is starting"
+            raise ValueError(
+                f"`outdir` {str(outdir)!r} is in use by another attnpack batch ({who}); wait for it to finish, or "
+                "give another --outdir."
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # the holder before us removes the file as it lets go: the lock must be on the file that is at `path` now
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        opened = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # still locked here, so no other batch holds this file
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------- runner
@@ -225,6 +290,7 @@ class BatchSummary:
     seconds: float  # wall time of the run
     image_seconds: float  # generation + saving, summed over outputs and processes
     processes: int = 1
+    damaged: int = 0  # existing outputs found cut short or unreadable by --skip-existing, and made again
 
     @property
     def ok(self) -> bool:
@@ -234,9 +300,10 @@ class BatchSummary:
         per = f", {self.image_seconds / self.generated:.2f} s per image" if self.generated else ""
         procs = f" on {self.processes} processes" if self.processes > 1 else ""
         bad = f"{self.bad_rows} bad row{'' if self.bad_rows == 1 else 's'}"
+        damaged = f", {self.damaged} damaged (made again)" if self.damaged else ""
         return (
-            f"{self.generated} written, {self.skipped} skipped (already done), {len(self.failures)} failed ({bad}) "
-            f"of {self.outputs + self.bad_rows} outputs{per}; {self.seconds:.1f} s in all{procs}"
+            f"{self.generated} written, {self.skipped} skipped (already done){damaged}, {len(self.failures)} failed "
+            f"({bad}) of {self.outputs + self.bad_rows} outputs{per}; {self.seconds:.1f} s in all{procs}"
         )
 
 
@@ -297,67 +364,71 @@ def run_batch(config: BatchConfig, *, pipe=None) -> BatchSummary:
         for error in bad:
             _say(f"attnpack batch: bad row skipped: {error}")
 
-    # the output suffix depends on the model being an image or a video model; the pipeline class tells, so a big
-    # local or Hub model is loaded only by processes that have outputs to make
-    error: BaseException | None = None
-    plan: list[BatchJob] = []
-    try:
-        if rows:
-            video = is_video_pipeline(pipe) if pipe is not None else _is_video_model(config)
-            if video is None:
-                pipe = _load(config, state)
-                video = is_video_pipeline(pipe)
-            plan = plan_jobs(rows, _suffix(config, video))
-    except Exception as exc:  # every process must learn of it, or the others wait forever at the next step
-        error = exc
-    _agree(error)
-
-    # the main process cleans up after a killed run and decides what to do, before anything is written
-    shared: list[Any] = [None]
-    if state.is_main_process:
+    with contextlib.ExitStack() as held:
+        error: BaseException | None = None
+        plan: list[BatchJob] = []
         try:
-            model = config.model if pipe is None else getattr(pipe, "_attnpack_model", None) or pipe.name_or_path
-            todo, skipped, notes = _plan_work(outdir, plan, model, config.skip_existing)
-            for note in notes:
-                _say(f"attnpack batch: {note}")
-            shared = [(todo, skipped, None)]
-        except Exception as exc:
-            shared = [([], 0, f"{type(exc).__name__}: {exc}")]
-            error = exc
-    todo, skipped, message = broadcast_object_list(shared)[0]
-    if error is not None:
-        raise error
-    if message is not None:
-        raise RuntimeError(f"the main batch process failed: {message}")
-
-    wanted = set(todo)
-    with state.split_between_processes([job for job in plan if job.name in wanted]) as mine:
-        try:
-            if mine and pipe is None:
-                pipe = _load(config, state)
-        except Exception as exc:
+            if state.is_main_process:  # one batch per folder: the main process holds the folder's lock to the end
+                held.enter_context(outdir_lock(outdir))
+            # the output suffix depends on the model being an image or a video model; the pipeline class tells, so
+            # a big local or Hub model is loaded only by processes that have outputs to make
+            if rows:
+                video = is_video_pipeline(pipe) if pipe is not None else _is_video_model(config)
+                if video is None:
+                    pipe = _load(config, state)
+                    video = is_video_pipeline(pipe)
+                plan = plan_jobs(rows, _suffix(config, video))
+        except Exception as exc:  # every process must learn of it, or the others wait forever at the next step
             error = exc
         _agree(error)
-        done = _run_jobs(pipe, mine, config, outdir, state.process_index, state.num_processes)
-    results = gather_object([done])
-    if state.is_main_process:
-        merge_metadata(outdir, expected=[job.name for job in plan])
-    summary = BatchSummary(
-        outputs=len(plan),
-        generated=sum(r[0] for r in results),
-        skipped=skipped,
-        failures=[str(e) for e in bad] + [m for r in results for m in r[2]],
-        bad_rows=len(bad),
-        seconds=time.perf_counter() - start,
-        image_seconds=sum(r[1] for r in results),
-        processes=state.num_processes,
-    )
-    if state.is_main_process:
-        _say(f"attnpack batch: {summary} -> {outdir}")
-        if summary.failures:
-            _say("attnpack batch: failures:\n  " + "\n  ".join(summary.failures))
-    state.wait_for_everyone()
-    return summary
+
+        # the main process cleans up after a killed run and decides what to do, before anything is written
+        shared: list[Any] = [None]
+        if state.is_main_process:
+            try:
+                model = config.model if pipe is None else getattr(pipe, "_attnpack_model", None) or pipe.name_or_path
+                todo, skipped, damaged, notes = _plan_work(outdir, plan, model, config.skip_existing)
+                for note in notes:
+                    _say(f"attnpack batch: {note}")
+                shared = [(todo, skipped, damaged, None)]
+            except Exception as exc:
+                shared = [([], 0, 0, f"{type(exc).__name__}: {exc}")]
+                error = exc
+        todo, skipped, damaged, message = broadcast_object_list(shared)[0]
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(f"the main batch process failed: {message}")
+
+        wanted = set(todo)
+        with state.split_between_processes([job for job in plan if job.name in wanted]) as mine:
+            try:
+                if mine and pipe is None:
+                    pipe = _load(config, state)
+            except Exception as exc:
+                error = exc
+            _agree(error)
+            done = _run_jobs(pipe, mine, config, outdir, state.process_index, state.num_processes)
+        results = gather_object([done])
+        if state.is_main_process:
+            merge_metadata(outdir, expected=[job.name for job in plan])
+        summary = BatchSummary(
+            outputs=len(plan),
+            generated=sum(r[0] for r in results),
+            skipped=skipped,
+            failures=[str(e) for e in bad] + [m for r in results for m in r[2]],
+            bad_rows=len(bad),
+            seconds=time.perf_counter() - start,
+            image_seconds=sum(r[1] for r in results),
+            processes=state.num_processes,
+            damaged=damaged,
+        )
+        if state.is_main_process:
+            _say(f"attnpack batch: {summary} -> {outdir}")
+            if summary.failures:
+                _say("attnpack batch: failures:\n  " + "\n  ".join(summary.failures))
+        state.wait_for_everyone()
+        return summary
 
 
 def _load(config: BatchConfig, state):

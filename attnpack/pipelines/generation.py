@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import time
 from collections import Counter
 from typing import Any
@@ -14,7 +15,30 @@ from .._utils import package_versions
 from .loading import is_video_pipeline, pipeline_defaults
 
 
-__all__ = ["GenerationSettings", "GenerationResult", "run_generation", "describe_processors"]
+__all__ = [
+    "GenerationSettings",
+    "GenerationResult",
+    "run_generation",
+    "describe_processors",
+    "MAX_TEXT_CHARS",
+    "check_text",
+]
+
+# The longest text any entry point accepts in one field (prompts, negative prompts, the UI's text fields, technique
+# options given as text): far above what the text encoders read (CLIP 77 tokens, T5 512), and small enough that a
+# request cannot tie up the tokenizer (issue 20: a 12 MB batch prompt line took 83 s and 2.8 GB before this limit).
+MAX_TEXT_CHARS = 4000
+
+
+def check_text(name: str, value: object) -> str:
+    """``value`` if it is a string of at most :data:`MAX_TEXT_CHARS` characters; else a ``ValueError`` naming the
+    field ``name`` and the limit (never echoing the text). The one length check of every entry point: the command
+    line, batch rows, the technique registry and the UI."""
+    if not isinstance(value, str):
+        raise ValueError(f"`{name}` must be text, got a {type(value).__name__}.")
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"`{name}` is too long ({len(value)} characters; at most {MAX_TEXT_CHARS}); shorten it.")
+    return value
 
 
 @dataclasses.dataclass
@@ -34,10 +58,19 @@ class GenerationSettings:
     def validate(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError("`prompt` must be a non-empty string.")
+        check_text("prompt", self.prompt)
+        if self.negative_prompt is not None:
+            check_text("negative_prompt", self.negative_prompt)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"`seed` must be a non-negative integer, got {self.seed!r}.")
         if self.steps is not None and (not isinstance(self.steps, int) or not 1 <= self.steps <= 1000):
             raise ValueError(f"`steps` must be an integer in 1..1000, got {self.steps!r}.")
+        if self.guidance is not None and (
+            isinstance(self.guidance, bool)
+            or not isinstance(self.guidance, (int, float))
+            or not math.isfinite(self.guidance)
+        ):
+            raise ValueError(f"`guidance` must be a finite number, got {self.guidance!r}.")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 8 <= value <= 16384):

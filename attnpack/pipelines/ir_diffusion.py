@@ -35,6 +35,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..attn_processors._apply import apply_processors
 from ..attn_processors._context import ROLE_REFERENCE, ROLE_TARGET, run_overrides
 from ..attn_processors.isolation import STATE_KEY, IRAttnState, apply_ir_diffusion, resolve_ir_layers
+from .generation import check_text
 from .masks import (
     OFFICIAL_CLOSE_KERNEL,
     OFFICIAL_MIN_MASK_SIZE,
@@ -100,6 +101,7 @@ class IRSubject:
         for key in ("prompt", "word"):
             if not isinstance(value[key], str) or not value[key].strip():
                 raise ValueError(f"`subjects[{index}]['{key}']` must be a non-empty string, got {value[key]!r}.")
+            check_text(f"subjects[{index}]['{key}']", value[key])
         return cls(value["prompt"], value["word"].strip())
 
 

@@ -1,19 +1,30 @@
 """Layout pieces every generating tab uses, in the FLUX-Space conventions: a model picker, a prompt row with a Run
 button, an "Advanced settings" accordion (seed with "Randomize seed", size, steps, guidance, frames), and the
-helpers that turn those values into checked :class:`~attnpack.pipelines.generation.GenerationSettings`."""
+helpers that turn those values into checked :class:`~attnpack.pipelines.generation.GenerationSettings`.
+
+Every value of a request is checked here: :func:`checked_request` (on every event handler) bounds every text and
+refuses every non-finite number before the request waits for the device, and :func:`number` is the one conversion
+of a number field, with its range.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
+import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from ._runtime import MAX_SEED, UIConfig
+from ._runtime import MAX_SEED, UIConfig, user_errors
 
 
 __all__ = [
+    "number",
+    "check_request",
+    "checked_request",
     "Advanced",
     "model_picker",
     "prompt_row",
@@ -25,6 +36,95 @@ __all__ = [
     "request_settings",
     "labelled_grid",
 ]
+
+
+# ------------------------------------------------------------------------------------------------ input checks
+def _bound(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    integer: bool = False,
+    note: str = "",
+) -> int | float:
+    """The one conversion of a number entering through the UI: ``value`` must be a real, finite number (an integer
+    when ``integer``) in ``low..high`` (either may be ``None``); the error names the field, the rule (``note`` added
+    after the range) and the value. NaN and infinities never pass (Gradio's own range check lets NaN through)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and isinstance(value, float):
+        ok = math.isfinite(value) and (not integer or value.is_integer())
+    if ok and ((low is not None and value < low) or (high is not None and value > high)):
+        ok = False
+    if not ok:
+        if low is not None and high is not None:
+            bounds = f" in {_bound(low)}..{_bound(high)}"
+        elif low is not None or high is not None:
+            bounds = f" >= {_bound(low)}" if low is not None else f" <= {_bound(high)}"
+        else:
+            bounds = ""
+        raise ValueError(
+            f"`{name}` must be {'an integer' if integer else 'a number'}{bounds}{note}, got {name}={value!r}."
+        )
+    return int(value) if integer else float(value)
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    """The texts and numbers in a request value: itself, or inside lists, dicts and tables (a Dataframe's cells)."""
+    if value is None or isinstance(value, (str, int, float)):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _leaves(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _leaves(item)
+    elif hasattr(value, "columns") and hasattr(value, "values"):  # a pandas DataFrame (gr.Dataframe)
+        yield from _leaves(list(value.columns))
+        yield from _leaves(value.values.tolist())
+    elif getattr(getattr(value, "dtype", None), "kind", None) == "O":  # a numpy array of objects
+        yield from _leaves(value.tolist())
+    # anything else (pixel arrays of an image editor, progress trackers, ...) holds no text or number to check
+
+
+def check_request(fields: Mapping[str, Any]) -> None:
+    """The first check of every request, before it waits for the device: every text (also inside tables and lists)
+    is at most :data:`~attnpack.pipelines.generation.MAX_TEXT_CHARS` characters and every number is finite. Errors
+    name the field by its API parameter name. Ranges are checked where each value is converted (:func:`number`, the
+    technique registry)."""
+    from ..pipelines.generation import check_text
+
+    for name, value in fields.items():
+        for leaf in _leaves(value):
+            if isinstance(leaf, str):
+                check_text(name, leaf)
+            elif isinstance(leaf, float):
+                number(name, leaf)
+
+
+def checked_request(handler: Callable) -> Callable:
+    """Decorate an event handler so that :func:`check_request` sees all its arguments (``**kwargs`` included) first;
+    a refused request answers with the error (as :func:`~attnpack.ui._runtime.user_errors`) without ever taking
+    the device. Gradio sees the handler's own signature."""
+    signature = inspect.signature(handler)
+
+    @functools.wraps(handler)
+    def checked(*args, **kwargs):
+        fields: dict[str, Any] = {}
+        for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                fields.update(value)
+            else:
+                fields[name] = value
+        with user_errors():
+            check_request(fields)
+        return handler(*args, **kwargs)
+
+    return checked
 
 
 @dataclasses.dataclass
@@ -80,23 +180,21 @@ def advanced_settings(config: UIConfig, *, frames: bool = True) -> Iterator[Adva
     with gr.Accordion("Advanced settings", open=False):
         negative = gr.Textbox(label="Negative prompt", value="", placeholder="(none)", lines=1)
         with gr.Row():
-            seed = gr.Number(label="Seed", value=0, precision=0, info=f"0..{MAX_SEED}; the seed used is shown here")
+            seed = gr.Number(label="Seed", value=0, info=f"0..{MAX_SEED}; the seed used is shown here")
             randomize = gr.Checkbox(label="Randomize seed", value=True)
-        # 0 (-1 for guidance) means "the model's default": a browser sends 0 for an empty number field. Ranges are
-        # checked by make_settings, whose errors name the setting (Gradio's own range check does not).
+        # 0 (-1 for guidance) means "the model's default": a browser sends 0 for an empty number field. No
+        # `precision`: Gradio would round (and fail on NaN, answering with no message) before the handler sees the
+        # value; `number` converts it, and its errors name the setting (Gradio's own range check does not).
         size = f"16..{config.max_resolution} pixels, a multiple of 8; 0: the model's default"
         with gr.Row():
-            width = gr.Number(label="Width", value=0, precision=0, info=size)
-            height = gr.Number(label="Height", value=0, precision=0, info=size)
+            width = gr.Number(label="Width", value=0, info=size)
+            height = gr.Number(label="Height", value=0, info=size)
         with gr.Row():
-            steps = gr.Number(
-                label="Steps", value=0, precision=0, info=f"1..{config.max_steps}; 0: the pipeline's default"
-            )
+            steps = gr.Number(label="Steps", value=0, info=f"1..{config.max_steps}; 0: the pipeline's default")
             guidance = gr.Number(label="Guidance scale", value=-1, info="-1: the pipeline's default")
             num_frames = gr.Number(
                 label="Frames",
                 value=0,
-                precision=0,
                 info=f"video models only, 1..{config.max_frames}; 0: the model's default",
                 visible=frames,
             )
@@ -109,20 +207,14 @@ def pick_seed(seed: float | int | None, randomize: bool) -> int:
         return random.SystemRandom().randint(0, MAX_SEED)
     if seed is None:
         return 0
-    if float(seed) != int(seed) or not 0 <= int(seed) <= MAX_SEED:
-        raise ValueError(f"`seed` must be an integer in 0..{MAX_SEED}, got seed={seed!r}.")
-    return int(seed)
+    return number("seed", seed, 0, MAX_SEED, integer=True)
 
 
 def _optional_int(name: str, value, low: int, high: int, *, multiple: int = 1) -> int | None:
     """``None``, ``""`` and 0 mean "the default" (``None``); anything else must be an integer in ``low..high``."""
     if value is None or value == "" or value == 0:
         return None
-    if isinstance(value, bool) or float(value) != int(float(value)):
-        raise ValueError(f"`{name}` must be an integer, got {name}={value!r}.")
-    value = int(float(value))
-    if not low <= value <= high:
-        raise ValueError(f"`{name}` must be in {low}..{high} in this UI, got {name}={value}.")
+    value = number(name, value, low, high, integer=True, note=" in this UI (0: the default)")
     if value % multiple:
         raise ValueError(f"`{name}` must be a multiple of {multiple}, got {name}={value}.")
     return value
@@ -144,14 +236,12 @@ def make_settings(
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("`prompt` is empty; please enter a prompt.")
-    if len(prompt) > 4000:
-        raise ValueError(f"`prompt` is too long ({len(prompt)} characters; at most 4000).")
-    if guidance is None or guidance == "" or float(guidance) < 0:  # negative: the pipeline's default
+    if guidance == "":
         guidance = None
-    else:
-        guidance = float(guidance)
-        if guidance > 100.0:
-            raise ValueError(f"`guidance` must be in 0..100 (or -1 for the default), got guidance={guidance}.")
+    if guidance is not None:
+        guidance = number("guidance", guidance, -1, 100, note=" (-1: the pipeline's default)")
+        if guidance < 0:
+            guidance = None
     settings = GenerationSettings(
         prompt=prompt,
         negative_prompt=negative_prompt or None,

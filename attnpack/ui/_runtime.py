@@ -51,7 +51,9 @@ class UIConfig:
         max_frames: most video frames a request may ask for.
         queue_size: how many requests may wait in the queue; more are refused with "queue is full".
         max_cached_models: how many pipelines stay loaded (least recently used ones are dropped first).
-        output_dir: where generated files are written (default: a temporary folder removed at exit).
+        output_dir: the folder in which the UI creates its own output folder, ``attnpack-ui-<time>-<id>``, and writes
+            every result there (default: a temporary folder removed at exit). Nothing else in ``output_dir`` is
+            ever served (see :attr:`Runtime.served_paths`).
     """
 
     default_model: str = "toy-flux"
@@ -293,6 +295,20 @@ def installed(
         yield handle
 
 
+def _new_output_dir(parent: str | os.PathLike | None) -> Path:
+    """A new, empty folder for one UI's outputs: ``attnpack-ui-<time>-<id>`` inside ``parent`` (created if missing),
+    or a temporary folder removed at exit. It never existed before, so it holds only what the UI writes into it."""
+    if parent is None:
+        folder = Path(tempfile.mkdtemp(prefix="attnpack-ui-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return folder
+    parent = Path(parent).expanduser()
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = parent / f"attnpack-ui-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()  # fails rather than reuse a folder someone else made
+    return folder
+
+
 class Runtime:
     """The model cache and the device of one UI instance.
 
@@ -307,7 +323,7 @@ class Runtime:
         self.config = config
         self.lock = device_lock(config.device)
         self._pipes: collections.OrderedDict[str, Any] = collections.OrderedDict()
-        self._output_dir: Path | None = Path(config.output_dir).expanduser() if config.output_dir else None
+        self.output_dir = _new_output_dir(config.output_dir)
 
     # -- models
     def loaded_models(self) -> list[str]:
@@ -354,12 +370,11 @@ class Runtime:
 
     # -- outputs
     @property
-    def output_dir(self) -> Path:
-        if self._output_dir is None:
-            self._output_dir = Path(tempfile.mkdtemp(prefix="attnpack-ui-"))
-            atexit.register(shutil.rmtree, self._output_dir, ignore_errors=True)
-        self._output_dir.mkdir(parents=True, exist_ok=True)
-        return self._output_dir
+    def served_paths(self) -> list[str]:
+        """What ``launch(allowed_paths=...)`` must get, and all it may get: the folder this runtime created for its
+        own outputs. Every file in it was written by the UI; files the user keeps next to it in ``output_dir`` are
+        never served (Gradio serves anything under an allowed path to whoever asks for it)."""
+        return [str(self.output_dir.resolve())]
 
     def save(self, result, seed: int) -> tuple[str | None, str | None]:
         """Write the first image (PNG) or video (MP4, or GIF without imageio-ffmpeg) of a

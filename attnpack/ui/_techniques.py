@@ -65,9 +65,9 @@ def _widget(opt, required: bool):
             choices=choices, value=_text_default(opt.kind, opt.default), label=label, info=info, min_width=240
         )
     if opt.kind in ("int", "float") and opt.default is not None:
-        # the range is in `info` and checked by parse_options, whose errors name the option
-        precision = 0 if opt.kind == "int" else None
-        return gr.Number(label=label, value=opt.default, precision=precision, info=info, min_width=240)
+        # the range is in `info` and checked by parse_options, whose errors name the option; no `precision`, so
+        # that Gradio passes the value as sent (its rounding fails on NaN with no message)
+        return gr.Number(label=label, value=opt.default, info=info, min_width=240)
     return gr.Textbox(
         label=label, value=_text_default(opt.kind, opt.default), placeholder="default", info=info, min_width=240
     )

@@ -53,8 +53,10 @@ def build_demo(
         max_resolution, max_steps, max_frames: the largest width/height, step count and frame count accepted.
         queue_size: requests that may wait in the queue; more are refused ("queue is full").
         max_cached_models: pipelines kept loaded (least recently used dropped first).
-        output_dir: where results are written (default: a temporary folder removed at exit). ``attnpack ui``
-            passes it to ``launch(allowed_paths=...)``; callers that launch the demo themselves should too.
+        output_dir: results are written to a new folder ``attnpack-ui-<time>-<id>`` created inside it (default: a
+            temporary folder removed at exit). Launch with ``demo.launch(allowed_paths=demo.attnpack_runtime.
+            served_paths)``, as ``attnpack ui`` does: that new folder only, never ``output_dir`` itself, whose other
+            files Gradio would then serve to anyone.
         techniques: ``{name: Technique}`` to offer (default: every registered technique,
             :func:`attnpack.techniques.available_techniques`).
 

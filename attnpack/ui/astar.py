@@ -14,8 +14,17 @@ import inspect
 import re
 from typing import Any
 
-from ._layout import advanced_settings, labelled_grid, model_picker, parameters_panel, prompt_row, request_settings
-from ._runtime import Runtime, user_errors
+from ._layout import (
+    advanced_settings,
+    checked_request,
+    labelled_grid,
+    model_picker,
+    number,
+    parameters_panel,
+    prompt_row,
+    request_settings,
+)
+from ._runtime import Runtime, UIConfig, user_errors
 
 
 __all__ = ["build_astar_tab", "parse_concepts", "parse_token_indices", "astar_options", "EXAMPLES"]
@@ -69,22 +78,12 @@ def concept_choice(concepts: str | None, token_indices: str | None) -> dict[str,
     return {"concepts": words}
 
 
-def _number(request: dict[str, Any], name: str, *, low: float = 0.0, high: float | None = None) -> float:
-    value = request[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (high and value > high):
-        bound = f"in {low:g}..{high:g}" if high else f">= {low:g}"
-        raise ValueError(f"`{name}` must be a number {bound}, got {name}={value!r}.")
-    return float(value)
-
-
-def _count(request: dict[str, Any], name: str, meaning: str) -> int | None:
-    """0 (or empty) -> ``None`` (``meaning``); else a positive integer."""
+def _count(request: dict[str, Any], name: str, high: int, meaning: str) -> int | None:
+    """0 (or empty) -> ``None`` (``meaning``); else an integer in ``1..high``."""
     value = request[name]
     if value is None or value == 0:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative integer (0: {meaning}), got {name}={value!r}.")
-    return int(value)
+    return number(name, value, 0, high, integer=True, note=f" (0: {meaning})")
 
 
 def _binarize(text: Any) -> str | float:
@@ -100,18 +99,18 @@ def _binarize(text: Any) -> str | float:
     return value
 
 
-def astar_options(request: dict[str, Any]) -> dict[str, Any]:
+def astar_options(request: dict[str, Any], config: UIConfig) -> dict[str, Any]:
     """The A-STAR keyword arguments of a request, checked (errors name the field)."""
     return {
-        "segregation_weight": _number(request, "segregation_weight", high=100.0),
-        "retention_weight": _number(request, "retention_weight", high=100.0),
-        "scale_factor": _number(request, "scale_factor", high=1000.0),
-        "max_steps_to_alter": _count(request, "max_steps_to_alter", "every step, as the paper"),
+        "segregation_weight": number("segregation_weight", request["segregation_weight"], 0, 100),
+        "retention_weight": number("retention_weight", request["retention_weight"], 0, 100),
+        "scale_factor": number("scale_factor", request["scale_factor"], 0, 1000),
+        "max_steps_to_alter": _count(request, "max_steps_to_alter", config.max_steps, "every step, as the paper"),
         "binarize": _binarize(request["binarize"]),
-        "attn_res": _count(request, "attn_res", "automatic"),
+        "attn_res": _count(request, "attn_res", config.max_resolution // 8, "automatic"),
         "token_normalization": request["token_normalization"],
         "smooth_attentions": bool(request["smooth_attentions"]),
-        "sigma": _number(request, "sigma", low=1e-3, high=10.0),
+        "sigma": number("sigma", request["sigma"], 1e-3, 10),
     }
 
 
@@ -179,14 +178,12 @@ def build_astar_tab(runtime: Runtime) -> None:
                 scale_factor = gr.Number(
                     value=20.0, label="Step size scale", info="alpha_t = scale * sqrt(linspace(1, 0.5)); A&E: 20"
                 )
-                max_steps_to_alter = gr.Number(
-                    value=0, precision=0, label="Steps to alter", info="0: every step (paper)"
-                )
+                max_steps_to_alter = gr.Number(value=0, label="Steps to alter", info="0: every step (paper)")
             with gr.Row():
                 binarize = gr.Textbox(
                     value="otsu", label="Retention masks", info="'otsu' or a fraction of the max, e.g. 0.5"
                 )
-                attn_res = gr.Number(value=0, precision=0, label="Map grid", info="0: automatic (16 for SD at 512 px)")
+                attn_res = gr.Number(value=0, label="Map grid", info="0: automatic (16 for SD at 512 px)")
                 token_normalization = gr.Dropdown(
                     list(TOKEN_NORMALIZATIONS), value="sum", label="Token normalisation", info="over the text tokens"
                 )
@@ -200,6 +197,7 @@ def build_astar_tab(runtime: Runtime) -> None:
         parameters = parameters_panel()
         gr.Examples(examples=EXAMPLES, inputs=[prompt, concepts], label="Examples")
 
+    @checked_request
     def astar_tokens(model: str, prompt: str, concepts: str | None = None):
         """The prompt's tokens as ``[position, token, word]`` rows (positions as Token indices takes them), and the
         prompt's words for the concept picker (the current concepts ticked)."""
@@ -227,6 +225,7 @@ def build_astar_tab(runtime: Runtime) -> None:
     def render(output, labels, contrast: str):
         return render_attention_maps(output.attention_maps[:, 0], labels, contrast=contrast)
 
+    @checked_request
     def astar(progress=gr.Progress(track_tqdm=True), **request: Any):  # noqa: B008
         """Generate with A-STAR and, with ``compare``, the stock image at the same seed. Returns the A-STAR image, the
         stock image (or ``None``), the attention-map figure (rows: concepts, columns: steps; A-STAR above stock), the
@@ -234,7 +233,7 @@ def build_astar_tab(runtime: Runtime) -> None:
         with user_errors("A-STAR"):
             settings = request_settings(config, request["prompt"], **{n: request[n] for n in SETTING_INPUTS})
             choice = concept_choice(request["concepts"], request["token_indices"])
-            options = astar_options(request)
+            options = astar_options(request, config)
             if request["contrast"] not in CONTRASTS:
                 raise ValueError(f"`contrast` must be one of {', '.join(CONTRASTS)}, got {request['contrast']!r}.")
             with runtime.session(request["model"]) as pipe:

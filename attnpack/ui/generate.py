@@ -8,6 +8,7 @@ from typing import Any
 
 from ._layout import (
     advanced_settings,
+    checked_request,
     model_picker,
     parameters_panel,
     prompt_row,
@@ -56,6 +57,7 @@ def build_generate_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
         parameters = parameters_panel()
         gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Examples")
 
+    @checked_request
     def generate(
         model: str,
         prompt: str,

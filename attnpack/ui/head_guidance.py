@@ -13,6 +13,7 @@ from typing import Any
 
 from ._layout import (
     advanced_settings,
+    checked_request,
     labelled_grid,
     model_picker,
     parameters_panel,
@@ -150,6 +151,7 @@ def build_head_guidance_tab(runtime: Runtime, technique) -> None:
         "separate_pass": separate_pass,
     }
 
+    @checked_request
     def head_guidance(progress=gr.Progress(track_tqdm=True), **request: Any):  # noqa: B008
         """Generate with head-level perturbation guidance on the picked heads (all rows together). Returns the
         image, the video (video models), the seed used and the parameters."""
@@ -171,6 +173,7 @@ def build_head_guidance_tab(runtime: Runtime, technique) -> None:
     )
     toggle_result_views(event, image, video)
 
+    @checked_request
     def head_grid(progress=gr.Progress(), **request: Any):  # noqa: B008
         """A grid of generations with the same seed: one row per head group, one column per softness value.
         Returns the grid PNG (parameters embedded, with every cell's box), the seed used and the parameters."""

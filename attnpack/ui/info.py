@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._layout import make_settings, model_picker, pick_seed
+from ._layout import checked_request, make_settings, model_picker, number, pick_seed
 from ._runtime import Runtime, installed, user_errors
 from ._techniques import technique_controls
 
@@ -69,12 +69,12 @@ def build_info_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
         controls.add_options()
         with gr.Row():
             prompt = gr.Textbox(label="Benchmark prompt", value="a red circle left of a blue square", scale=3)
-            repeats = gr.Number(label="Timed runs", value=2, precision=0, minimum=1, maximum=20)
-            steps = gr.Number(label="Benchmark steps", value=4, precision=0, minimum=1, maximum=config.max_steps)
+            repeats = gr.Number(label="Timed runs", value=2, minimum=1, maximum=20)
+            steps = gr.Number(label="Benchmark steps", value=4, minimum=1, maximum=config.max_steps)
         with gr.Row():
-            width = gr.Number(label="Benchmark width", value=0, precision=0, info="0: the model's default")
-            height = gr.Number(label="Benchmark height", value=0, precision=0, info="0: the model's default")
-            seed = gr.Number(label="Benchmark seed", value=0, precision=0, minimum=0)
+            width = gr.Number(label="Benchmark width", value=0, info="0: the model's default")
+            height = gr.Number(label="Benchmark height", value=0, info="0: the model's default")
+            seed = gr.Number(label="Benchmark seed", value=0, minimum=0)
         bench = gr.Button("Run benchmark", variant="primary")
         table = gr.Dataframe(
             headers=["attention", "median seconds", "speed-up vs stock", "max |Δ| (0-255)", "mean |Δ| (0-255)"],
@@ -99,6 +99,7 @@ def build_info_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
         info, None, [summary, report_json], api_name="info", concurrency_limit=1, concurrency_id=config.queue_id
     )
 
+    @checked_request
     def benchmark(
         model: str,
         prompt: str,
@@ -117,15 +118,14 @@ def build_info_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
             specs = controls.specs(technique, technique_options, config)
             if not specs:
                 raise ValueError("`technique` is 'none'; pick a technique to compare with stock attention.")
-            if repeats is None or not 1 <= int(repeats) <= 20:
-                raise ValueError(f"`repeats` must be in 1..20, got repeats={repeats!r}.")
+            repeats = number("repeats", repeats, 1, 20, integer=True)
             rows, frames = [], []
             for name, spec in (("stock", []), (technique, specs)):
                 progress(0.0, desc=f"{name}: warm-up")
                 with runtime.session(model) as pipe, installed(pipe, spec):
                     run_generation(pipe, settings)
                     times = []
-                    for _ in range(int(repeats)):
+                    for _ in range(repeats):
                         start = time.perf_counter()
                         result = run_generation(pipe, settings)
                         times.append(time.perf_counter() - start)

@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._layout import advanced_settings, labelled_grid, model_picker, parameters_panel, prompt_row, request_settings
+from ._layout import (
+    advanced_settings,
+    checked_request,
+    labelled_grid,
+    model_picker,
+    number,
+    parameters_panel,
+    prompt_row,
+    request_settings,
+)
 from ._runtime import Runtime, user_errors
 
 
@@ -30,7 +39,7 @@ SETTING_INPUTS = ("negative_prompt", "seed", "randomize_seed", "width", "height"
 def _box(text: str, argument: str) -> tuple[int, int, int, int]:
     try:
         box = tuple(int(float(v)) for v in str(text).replace(";", ",").split(",") if v.strip())
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or "inf"
         box = ()
     if len(box) != 4:
         raise ValueError(f"`{argument}` must be four pixel numbers x0, y0, x1, y1, got {text!r}.")
@@ -174,6 +183,7 @@ def build_ir_diffusion_tab(runtime: Runtime) -> None:
         parameters = parameters_panel()
         gr.Examples(examples=[["a cat and a dog on the beach"]], inputs=[prompt], label="Examples")
 
+    @checked_request
     def ir_diffusion(
         progress=gr.Progress(track_tqdm=True),  # noqa: B008
         target_files: list | None = None,
@@ -191,6 +201,10 @@ def build_ir_diffusion_tab(runtime: Runtime) -> None:
             )
             subjects, target_boxes, reference_boxes = parse_subjects(request["subjects"])
             masks = mask_inputs(subjects, target_boxes, reference_boxes, request)
+            weights = dict(
+                dropout=number("dropout", request["dropout"], 0, 1),
+                cross_attention_lambda=number("cross_attention_lambda", request["cross_attention_lambda"], 0, 1),
+            )
             with runtime.session(request["model"]) as pipe:
                 if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder_2", None) is None:
                     raise ValueError(
@@ -206,8 +220,7 @@ def build_ir_diffusion_tab(runtime: Runtime) -> None:
                     isolation=bool(request["isolation"]),
                     reposition=bool(request["reposition"]),
                     mutual_cross_attention=bool(request["mutual_cross_attention"]),
-                    dropout=float(request["dropout"]),
-                    cross_attention_lambda=float(request["cross_attention_lambda"]),
+                    **weights,
                 )
                 if settings.steps is not None:
                     options["num_inference_steps"] = settings.steps
