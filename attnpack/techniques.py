@@ -227,6 +227,11 @@ def parse_options(technique: Technique | str, raw: Mapping[str, Any]) -> dict[st
     return out
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def parse_technique_specs(names: Sequence[str] | None, opts: Sequence[str] | None, config: str | None = None):
     """Build ``[(technique, options), ...]`` from CLI pieces.
 
@@ -241,11 +246,19 @@ def parse_technique_specs(names: Sequence[str] | None, opts: Sequence[str] | Non
             raise ValueError(f"`--techniques` is not valid JSON: {exc}") from None
         if isinstance(items, dict):
             items = [items]
-        if not isinstance(items, list) or not all(isinstance(i, dict) and "name" in i for i in items):
-            raise ValueError('`--techniques` must be a JSON list of objects with a "name", e.g. [{"name": "dense"}].')
+        if not isinstance(items, list) or not all(
+            isinstance(i, dict) and isinstance(i.get("name"), str) for i in items
+        ):
+            raise ValueError(
+                '`--techniques` must be a JSON list of objects with a "name" string, e.g. [{"name": "dense"}], got '
+                f"{_short(items)}."
+            )
         specs.extend((i["name"], {k: v for k, v in i.items() if k != "name"}) for i in items)
-    for name in names or ():
-        specs.append((name, {}))
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names or ()):
+        raise ValueError(f"`--technique` must be technique names, got {_short(names)}.")
+    specs.extend((name, {}) for name in names or ())
+    if isinstance(opts, str) or not all(isinstance(o, str) for o in opts or ()):
+        raise ValueError(f"`--opt` must be a list of key=value strings, got {_short(opts)}.")
     for item in opts or ():
         if "=" not in item:
             raise ValueError(f"`--opt` must look like key=value, got {item!r}.")

@@ -283,14 +283,21 @@ def _technique_specs(values: Mapping[str, Any]) -> list[tuple[str, dict[str, Any
     from ..techniques import parse_technique_specs
 
     names = values.get("technique") or []
-    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",")]
+    elif not isinstance(names, (list, tuple)):
+        raise ValueError(f"`technique` must be a name or a list of names, got {names!r}.")
     opts = values.get("opt") or []
     if isinstance(opts, Mapping):
         opts = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in opts.items()]
+    elif isinstance(opts, str):
+        opts = [opts]
+    elif not isinstance(opts, (list, tuple)):
+        raise ValueError(f"`opt` must be key=value strings or a mapping, got {opts!r}.")
     techniques = values.get("techniques")
     if techniques is not None and not isinstance(techniques, str):
         techniques = json.dumps(techniques)
-    return parse_technique_specs(names, list(opts), techniques)
+    return parse_technique_specs(list(names), list(opts), techniques)
 
 
 def resolve_config(
@@ -338,11 +345,31 @@ class RowError:
         return f"{self.where}: {self.message}"
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(value: Any) -> str | None:
+    """An error message if a string in ``value`` holds a byte that was not UTF-8 (decoded with surrogateescape)."""
+    texts = [value] if isinstance(value, str) else []
+    if isinstance(value, dict):
+        texts = [t for kv in value.items() for t in kv if isinstance(t, str)]
+    for text in texts:
+        match = _NOT_UTF8.search(text)
+        if match is not None:
+            return f"not valid UTF-8 text (byte 0x{ord(match.group()) - 0xDC00:02x}); save the file as UTF-8"
+    return None
+
+
 def _read_entries(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
     """``[(line, raw row or error message), ...]`` for every non-empty entry of a prompt file."""
+    return [(line, _not_utf8(entry) or entry) for line, entry in _read_entries_raw(path)]
+
+
+def _read_entries_raw(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
     suffix = path.suffix.lower()
     entries: list[tuple[int, dict[str, Any] | str]] = []
-    with open(path, encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as fh:
+    # bytes that are not UTF-8 survive as lone surrogates, so a bad line is one bad row, not a failed batch
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="" if suffix == ".csv" else None) as fh:
         if suffix == ".txt":
             for line, text in enumerate(fh, 1):
                 text = text.strip()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import time
 from collections import Counter
 from typing import Any
 
 import torch
 
-from .._utils import package_versions
+from .._utils import check_number, package_versions
 from .loading import is_video_pipeline, pipeline_defaults
 
 
@@ -22,6 +21,7 @@ __all__ = [
     "describe_processors",
     "MAX_TEXT_CHARS",
     "check_text",
+    "check_pipeline_kwargs",
 ]
 
 # The longest text any entry point accepts in one field (prompts, negative prompts, the UI's text fields, technique
@@ -61,22 +61,70 @@ class GenerationSettings:
         check_text("prompt", self.prompt)
         if self.negative_prompt is not None:
             check_text("negative_prompt", self.negative_prompt)
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"`seed` must be a non-negative integer, got {self.seed!r}.")
-        if self.steps is not None and (not isinstance(self.steps, int) or not 1 <= self.steps <= 1000):
-            raise ValueError(f"`steps` must be an integer in 1..1000, got {self.steps!r}.")
-        if self.guidance is not None and (
-            isinstance(self.guidance, bool)
-            or not isinstance(self.guidance, (int, float))
-            or not math.isfinite(self.guidance)
-        ):
-            raise ValueError(f"`guidance` must be a finite number, got {self.guidance!r}.")
+        check_number("seed", self.seed, 0, MAX_SEED, integer=True)
+        if self.steps is not None:
+            check_number("steps", self.steps, 1, 1000, integer=True)
+        if self.guidance is not None:
+            check_number("guidance", self.guidance, 0.0, MAX_GUIDANCE)
         for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or not 8 <= value <= 16384):
-                raise ValueError(f"`{name}` must be an integer in 8..16384, got {value!r}.")
-        if self.num_frames is not None and (not isinstance(self.num_frames, int) or self.num_frames < 1):
-            raise ValueError(f"`num_frames` must be a positive integer, got {self.num_frames!r}.")
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), 8, 16384, integer=True)
+        if self.num_frames is not None:
+            check_number("num_frames", self.num_frames, 1, 4096, integer=True)
+        check_pipeline_kwargs(self.pipeline_kwargs)
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+MAX_GUIDANCE = 100.0
+# pipeline arguments that GenerationSettings (or attnpack itself) sets: given through pipeline_kwargs they would skip
+# its checks or break what attnpack writes
+_SETTINGS_ARGUMENTS = {
+    "prompt": "the prompt",
+    "negative_prompt": "`negative_prompt` / --negative-prompt",
+    "num_inference_steps": "`steps` / --steps",
+    "guidance_scale": "`guidance` / --guidance",
+    "height": "`height` / --height",
+    "width": "`width` / --width",
+    "num_frames": "`num_frames` / --frames",
+    "generator": "`seed` / --seed",
+    "output_type": "nothing: attnpack writes PNG / GIF / MP4 files",
+    "return_dict": "nothing: attnpack reads the pipeline output itself",
+    "num_images_per_prompt": "one seed per output (several --seed values, or a batch with a seed range)",
+}
+
+
+def _numbers(value: Any, where: str):
+    if isinstance(value, float):
+        yield where, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{where}[{i}]")
+
+
+def check_pipeline_kwargs(kwargs: Any, pipe=None) -> dict[str, Any]:
+    """Extra pipeline arguments: a dict of named arguments that the settings do not cover, with finite numbers; with
+    ``pipe``, also arguments its ``__call__`` names (an unknown key is an error, never silently dropped)."""
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f"`pipeline_kwargs` must be a JSON object with named arguments, got {kwargs!r}.")
+    for key in kwargs:
+        check_text("pipeline_kwargs key", key)
+        if key in _SETTINGS_ARGUMENTS:
+            raise ValueError(f"`pipeline_kwargs` must not set `{key}`: use {_SETTINGS_ARGUMENTS[key]} instead.")
+    for where, number in _numbers(kwargs, "pipeline_kwargs"):
+        check_number(where, number)
+    if pipe is not None:
+        params = inspect.signature(pipe.__call__).parameters
+        named = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        unknown = [k for k in kwargs if k not in named]
+        if unknown:
+            raise ValueError(
+                f"`pipeline_kwargs` {', '.join(map(repr, unknown))} not taken by {type(pipe).__name__}; its arguments: "
+                f"{', '.join(n for n in named if n not in _SETTINGS_ARGUMENTS and n != 'self')}."
+            )
+    return kwargs
 
 
 @dataclasses.dataclass
@@ -119,7 +167,7 @@ def run_generation(pipe, settings: GenerationSettings, *, extra_parameters: dict
                 raise ValueError(f"{type(pipe).__name__} does not take `{name}`.")
             kwargs[name] = value
     kwargs = {k: v for k, v in kwargs.items() if k in sig}
-    kwargs.update(settings.pipeline_kwargs)
+    kwargs.update(check_pipeline_kwargs(settings.pipeline_kwargs, pipe))
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     start = time.perf_counter()
     out = pipe(prompt=settings.prompt, generator=generator, output_type="pil", **kwargs)
