@@ -366,6 +366,10 @@ def apply_techniques(
     """
     specs = list(specs)
     check_composable(specs)
+    if attention_backend:
+        from .attn_processors._apply import check_attention_backend
+
+        check_attention_backend(attention_backend, "attention_backend")
     handles: list[Any] = []
     names: list[tuple[str, dict[str, Any]]] = []
     try:
@@ -377,7 +381,7 @@ def apply_techniques(
         if attention_backend:
             from .attn_processors._apply import set_attention_backend
 
-            handles.append(set_attention_backend(pipe, "native" if attention_backend == "sdpa" else attention_backend))
+            handles.append(set_attention_backend(pipe, attention_backend))
     except BaseException:
         for h in reversed(handles):
             h.remove()

@@ -644,6 +644,19 @@ def _is_factory(obj) -> bool:
 BYPASSING_FAMILIES = ("unet", "sd3", "cogvideox")
 
 
+def check_attention_backend(backend: str, argument: str = "backend"):
+    """The diffusers ``AttentionBackendName`` of ``backend`` (``"sdpa"`` is an alias of diffusers' ``"native"``), or a
+    ``ValueError`` naming ``argument`` and the valid names. Needs no model: entry points call it before loading one."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    valid = [b.value for b in AttentionBackendName]
+    if isinstance(backend, str) and backend.lower() == "sdpa":
+        backend = "native"
+    if not isinstance(backend, str) or backend.lower() not in valid:
+        raise ValueError(f"`{argument}` must be one of {', '.join(valid)} (or sdpa), got {backend!r}.")
+    return AttentionBackendName(backend.lower())
+
+
 def set_attention_backend(pipe_or_model, backend: str) -> ProcessorHandle:
     """Run every attention layer of the denoiser(s) on a diffusers attention backend (``"flash"``, ``"sage"``, ...).
 
@@ -651,12 +664,9 @@ def set_attention_backend(pipe_or_model, backend: str) -> ProcessorHandle:
     processors are installed there first; they reproduce the stock output exactly) and does not change diffusers'
     process-wide default backend. ``handle.remove()`` restores the previous processors and backends.
     """
-    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+    from diffusers.models.attention_dispatch import _check_attention_backend_requirements
 
-    valid = [b.value for b in AttentionBackendName]
-    if not isinstance(backend, str) or backend.lower() not in valid:
-        raise ValueError(f"`backend` must be one of {', '.join(valid)}, got {backend!r}.")
-    name = AttentionBackendName(backend.lower())
+    name = check_attention_backend(backend)
     try:
         _check_attention_backend_requirements(name)
     except (RuntimeError, ImportError) as exc:

@@ -56,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
     settings.validate()
     check_number("--fps", args.fps, 1, MAX_FPS, integer=True)
     specs = technique_specs(args)  # validate technique options before loading the model
+    if args.attention_backend is not None:
+        from ..attn_processors._apply import check_attention_backend
+
+        check_attention_backend(args.attention_backend, "--attention-backend")
     if args.out is not None:  # fail before loading anything if the output cannot be written
         check_output_path(args.out, IMAGE_SUFFIXES + VIDEO_SUFFIXES)
     pipe = load_from_args(args)

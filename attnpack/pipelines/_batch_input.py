@@ -188,13 +188,9 @@ class BatchConfig:
             raise ValueError(f"`offload` must be model or sequential, got {self.offload!r}.")
         parse_dtype(self.dtype)
         if self.attention_backend is not None:
-            from diffusers.models.attention_dispatch import AttentionBackendName
+            from ..attn_processors._apply import check_attention_backend
 
-            valid = [b.value for b in AttentionBackendName]
-            if self.attention_backend.lower() not in valid:
-                raise ValueError(
-                    f"`attention_backend` must be one of {', '.join(valid)}, got {self.attention_backend!r}."
-                )
+            check_attention_backend(self.attention_backend, "attention_backend")
         self.settings(prompt="check", seed=self.seeds[0]).validate()
 
     def settings(self, **overrides) -> GenerationSettings:
@@ -424,7 +420,7 @@ def _read_entries_raw(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
 def _row_techniques(config: BatchConfig, raw: dict[str, Any]) -> tuple[tuple[str, dict[str, Any]], ...]:
     """The row's techniques: the run's, replaced by the row's ``technique`` / ``techniques`` if given, with the row's
     option keys (``name.option`` or a bare option name) on top; validated by the registry."""
-    from ..techniques import get_technique, parse_options
+    from ..techniques import check_composable, get_technique, parse_options
 
     base = {name: dict(options) for name, options in config.techniques}
     specs: list[tuple[str, dict[str, Any]]] = [(n, dict(o)) for n, o in config.techniques]
@@ -439,10 +435,15 @@ def _row_techniques(config: BatchConfig, raw: dict[str, Any]) -> tuple[tuple[str
         specs = [(n, dict(base.get(n, {}))) for n in names]
     elif "techniques" in raw:
         value = raw.pop("techniques")
-        items = json.loads(value) if isinstance(value, str) else value
+        try:
+            items = json.loads(value) if isinstance(value, str) else value
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"`techniques` is not valid JSON: {exc}.") from None
         items = [items] if isinstance(items, dict) else items
-        if not isinstance(items, list) or not all(isinstance(i, dict) and "name" in i for i in items):
-            raise ValueError(f'`techniques` must be a list of objects with a "name", got {value!r}.')
+        if not isinstance(items, list) or not all(
+            isinstance(i, dict) and isinstance(i.get("name"), str) for i in items
+        ):
+            raise ValueError(f'`techniques` must be a list of objects with a "name" string, got {value!r}.')
         specs = [(i["name"], {k: v for k, v in i.items() if k != "name"}) for i in items]
     names = [n for n, _ in specs]
     for key in list(raw):
@@ -461,7 +462,9 @@ def _row_techniques(config: BatchConfig, raw: dict[str, Any]) -> tuple[tuple[str
         for n, options in specs:
             if n == target:
                 options[option] = value
-    return tuple((n, parse_options(n, options)) for n, options in specs)
+    parsed = tuple((n, parse_options(n, options)) for n, options in specs)
+    check_composable(parsed)
+    return parsed
 
 
 def _build_row(index: int, where: str, line: int, raw: dict[str, Any], config: BatchConfig) -> BatchRow:
