@@ -215,3 +215,12 @@ def test_console_entry_point(tmp_path):
         [sys.executable, "-m", "attnpack", "generate", "-p", "cat", "-m", "tiny-x"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+
+
+def test_sdpa_is_an_alias_of_native(tmp_path):
+    """Issue 21 (naming): `attnpack info` lists the backend `sdpa`; the same name is accepted where a backend is chosen."""
+    out = tmp_path / "s.png"
+    args = ["generate", "-m", "tiny-sd15", "-p", "cat", "--steps", "1", "-t", "dense", "-o", str(out)]
+    assert main([*args, "--attention-backend", "sdpa"]) == 0
+    params = read_parameters(out)
+    assert params["attention_backend"] == "sdpa" and params["processors"] == {"AttnPackProcessor[DenseCore()]": 8}

@@ -50,8 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropTorchvisionFallbackNotice(logging.Filter):
+    """transformers warns on every command that its image processors fall back to PIL without torchvision; attnpack
+    needs no torchvision (the PIL processors are what it uses), so the notice is noise on the command line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+_NOTICE_FILTER = _DropTorchvisionFallbackNotice()  # one instance: addFilter keeps it once however often main() runs
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.getLogger("transformers.utils.import_utils").addFilter(_NOTICE_FILTER)
     parser = build_parser()
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)

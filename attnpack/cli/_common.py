@@ -28,7 +28,7 @@ def add_model_args(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL
     g.add_argument(
         "--attention-backend",
         default=None,
-        help="diffusers attention backend for dense attention (native, flash, sage, xformers, flex, ...)",
+        help="diffusers attention backend for dense attention (sdpa = native, flash, sage, xformers, flex, ...)",
     )
 
 
