@@ -274,3 +274,17 @@ def test_cli_search_heads_and_resume(tmp_path, capsys):
     assert main(args) == 0 and capsys.readouterr().out.strip().split(",") == heads  # resumed: nothing left to do
     assert main([*args[:-3], "--objective=nonsense", "-o", str(tmp_path / "x")]) == 2
     assert main(["search-heads", "-m", "tiny-sd3", "-o", str(tmp_path / "y")]) == 2  # no prompts
+
+
+def test_hub_objectives_fail_in_seconds_offline(capsys):
+    """Issue 21: offline (the suite sets HF_HUB_OFFLINE=1), the default `pickscore` objective fails at once with the
+    fix, instead of retrying the Hub for minutes after the model is loaded."""
+    import time
+
+    start = time.perf_counter()
+    for name in ("pickscore", "clip", "pickscore:org/not-cached"):
+        with pytest.raises(ValueError, match="offline here .*not in the cache: download it"):
+            get_objective(name)
+    rc = main(["search-heads", "-m", "tiny-sd3", "-p", "a red cat", "--seeds", "0", "-o", "unused"])
+    assert rc == 2 and "which is offline here" in capsys.readouterr().err
+    assert time.perf_counter() - start < 30

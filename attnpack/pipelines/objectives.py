@@ -186,6 +186,38 @@ class PickScore(_ClipLike):
         return (logit_scale * cos).tolist()
 
 
+def _check_weights_reachable(repo: str, objective: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with the fix, when ``objective``'s weights can be had neither from a local folder, nor from
+    the Hugging Face cache, nor from the Hub (offline by ``HF_HUB_OFFLINE``, or no answer within ``timeout``);
+    transformers would otherwise retry the Hub for minutes before failing."""
+    import os
+
+    if os.path.isdir(os.path.expanduser(repo)):
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return
+    fix = (
+        f"download it where the Hub is reachable (`hf download {repo}`) so it is in the cache, or give a local "
+        f"folder (`{objective.split(':')[0]}:<folder>`), or use an image statistic such as `brightness`"
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            f"objective {objective!r} needs {repo!r} from the Hugging Face Hub, which is offline here (HF_HUB_OFFLINE) "
+            f"and the files are not in the cache: {fix}."
+        )
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(repo, timeout=timeout)
+    except Exception as exc:  # no network, DNS, timeout, unknown repo: one try, then the fix
+        raise ValueError(
+            f"objective {objective!r} needs {repo!r} from the Hugging Face Hub, which did not answer "
+            f"({type(exc).__name__}); {fix}."
+        ) from None
+
+
 def get_objective(spec: str | Objective) -> Objective:
     """An objective from a callable or a name: ``brightness``, ``-saturation``, ``clip``, ``clip:<path or hub id>``,
     ``pickscore``, ``pickscore:<path or hub id>``."""
@@ -201,9 +233,14 @@ def get_objective(spec: str | Objective) -> Objective:
         return _Negated(fn, base) if negate else fn
     kind, _, source = base.partition(":")
     if kind in ("clip", "pickscore") and not negate:
-        if kind == "clip":
-            return ClipScore(source) if source else ClipScore()
-        return PickScore(source) if source else PickScore()
+        scorer = (
+            (ClipScore(source) if source else ClipScore())
+            if kind == "clip"
+            else (PickScore(source) if source else PickScore())
+        )
+        for repo in dict.fromkeys((scorer.model_id, scorer.processor_id)):
+            _check_weights_reachable(repo, name)
+        return scorer
     raise ValueError(
         f"Unknown objective {spec!r}. Use one of {', '.join(IMAGE_STATISTICS)} (prefix '-' to minimise), 'clip', "
         "'clip:<weights path or hub id>', 'pickscore', 'pickscore:<weights path or hub id>', or pass a callable "
