@@ -529,6 +529,20 @@ def test_ir_diffusion_with_boxes_matches_the_pipeline(app):
     assert pixels(masks).shape[1] > 3 * 64  # references and scene side by side
 
 
+def test_ir_diffusion_runs_on_sd1_models(app):
+    """Issue 21: the IR tab accepts SD 1.x models (toy-sd, tiny-sd15) through IRDiffusionSDPipeline."""
+    from attnpack.pipelines._tiny import build_tiny_pipeline
+    from attnpack.pipelines.ir_diffusion import IRDiffusionSDPipeline
+
+    _, _, client = app
+    gallery, _, _, params = ir(client, model="tiny-sd15", target_source="boxes")
+    assert params["pipeline"] == "IRDiffusionSDPipeline"
+    out = IRDiffusionSDPipeline.from_pipe(build_tiny_pipeline("tiny-sd15"))(
+        SUBJECTS, SCENE, height=64, width=64, num_inference_steps=STEPS, seed=0, target_boxes=[LEFT, RIGHT]
+    )
+    np.testing.assert_array_equal(pixels(gallery[0]["image"]), np.asarray(out.images[0].convert("RGB")))
+
+
 def test_ir_diffusion_uploaded_and_drawn_masks(app, tmp_path):
     _, _, client = app
     files = [upload(tmp_path / f"m{i}.png", box_mask(b)) for i, b in enumerate((LEFT, RIGHT))]
@@ -556,7 +570,7 @@ def test_ir_diffusion_automatic_masks(app):
 @pytest.mark.parametrize(
     "kwargs, expected",
     [
-        (dict(model="tiny-flux"), "IR-Diffusion needs an SDXL-architecture model"),
+        (dict(model="tiny-flux"), "IR-Diffusion needs a UNet model (SDXL, Playground v2.5, or SD 1.x/2.x"),
         (
             dict(target_source="uploaded", target_files=[]),
             "`target_files` needs one mask image per subject (2), got 0",

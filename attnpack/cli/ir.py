@@ -28,11 +28,11 @@ SUBJECT_KEYS = ("prompt", "word", "target_box", "reference_box", "target_mask", 
 def register(sub) -> None:
     p = sub.add_parser(
         "ir",
-        help="IR-Diffusion: several subjects, each consistent with its reference, in one scene (SDXL models)",
+        help="IR-Diffusion: several subjects, each consistent with its reference, in one scene (SDXL, SD 1.x models)",
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_args(p, default="tiny-sdxl")  # IR-Diffusion runs on SDXL UNets
+    add_model_args(p, default="tiny-sdxl")  # IR-Diffusion runs on SDXL (and SD 1.x) UNets
     p.add_argument("--subjects", required=True, help="subjects JSON file (see above)")
     p.add_argument("--scene", default=None, help="scene prompt (default: the JSON's 'scene')")
     p.add_argument("--negative-prompt", default=None)
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from .._io import check_output_path, save_image
     from .._utils import package_versions
     from ..pipelines.generation import check_text
-    from ..pipelines.ir_diffusion import IRDiffusionPipeline, IRSubject
+    from ..pipelines.ir_diffusion import IRSubject, ir_pipeline_for
     from ..pipelines.loading import pipeline_defaults
     from ..pipelines.masks import overlay_masks
 
@@ -144,12 +144,7 @@ def run(args: argparse.Namespace) -> int:
     masks = {key: _per_subject(subjects, key) for key in SUBJECT_KEYS[2:]}
 
     pipe = load_from_args(args)
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder_2"):
-        raise ValueError(
-            f"`attnpack ir` needs an SDXL-architecture model (SDXL, Playground v2.5); {args.model!r} loads "
-            f"{type(pipe).__name__}."
-        )
-    ir = IRDiffusionPipeline.from_pipe(pipe)
+    ir = ir_pipeline_for(pipe, args.model)
     defaults = pipeline_defaults(pipe)
     tiny = args.model.startswith("tiny-")
     options = dict(
@@ -185,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     first = next(iter(pipe.unet.parameters()))
     parameters = {
         "model": args.model,
-        "pipeline": "IRDiffusionPipeline",
+        "pipeline": type(ir).__name__,
         "subjects": [{"prompt": s.get("prompt"), "word": s.get("word")} for s in subjects],
         "scene": scene,
         **{k: v for k, v in options.items() if k != "ir_layers"},

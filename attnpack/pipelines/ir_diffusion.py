@@ -53,7 +53,14 @@ from .masks import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IRDiffusionPipeline", "IRDiffusionPipelineOutput", "IRDiffusionSDPipeline", "IRSubject", "Segmenter"]
+__all__ = [
+    "IRDiffusionPipeline",
+    "IRDiffusionPipelineOutput",
+    "IRDiffusionSDPipeline",
+    "IRSubject",
+    "Segmenter",
+    "ir_pipeline_for",
+]
 
 # segmenter(image, words) -> one mask (H x W, bool / 0-1 / 0-255, tensor / array / PIL) or None per word
 Segmenter = Callable[[Any, Sequence[str]], Sequence[Any]]
@@ -557,3 +564,17 @@ class IRDiffusionSDPipeline(_IRDiffusionMixin, StableDiffusionPipeline):
     """
 
     _base_pipeline = StableDiffusionPipeline
+
+
+def ir_pipeline_for(pipe, model: str | None = None):
+    """The IR-Diffusion pipeline sharing ``pipe``'s components (no copies): :class:`IRDiffusionPipeline` for an SDXL
+    architecture (a UNet and two text encoders), :class:`IRDiffusionSDPipeline` for SD 1.x / 2.x (a UNet and one);
+    any other model is a ``ValueError`` naming it (``model``: the name the user gave, for the message)."""
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None:
+        raise ValueError(
+            f"IR-Diffusion needs a UNet model (SDXL, Playground v2.5, or SD 1.x/2.x such as toy-sd); "
+            f"{model or type(pipe).__name__!r} is a {type(pipe).__name__}."
+        )
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return IRDiffusionPipeline.from_pipe(pipe)
+    return IRDiffusionSDPipeline.from_pipe(pipe)

@@ -1,5 +1,5 @@
 """The IR-Diffusion tab: several subjects, each consistent with its own reference, in one scene
-(https://arxiv.org/abs/2411.19261), through :class:`attnpack.IRDiffusionPipeline` on the cached SDXL-architecture
+(https://arxiv.org/abs/2411.19261), through :class:`attnpack.IRDiffusionPipeline` (SDXL) or `IRDiffusionSDPipeline` (SD 1.x) on the cached
 pipeline. API endpoint ``/ir_diffusion``.
 
 Subjects come from a table (prompt, word, optional target / reference boxes). Target masks are automatic (the
@@ -130,7 +130,7 @@ def build_ir_diffusion_tab(runtime: Runtime) -> None:
 
     from .._io import save_image
     from .._utils import package_versions
-    from ..pipelines.ir_diffusion import IRDiffusionPipeline
+    from ..pipelines.ir_diffusion import ir_pipeline_for
     from ..pipelines.loading import pipeline_defaults
     from ..pipelines.masks import overlay_masks
 
@@ -139,7 +139,7 @@ def build_ir_diffusion_tab(runtime: Runtime) -> None:
     with gr.Tab("IR-Diffusion", id="ir-diffusion"):
         gr.Markdown(
             "Several subjects, each consistent with its own reference image, in one scene "
-            "([IR-Diffusion](https://arxiv.org/abs/2411.19261), SDXL-architecture models). Each subject's word must "
+            "([IR-Diffusion](https://arxiv.org/abs/2411.19261), SDXL and SD 1.x models such as toy-sd). Each subject's word must "
             "appear in its prompt and in the scene prompt. Box: `x0, y0, x1, y1` in pixels."
         )
         model = model_picker(config, value=default)
@@ -206,11 +206,7 @@ def build_ir_diffusion_tab(runtime: Runtime) -> None:
                 cross_attention_lambda=number("cross_attention_lambda", request["cross_attention_lambda"], 0, 1),
             )
             with runtime.session(request["model"]) as pipe:
-                if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder_2", None) is None:
-                    raise ValueError(
-                        f"IR-Diffusion needs an SDXL-architecture model (SDXL, Playground v2.5); {request['model']!r} "
-                        f"is a {type(pipe).__name__}."
-                    )
+                ir = ir_pipeline_for(pipe, request["model"])
                 defaults = pipeline_defaults(pipe)
                 options = dict(
                     negative_prompt=settings.negative_prompt,
@@ -226,12 +222,10 @@ def build_ir_diffusion_tab(runtime: Runtime) -> None:
                     options["num_inference_steps"] = settings.steps
                 if settings.guidance is not None:
                     options["guidance_scale"] = settings.guidance
-                result = IRDiffusionPipeline.from_pipe(pipe)(
-                    subjects, settings.prompt, output_type="pil", **masks, **options
-                )
+                result = ir(subjects, settings.prompt, output_type="pil", **masks, **options)
             parameters = {
                 "model": request["model"],
-                "pipeline": "IRDiffusionPipeline",
+                "pipeline": type(ir).__name__,
                 "subjects": subjects,
                 "scene": settings.prompt,
                 **options,
