@@ -239,3 +239,23 @@ def test_registered_technique_and_cli(tmp_path):
     params = attnpack.read_parameters(out)
     assert params["techniques"] == [{"name": "clear", "radius": 2, "down_factor": 2}]
     assert params["processors"] == {"ClearAttnProcessor[ClearCore(radius=2, down_factor=2)]": 3}
+
+
+def test_default_radius_is_sized_to_the_grid(caplog):
+    """Issue 21: radius unset = a quarter of the grid's shorter side, at least 4 (16 at FLUX 1024 px, the official
+    default); a radius covering the whole grid says so once (it changes nothing there)."""
+    from attnpack.attn_processors.clear import auto_radius
+
+    assert [auto_radius((h, w)) for h, w in ((8, 8), (64, 64), (64, 128), (128, 96))] == [4, 16, 16, 24]
+    model = build_tiny_denoiser("flux")
+    inputs = denoiser_inputs(model, grid=(8, 8))
+    stock = forward(model, inputs)
+    with attnpack.apply_clear(model):
+        auto = forward(model, inputs)
+    with attnpack.apply_clear(model, radius=4):
+        explicit = forward(model, inputs)
+    torch.testing.assert_close(auto, explicit, atol=0, rtol=0)
+    assert (auto - stock).abs().max() > 1e-4
+    with caplog.at_level("WARNING"), attnpack.apply_clear(model, radius=16):
+        forward(model, inputs)
+    assert "CLEAR radius=16 covers the whole 8x8 token grid: attention stays dense here (no effect)" in caplog.text

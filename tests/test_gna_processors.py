@@ -229,3 +229,23 @@ def test_public_names():
     from attnpack.kernels import neighborhood_attention
 
     assert attnpack.neighborhood_attention is neighborhood_attention
+
+
+def test_default_window_is_half_of_each_axis():
+    """Issue 21: apply_gna(pipe) runs without settings: the window is about half of each axis of the actual grid
+    (odd, at least 3), the same as giving that window explicitly."""
+    from attnpack.attn_processors.neighborhood import auto_window
+
+    assert [auto_window(n) for n in (4, 6, 8, 9, 16, 64, 128)] == [3, 3, 5, 5, 9, 33, 65]
+    model = build_tiny_denoiser("flux")
+    inputs = _inputs("flux", model)  # grid (4, 6)
+    stock = forward(model, inputs)
+    with apply_gna(model) as handle:
+        auto = forward(model, inputs)
+        assert "window_size=auto" in repr(next(iter(handle.processors.values())).core)
+    with apply_gna(model, window_size=(3, 3)):
+        explicit = forward(model, inputs)
+    torch.testing.assert_close(auto, explicit, atol=0, rtol=0)
+    assert (auto - stock).abs().max() > 1e-4
+    with pytest.raises(ValueError, match=r"`window_size` must be >= 2"):
+        apply_gna(model, window_size=0)  # 0 given by a user is no window: only None means the default

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -67,7 +68,7 @@ class ClearState:
         report: what loading ``weights`` did (``None`` without weights).
     """
 
-    radius: int
+    radius: int | None  # None: auto_radius of each grid
     down_factor: int
     proportional_attention: bool
     backend: str | None
@@ -99,13 +100,15 @@ class ClearCore:
                 "`attention_mask` from `joint_attention_kwargs`."
             )
         weight = s.pooling.weight(self.layer_name) if s.pooling is not None else None
+        radius = auto_radius(layout.grid) if s.radius is None else s.radius
+        _note_if_dense(tuple(layout.grid), radius, s.down_factor)
         return clear_attention(
             query,
             key,
             value,
             grid=layout.grid,
             text_len=layout.num_text,
-            radius=s.radius,
+            radius=radius,
             down_factor=s.down_factor,
             spatial_weight=weight,
             proportional_attention=s.proportional_attention,
@@ -118,17 +121,43 @@ class ClearCore:
     def __repr__(self) -> str:
         s = self.state
         extra = ", proportional_attention=True" if s.proportional_attention else ""
-        return f"ClearCore(radius={s.radius}, down_factor={s.down_factor}{extra})"
+        radius = "auto" if s.radius is None else s.radius
+        return f"ClearCore(radius={radius}, down_factor={s.down_factor}{extra})"
 
 
 # a radius past the grid's diagonal is dense attention already; the bound keeps r**2 inside the kernels' int32
 MAX_RADIUS = 4096
+
+
+def auto_radius(grid) -> int:
+    """The default radius on an ``(H, W)`` token grid: a quarter of its shorter side, at least 4. FLUX at 1024 px
+    (64x64 tokens) gets the official 16; toy-flux (8x8) gets 4, which restricts attention (the official 16 would
+    cover its whole grid) and still draws what is asked (smaller radii do not, without distilled weights)."""
+    return max(4, min(int(grid[0]), int(grid[1])) // 4)
+
+
+_DENSE_NOTES: set[tuple] = set()
+
+
+def _note_if_dense(grid: tuple[int, ...], radius: int, down_factor: int) -> None:
+    """Say once per grid and radius when CLEAR changes nothing there: the circle covers the whole grid."""
+    h, w = grid
+    if down_factor == 1 and radius**2 > (h - 1) ** 2 + (w - 1) ** 2 and (grid, radius) not in _DENSE_NOTES:
+        _DENSE_NOTES.add((grid, radius))
+        largest = math.isqrt((h - 1) ** 2 + (w - 1) ** 2)
+        logger.warning(
+            "CLEAR radius=%d covers the whole %dx%d token grid: attention stays dense here (no effect). A radius of "
+            "at most %d restricts it (radius unset: %d).",
+            radius, h, w, largest, auto_radius(grid),
+        )  # fmt: skip
+
+
 MAX_DOWN_FACTOR = 64
 
 
 def apply_clear(
     pipe_or_transformer,
-    radius: int = 16,
+    radius: int | None = None,
     down_factor: int = 1,
     weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
     proportional_attention: bool = False,
@@ -142,7 +171,9 @@ def apply_clear(
     Parameters:
         pipe_or_transformer: a FLUX pipeline (text-to-image, img2img, inpaint, ...) or its transformer.
         radius: window radius ``r`` in tokens (16 px each): image tokens attend image tokens with
-            ``dy**2 + dx**2 < r**2``. The released checkpoints use 8, 16 or 32.
+            ``dy**2 + dx**2 < r**2``. The released checkpoints use 8, 16 or 32. ``None`` (default): the radius
+            ``weights`` were distilled with when their metadata says, else :func:`auto_radius` of each grid (16 at
+            1024x1024, the official default; 4 on toy-flux's 8x8 tokens).
         down_factor: ``d``; ``d > 1`` adds pooled global tokens (``(H/d)(W/d)`` per image, learnable ``d x d``
             weights per layer, initialised to ``1 / d**2``). The released checkpoints use 1 or 4; image sizes must
             then be multiples of ``16 * d`` pixels.
@@ -169,7 +200,8 @@ def apply_clear(
         names = ", ".join(type(m).__name__ for m in models)
         raise ValueError(f"CLEAR supports FLUX.1 transformers (FluxTransformer2DModel) only, got {names}.")
     transformer = flux[0]
-    radius = check_number("radius", radius, 1, MAX_RADIUS, integer=True)
+    if radius is not None:
+        radius = check_number("radius", radius, 1, MAX_RADIUS, integer=True)
     down_factor = check_number("down_factor", down_factor, 1, MAX_DOWN_FACTOR, integer=True)
     if not isinstance(proportional_attention, bool):
         raise TypeError(f"`proportional_attention` must be a bool, got {proportional_attention!r}.")
@@ -192,7 +224,9 @@ def apply_clear(
             transformer, layer_names, weights, down_factor, state.pooling
         )
         meta = state.report.metadata
-        if meta.get("radius") not in (None, str(radius)):
+        if radius is None and str(meta.get("radius", "")).isdigit():
+            state.radius = radius = int(meta["radius"])  # the radius the weights were distilled with
+        elif radius is not None and meta.get("radius") not in (None, str(radius)):
             logger.warning(
                 "CLEAR weights %s were distilled with radius=%s; running them with radius=%d",
                 state.report.source,
@@ -204,7 +238,7 @@ def apply_clear(
             transformer,
             lambda info: ClearCore(state, info.name),
             processor_cls=ClearAttnProcessor,
-            description=f"CLEAR(radius={radius}, down_factor={down_factor})",
+            description=f"CLEAR(radius={'auto' if radius is None else radius}, down_factor={down_factor})",
         )
     except BaseException:
         if restore_weights is not None:
@@ -227,7 +261,12 @@ def _register() -> None:
             apply=apply_clear,
             options=(
                 Option(
-                    "radius", "int", 16, "window radius in tokens (16 px each); released weights: 8, 16, 32", minimum=1
+                    "radius",
+                    "int",
+                    None,
+                    "window radius in tokens (16 px each); released weights: 8, 16, 32; empty: the weights' radius, "
+                    "else a quarter of the grid (16 at 1024 px)",
+                    minimum=1,
                 ),
                 Option(
                     "down_factor",

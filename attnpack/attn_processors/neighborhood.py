@@ -64,7 +64,8 @@ def rescale_window(
     stride: Sequence[int],
     base_size: Sequence[int] | None,
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Resolve ``-1`` windows to the full axis and rescale to ``grid`` from ``base_size`` (Cosmos-Predict2 rule).
+    """Resolve ``-1`` windows to the full axis, ``0`` (``window_size=None``) to :func:`auto_window`, and rescale to
+    ``grid`` from ``base_size`` (Cosmos-Predict2 rule).
 
     Per axis with actual length ``x`` and base length ``b`` (``-1``: no rescaling on that axis):
     ``w' = min(max(2, round(w * x / b)), x)`` and ``s' = min(max(1, round(s * x / b)), w')``.
@@ -72,6 +73,10 @@ def rescale_window(
     windows, strides = [], []
     for a, x in enumerate(grid):
         w, s = window_size[a], stride[a]
+        if w == AUTO_WINDOW:
+            windows.append(auto_window(x))
+            strides.append(min(s, windows[-1]))
+            continue
         b = -1 if base_size is None else base_size[a]
         if w == -1:
             windows.append(x)
@@ -113,7 +118,8 @@ class GNACore:
 
     def __repr__(self) -> str:
         c = self.config
-        parts = [f"window_size={c.window_size}", f"stride={c.stride}", f"dilation={c.dilation}"]
+        window = "auto" if all(w == AUTO_WINDOW for w in c.window_size) else c.window_size
+        parts = [f"window_size={window}", f"stride={c.stride}", f"dilation={c.dilation}"]
         if any(c.is_causal):
             parts.append(f"is_causal={c.is_causal}")
         if c.base_size is not None:
@@ -244,8 +250,20 @@ def _text_keys_kept(mask: torch.Tensor | None, layout, batch: int) -> torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------- apply
+AUTO_WINDOW = 0  # window_size=None: about half of each grid axis (auto_window), decided per token grid
+
+
+def auto_window(length: int) -> int:
+    """The default window along an axis of ``length`` tokens: the odd number nearest to half of it, at least 3 and at
+    most the axis (``8 -> 5``, ``64 -> 33``, ``4 -> 3``): local enough to change the result, wide enough to keep the
+    picture (a ``window_size`` a user gives always wins)."""
+    half = length // 2
+    return max(1, min(length, max(3, half + 1 if half % 2 == 0 else half)))
+
+
 def _check_config(window_size, stride, dilation, is_causal, base_size, n_axes: int) -> GNAConfig:
-    window = _tuple(window_size, n_axes, "window_size")
+    auto = window_size is None
+    window = _tuple(AUTO_WINDOW if auto else window_size, n_axes, "window_size")
     stride_t = _tuple(stride, n_axes, "stride")
     dilation_t = _tuple(dilation, n_axes, "dilation")
     causal = _tuple(is_causal, n_axes, "is_causal", allow_bool=True)
@@ -253,7 +271,7 @@ def _check_config(window_size, stride, dilation, is_causal, base_size, n_axes: i
         for v in values:
             if not isinstance(v, int) or isinstance(v, bool):
                 raise TypeError(f"`{name}` must hold ints, got {name}={values}.")
-            if v < low and not (name == "window_size" and v == -1):
+            if v < low and not (name == "window_size" and (v == -1 or (auto and v == AUTO_WINDOW))):
                 extra = " (or -1 for the full axis)" if name == "window_size" else ""
                 raise ValueError(f"`{name}` must be >= {low}{extra} on every axis, got {name}={values}.")
     if not all(isinstance(c, bool) for c in causal):
@@ -281,7 +299,7 @@ def _check_dense_steps(dense_steps) -> int | float:
 
 def apply_gna(
     pipe_or_model,
-    window_size: int | Sequence[int],
+    window_size: int | Sequence[int] | None = None,
     stride: int | Sequence[int] = 1,
     dilation: int | Sequence[int] = 1,
     is_causal: bool | Sequence[bool] = False,
@@ -300,7 +318,9 @@ def apply_gna(
 
     Args:
         pipe_or_model: a diffusers pipeline or its denoiser.
-        window_size: window per grid axis (int or tuple); ``-1`` = the full axis.
+        window_size: window per grid axis (int or tuple); ``-1`` = the full axis; ``None`` (default): about half of
+            each axis of the actual grid (:func:`auto_window`: 8x8 tokens -> 5x5, 64x64 -> 33x33), so GNA acts on any
+            model at any size without settings; give explicit windows for the paper's configurations.
         stride: stride per axis (queries in groups of ``stride`` share a window).
         dilation: dilation per axis.
         is_causal: causal flag per axis (e.g. ``(True, False, False)``: causal in time).
@@ -362,7 +382,12 @@ register_technique(
         "with stride and dilation, text tokens global; fast block-sparse kernels",
         apply=apply_gna,
         options=(
-            Option("window_size", "ints", None, "window per grid axis (int or comma list; -1 = full axis). Required"),
+            Option(
+                "window_size",
+                "ints",
+                None,
+                "window per grid axis (int or comma list; -1 = full axis; empty: half of each axis)",
+            ),
             Option("stride", "ints", 1, "stride per axis (queries sharing a window)", minimum=1),
             Option("dilation", "ints", 1, "dilation per axis", minimum=1),
             Option("is_causal", "json", False, "causal flag: true/false or a JSON list per axis"),
