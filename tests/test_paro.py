@@ -291,3 +291,26 @@ def test_technique_registry_and_cli(tmp_path, capsys):
     capsys.readouterr()
     rc = main(["calibrate-paro", "-m", "tiny-flux", "--steps", "2", "-o", str(tmp_path / "x.safetensors")])
     assert rc == 2 and "--prompt" in capsys.readouterr().err
+
+
+def test_toy_flux_ships_its_plan():
+    """Issue 21: PARO runs with its defaults on the default model (the plan calibrated for toy-flux ships with it);
+    other models still need a plan, and the error says which ones ship one."""
+    from attnpack.attn_processors.paro import SHIPPED_PLAN, shipped_plan
+    from attnpack.pipelines import load_pipeline
+    from attnpack.toy.loader import toy_model_path
+
+    pipe = load_pipeline("toy-flux", device="cpu")
+    assert shipped_plan(pipe) == toy_model_path("toy-flux") / SHIPPED_PLAN
+
+    def run(**kwargs):
+        with attnpack.apply_paro(pipe, **kwargs):
+            gen = torch.Generator("cpu").manual_seed(0)
+            return pipe(
+                "a red circle", num_inference_steps=2, generator=gen, output_type="np", max_sequence_length=24
+            )[0]
+
+    default, explicit = run(), run(plan=str(toy_model_path("toy-flux") / SHIPPED_PLAN))
+    np.testing.assert_array_equal(default, explicit)
+    with pytest.raises(ValueError, match=r"`plan` is required for this model.*ship one: toy-flux"):
+        attnpack.apply_paro(build_tiny_pipeline("tiny-flux"))

@@ -167,6 +167,26 @@ def _load_plan(plan):
     raise TypeError(f"`plan` must be a ParoPlan or the path of a saved plan, got {type(plan).__name__}.")
 
 
+SHIPPED_PLAN = "paro_plan.safetensors"  # a built-in model's calibrated plan, next to its model_index.json
+
+
+def models_with_plans() -> list[str]:
+    """The built-in models that ship a PARO plan."""
+    from ..toy.loader import TOY_MODELS, toy_model_path
+
+    return [name for name in TOY_MODELS if (toy_model_path(name) / SHIPPED_PLAN).is_file()]
+
+
+def shipped_plan(pipe):
+    """The path of the plan shipped with ``pipe``'s built-in model (``load_pipeline("toy-flux")``), or ``None``."""
+    name = getattr(pipe, "_attnpack_model", None)
+    if name not in models_with_plans():
+        return None
+    from ..toy.loader import toy_model_path
+
+    return toy_model_path(name) / SHIPPED_PLAN
+
+
 def apply_paro(
     pipe,
     plan=None,
@@ -180,7 +200,9 @@ def apply_paro(
 
     Args:
         pipe: the pipeline (or its ``transformer``) the plan was calibrated on.
-        plan: a :class:`~attnpack.ParoPlan` or the path of one saved with :meth:`~attnpack.ParoPlan.save`.
+        plan: a :class:`~attnpack.ParoPlan` or the path of one saved with :meth:`~attnpack.ParoPlan.save`; ``None``
+            (default): the plan shipped with a built-in model (toy-flux: calibrated on 2 prompts, 20 steps, 8-token
+            blocks, densities 0.3 / 0.5), else an error.
         quant: ``"int8"`` (QK^T and PV in INT8), ``"fp8"`` (INT8 QK^T, FP8 PV; Ada / Hopper GPUs), ``"int4"``
             (simulated accuracy, no speed-up), ``None`` / ``"none"`` (block-sparse only) or ``"plan"`` (the plan's
             choice, default).
@@ -194,7 +216,12 @@ def apply_paro(
         a :class:`~attnpack.ProcessorHandle` restoring the original processors.
     """
     if plan is None:
-        raise ValueError("`plan` is required: pass a ParoPlan or the path of one made by `attnpack calibrate-paro`.")
+        plan = shipped_plan(pipe)
+    if plan is None:
+        raise ValueError(
+            "`plan` is required for this model: pass a ParoPlan or the path of one made by `attnpack calibrate-paro` "
+            f"(only the built-in models ship one: {', '.join(models_with_plans()) or 'none'})."
+        )
     plan = _load_plan(plan)
     quant = normalize_quant(quant, plan.quant)
     plan.level(density)
@@ -225,7 +252,12 @@ register_technique(
         "(CogVideoX, Wan, FLUX; needs a plan from `attnpack calibrate-paro`)",
         apply=apply_paro,
         options=(
-            Option("plan", "path", None, "path of a PARO plan (.safetensors) from `attnpack calibrate-paro`"),
+            Option(
+                "plan",
+                "path",
+                None,
+                "path of a PARO plan (.safetensors) from `attnpack calibrate-paro`; empty: the built-in model's own",
+            ),
             Option("quant", "str", "plan", "quantization: plan, none, int8, fp8, int4", choices=QUANT_CHOICES),
             Option(
                 "density", "float", None, "fraction of blocks kept (a density stored in the plan, or 1)", None, 0, 1
