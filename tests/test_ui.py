@@ -643,6 +643,8 @@ def test_benchmark_compares_a_technique_with_stock_attention(app):
     assert len(gallery) == 2
     with pytest.raises(gradio_client.exceptions.AppError, match="pick a technique"):
         client.predict(technique="none", **args)
+    table, _ = client.predict(**args)  # issue 21: the tab's defaults (GNA with its default window) run as they are
+    assert [r[0] for r in table["data"]] == ["stock", "gna"]
 
 
 # ------------------------------------------------------------------------------------------------ output folder

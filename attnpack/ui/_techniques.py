@@ -90,7 +90,7 @@ class TechniqueControls:
         import gradio as gr
 
         for name, tech in self.techniques.items():
-            with gr.Group(visible=False) as group:
+            with gr.Group(visible=name == self.selector.value) as group:
                 families = f" Models: {', '.join(tech.families)}." if tech.families else ""
                 doc = f" Docs: `{tech.doc}`." if tech.doc else ""
                 gr.Markdown(f"**{name}**: {tech.summary}.{families}{doc}", padding=True)
@@ -177,7 +177,11 @@ def combinable(techniques: Mapping[str, Any]) -> list[str]:
 
 
 def technique_controls(
-    techniques: Mapping[str, Any], *, label: str = "Attention technique", combine: bool = False
+    techniques: Mapping[str, Any],
+    *,
+    label: str = "Attention technique",
+    combine: bool = False,
+    default: str = NO_TECHNIQUE,
 ) -> TechniqueControls:
     """Build the picker (inside the current Gradio context); :meth:`TechniqueControls.add_options` adds the option
     groups where they should go. ``combine=True`` adds a second picker for a modifier technique (head guidance) to
@@ -186,7 +190,8 @@ def technique_controls(
 
     techniques = dict(techniques)
     choices = [(f"{NO_TECHNIQUE} (stock attention)", NO_TECHNIQUE)] + [(name, name) for name in techniques]
-    selector = gr.Dropdown(choices=choices, value=NO_TECHNIQUE, label=label, info="its options appear below")
+    value = default if default in techniques else NO_TECHNIQUE
+    selector = gr.Dropdown(choices=choices, value=value, label=label, info="its options appear below")
     second = None
     modifiers = combinable(techniques)
     if combine and modifiers:

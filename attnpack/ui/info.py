@@ -19,6 +19,10 @@ from ._techniques import technique_controls
 __all__ = ["build_info_tab", "environment_markdown"]
 
 
+# the Benchmarks tab compares a technique with stock attention: GNA runs with its defaults on every DiT
+BENCHMARK_DEFAULT = "gna"
+
+
 def environment_markdown(report: Mapping[str, Any]) -> str:
     """The environment report as Markdown tables."""
     dev = report["device"]
@@ -65,7 +69,7 @@ def build_info_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
         )
         with gr.Row():
             model = model_picker(config)
-            controls = technique_controls(techniques, label="Technique to compare")
+            controls = technique_controls(techniques, label="Technique to compare", default=BENCHMARK_DEFAULT)
         controls.add_options()
         with gr.Row():
             prompt = gr.Textbox(label="Benchmark prompt", value="a red circle left of a blue square", scale=3)
@@ -108,7 +112,7 @@ def build_info_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
         height: float = 0,
         steps: float = 4,
         repeats: float = 2,
-        technique: str = "none",
+        technique: str = BENCHMARK_DEFAULT,
         progress=gr.Progress(track_tqdm=True),  # noqa: B008
         **technique_options: Any,
     ):
