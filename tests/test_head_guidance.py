@@ -413,3 +413,31 @@ def test_uncond_pass_needs_the_cond_pass_first():
             model.cache_context("uncond"),
         ):
             model(**inputs, return_dict=False)
+
+
+def test_builtin_model_has_default_heads():
+    """Issue 21: head guidance runs with its defaults on the default model (toy-flux ships heads found by the head
+    search, preset toy-flux/searched); other models need heads, and the error says how to get some."""
+    import numpy as np
+
+    from attnpack.pipelines import load_pipeline
+    from attnpack.presets import default_preset, get_preset
+
+    pipe = load_pipeline("toy-flux", device="cpu")
+    assert default_preset("toy-flux") == "toy-flux/searched" and get_preset("toy-flux/searched").heads
+
+    def run(**kwargs):
+        gen = torch.Generator("cpu").manual_seed(0)
+        call = dict(num_inference_steps=3, max_sequence_length=24, generator=gen, output_type="np")
+        if kwargs:
+            with apply_head_perturbation(pipe, **kwargs) as handle:
+                return pipe("a red circle", **call).images[0], handle.heads
+        return pipe("a red circle", **call).images[0], []
+
+    default, heads = run(scale=3.0)
+    explicit, _ = run(heads="toy-flux/searched", scale=3.0)
+    stock, _ = run()
+    np.testing.assert_array_equal(default, explicit)
+    assert sorted(heads) == sorted(get_preset("toy-flux/searched").spec) and np.abs(default - stock).max() > 1e-3
+    with pytest.raises(ValueError, match="`heads` is required for this model"):
+        apply_head_perturbation(build_tiny_pipeline("tiny-sd3"))

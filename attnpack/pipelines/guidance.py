@@ -294,7 +294,7 @@ def _check_number(name: str, value: Any, low: float | None = None, high: float |
 
 def apply_head_perturbation(
     pipe,
-    heads: HeadSpec,
+    heads: HeadSpec | None = None,
     scale: float = 3.0,
     softness: float = 1.0,
     kind: str = "identity",
@@ -315,6 +315,8 @@ def apply_head_perturbation(
         heads: heads to perturb: ``[(layer, head), ...]``, ``"L1H10"``, ``"L13"`` (all heads of layer 13), a list or
             comma-separated string of those, or preset names (:mod:`attnpack.presets`). Layer indices: SD3 joint
             blocks, FLUX global index (double blocks 0..18, then single 19..56), UNet ``attn1`` order, Wan blocks.
+            ``None`` (default): the heads shipped for a built-in model (toy-flux: ``toy-flux/searched``, found with
+            :func:`attnpack.search_heads`); other models need heads.
         scale: perturbation guidance scale ``s`` (0 reproduces the pipeline exactly).
         softness: SoftPAG interpolation ``u`` in ``[0, 1]`` (1 = PAG identity).
         kind: ``"identity"`` (PAG), ``"uniform"`` or ``"query_mean"`` (SEG's infinite-blur limit).
@@ -342,6 +344,16 @@ def apply_head_perturbation(
         raise ValueError(f"`start` must be smaller than `end`, got start={start}, end={end}.")
     if not isinstance(separate_pass, bool):
         raise TypeError(f"`separate_pass` must be True or False, got {separate_pass!r}.")
+    if heads is None:
+        from ..presets import PRESETS, default_preset
+
+        heads = default_preset(getattr(pipe, "_attnpack_model", None))
+        if heads is None:
+            raise ValueError(
+                "`heads` is required for this model: give heads such as 'L1H10' or 'L13', a preset "
+                f"({', '.join(sorted(PRESETS))}), or find some with `attnpack search-heads`. Only the built-in "
+                "models have default heads."
+            )
     models, pipeline = resolve_denoisers(pipe)
     if pipeline is None and ((start, end) != (0.0, 1.0) or adaptive_scale > 0.0):
         raise ValueError(
@@ -375,7 +387,12 @@ register_technique(
         "away from the perturbed prediction",
         apply=apply_head_perturbation,
         options=(
-            Option("heads", "strs", None, "heads: L1H10, L13 (all heads of layer 13), presets like sd3-medium/dark"),
+            Option(
+                "heads",
+                "strs",
+                None,
+                "heads: L1H10, L13 (all heads of layer 13), presets like sd3-medium/dark; empty: the built-in model's",
+            ),
             Option("scale", "float", 3.0, "perturbation guidance scale s (0: off)", minimum=0.0, maximum=MAX_SCALE),
             Option("softness", "float", 1.0, "SoftPAG u: 0 no perturbation, 1 PAG", minimum=0.0, maximum=1.0),
             Option("kind", "str", "identity", "perturbation target", choices=KINDS),

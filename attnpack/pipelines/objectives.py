@@ -30,6 +30,7 @@ __all__ = [
     "sharpness",
     "ClipScore",
     "PickScore",
+    "ToyAdherence",
     "IMAGE_STATISTICS",
     "get_objective",
 ]
@@ -186,6 +187,27 @@ class PickScore(_ClipLike):
         return (logit_scale * cos).tolist()
 
 
+class ToyAdherence:
+    """How well toy-model images follow their prompts, as the shipped toy evaluator judges them (no download): per
+    image, the mean of its checks (objects named are drawn; nothing else is drawn; the relation or the cell when the
+    prompt has one; see :func:`attnpack.toy.evaluator.score_prompt`). Only for the toy vocabulary (colored shapes)."""
+
+    __name__ = "toy-adherence"
+
+    def __init__(self):
+        self._evaluator = None
+
+    def __call__(self, images, prompts):
+        from ..toy.evaluator import evaluate_images
+        from ..toy.loader import load_evaluator
+
+        if self._evaluator is None:
+            self._evaluator = load_evaluator(device="cpu")
+        results = evaluate_images(self._evaluator, images, list(prompts))["per_image"]
+        return [float(sum(bool(v) for v in r.values() if v is not None)) / sum(v is not None for v in r.values())
+                for r in results]  # fmt: skip
+
+
 def _check_weights_reachable(repo: str, objective: str, timeout: float = 5.0) -> None:
     """Fail in seconds, with the fix, when ``objective``'s weights can be had neither from a local folder, nor from
     the Hugging Face cache, nor from the Hub (offline by ``HF_HUB_OFFLINE``, or no answer within ``timeout``);
@@ -220,7 +242,7 @@ def _check_weights_reachable(repo: str, objective: str, timeout: float = 5.0) ->
 
 def get_objective(spec: str | Objective) -> Objective:
     """An objective from a callable or a name: ``brightness``, ``-saturation``, ``clip``, ``clip:<path or hub id>``,
-    ``pickscore``, ``pickscore:<path or hub id>``."""
+    ``pickscore``, ``pickscore:<path or hub id>``, ``toy-adherence`` (the toy models' evaluator)."""
     if callable(spec):
         return spec
     if not isinstance(spec, str) or not spec.strip():
@@ -228,6 +250,8 @@ def get_objective(spec: str | Objective) -> Objective:
     name = spec.strip()
     negate = name.startswith("-")
     base = name[1:] if negate else name
+    if base == "toy-adherence" and not negate:
+        return ToyAdherence()
     if base in IMAGE_STATISTICS:
         fn = IMAGE_STATISTICS[base]
         return _Negated(fn, base) if negate else fn
@@ -243,6 +267,6 @@ def get_objective(spec: str | Objective) -> Objective:
         return scorer
     raise ValueError(
         f"Unknown objective {spec!r}. Use one of {', '.join(IMAGE_STATISTICS)} (prefix '-' to minimise), 'clip', "
-        "'clip:<weights path or hub id>', 'pickscore', 'pickscore:<weights path or hub id>', or pass a callable "
+        "'clip:<weights path or hub id>', 'pickscore', 'pickscore:<weights path or hub id>', 'toy-adherence', or pass a callable "
         "(images, prompts) -> scores."
     )

@@ -65,6 +65,14 @@ def softness_values(text: str) -> list[float]:
     return values
 
 
+def _model_default(model: str) -> list[list[str]]:
+    """One row with the built-in model's default heads (toy-flux), or none (then the request names no heads)."""
+    from ..presets import default_preset
+
+    preset = default_preset(model)
+    return [[preset]] if preset else []
+
+
 def _preset_choices() -> list[tuple[str, str]]:
     from ..presets import list_presets
 
@@ -128,7 +136,10 @@ def build_head_guidance_tab(runtime: Runtime, technique) -> None:
 
     def spec(heads_list: list[str], softness: float, request: dict[str, Any]) -> list[tuple[Any, dict]]:
         if not heads_list:
-            raise ValueError("`heads` is empty: pick a preset or type heads such as L1H10.")
+            raise ValueError(
+                "`heads` is empty: pick a preset or type heads such as L1H10 (only built-in models have "
+                "default heads)."
+            )
         raw = {name: request[name] for name in OPTION_INPUTS}
         return [(technique, parse_options(technique, {**raw, "heads": list(heads_list), "softness": softness}))]
 
@@ -157,7 +168,8 @@ def build_head_guidance_tab(runtime: Runtime, technique) -> None:
         image, the video (video models), the seed used and the parameters."""
         with user_errors():
             settings = settings_of(request)
-            heads_list = [h for row in head_rows(request["presets"], request["heads"]) for h in row]
+            rows = head_rows(request["presets"], request["heads"]) or _model_default(request["model"])
+            heads_list = [h for row in rows for h in row]
             specs = spec(heads_list, request["softness"], request)
             image_path, video_path, parameters = runtime.generate(request["model"], settings, specs)
         return image_path, video_path, settings.seed, parameters
@@ -179,7 +191,7 @@ def build_head_guidance_tab(runtime: Runtime, technique) -> None:
         Returns the grid PNG (parameters embedded, with every cell's box), the seed used and the parameters."""
         with user_errors("The grid"):
             settings = settings_of(request)
-            rows = head_rows(request["presets"], request["heads"])
+            rows = head_rows(request["presets"], request["heads"]) or _model_default(request["model"])
             columns = softness_values(request["softness_grid"])
             if not rows:
                 raise ValueError("`heads` is empty: pick presets or type head groups such as L1H10; L13.")
