@@ -288,3 +288,20 @@ def test_hub_objectives_fail_in_seconds_offline(capsys):
     rc = main(["search-heads", "-m", "tiny-sd3", "-p", "a red cat", "--seeds", "0", "-o", "unused"])
     assert rc == 2 and "which is offline here" in capsys.readouterr().err
     assert time.perf_counter() - start < 30
+
+
+def test_toy_adherence_objective_scores_what_the_evaluator_sees():
+    """The `toy-adherence` objective: 1.0 for a clean render of its own caption, less for another scene's caption
+    (the evaluator is independent of the objective's averaging)."""
+    from PIL import Image
+
+    from attnpack.toy.data import render_scene, sample_scene
+
+    rng = np.random.default_rng(5)
+    scenes = [sample_scene(rng, num_objects=1) for _ in range(6)]
+    images = [Image.fromarray(render_scene(s)) for s in scenes]
+    objective = get_objective("toy-adherence")
+    own = objective(images, [s.caption for s in scenes])
+    swapped = objective(images, [scenes[(i + 1) % 6].caption for i in range(6)])
+    assert np.mean(own) > 0.9 and np.mean(swapped) < np.mean(own) - 0.3
+    assert all(0.0 <= v <= 1.0 for v in own + swapped)
