@@ -208,3 +208,17 @@ def test_every_text_and_number_of_a_request_is_checked():
     check_request(
         {"prompt": "y" * 4000, "width": 64, "guidance": 3.5, "flag": True, "table": table.iloc[:1], "none": None}
     )
+
+
+def test_examples_stay_inside_the_toy_vocabulary():
+    """Issue 21: the UI's examples are prompts the built-in toy models can draw (the toy parser accepts every one and
+    the IR subjects' words appear in their prompts and in the scene)."""
+    from attnpack.toy.data import parse_prompt
+    from attnpack.ui import astar, generate, ir_diffusion
+
+    for prompt in [*generate.EXAMPLES, *(p for p, _ in astar.EXAMPLES), ir_diffusion.EXAMPLE_SCENE]:
+        assert parse_prompt(prompt).objects, prompt
+    for prompt, concepts in astar.EXAMPLES:
+        assert all(c.strip() in prompt for c in concepts.split(","))
+    for prompt, word, *_ in ir_diffusion.EXAMPLE_SUBJECTS:
+        assert parse_prompt(prompt).objects and word in prompt and word in ir_diffusion.EXAMPLE_SCENE

@@ -303,6 +303,12 @@ def request_settings(
 
 GAP = 4
 
+# the built-in toy models know colored shapes only: examples stay inside that vocabulary, and say so
+TOY_EXAMPLES_LABEL = (
+    "Examples (the built-in toy models draw red, green, blue, yellow, purple or white circles, squares, triangles, "
+    "stars, diamonds and crosses, left of / right of / above / below each other; real models take any prompt)"
+)
+
 
 def labelled_grid(cells: list[list[Any]], row_labels: list[str], col_labels: list[str]):
     """Paste ``cells[r][c]`` (PIL images of one size) into a grid with labels on the left and on top.

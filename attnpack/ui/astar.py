@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from ._layout import (
+    TOY_EXAMPLES_LABEL,
     advanced_settings,
     checked_request,
     labelled_grid,
@@ -32,10 +33,10 @@ __all__ = ["build_astar_tab", "parse_concepts", "parse_token_indices", "astar_op
 SETTING_INPUTS = ("negative_prompt", "seed", "randomize_seed", "width", "height", "steps", "guidance")
 CONTRASTS = ("max", "minmax")
 LOSS_COLUMNS = ["step", "timestep", "step_size", "segregation", "retention", "total", "total_after", "grad_norm"]
-EXAMPLES = [
-    ["a cat and a dog", "cat, dog"],
-    ["a bear and a turtle", "bear, turtle"],
-    ["a frog wearing a crown", "frog, crown"],
+EXAMPLES = [  # inside the toy models' vocabulary (TOY_EXAMPLES_LABEL); real models draw them too
+    ["a red circle left of a blue square", "circle, square"],
+    ["a green star above a yellow diamond", "star, diamond"],
+    ["a purple triangle, a white cross and a red circle", "triangle, cross, circle"],
 ]
 
 
@@ -195,7 +196,7 @@ def build_astar_tab(runtime: Runtime) -> None:
                     list(CONTRASTS), value="max", label="Map contrast", info="minmax: stretch nearly flat maps"
                 )
         parameters = parameters_panel()
-        gr.Examples(examples=EXAMPLES, inputs=[prompt, concepts], label="Examples")
+        gr.Examples(examples=EXAMPLES, inputs=[prompt, concepts], label=TOY_EXAMPLES_LABEL)
 
     @checked_request
     def astar_tokens(model: str, prompt: str, concepts: str | None = None):

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._layout import (
+    TOY_EXAMPLES_LABEL,
     advanced_settings,
     checked_request,
     model_picker,
@@ -22,10 +23,10 @@ from ._techniques import NO_TECHNIQUE, technique_controls
 
 __all__ = ["build_generate_tab", "EXAMPLES"]
 
-EXAMPLES = [
+EXAMPLES = [  # inside the toy models' vocabulary (TOY_EXAMPLES_LABEL); real models draw them too
     "a red circle left of a blue square",
-    "a photo of a cat next to a dog on the beach at sunset",
-    "an astronaut riding a horse, cinematic lighting",
+    "a green star above a yellow diamond",
+    "a small white cross in the top left",
 ]
 
 
@@ -55,7 +56,7 @@ def build_generate_tab(runtime: Runtime, techniques: Mapping[str, Any]) -> None:
                 info="diffusers backend for dense attention (the Info tab lists the ones that work here)",
             )
         parameters = parameters_panel()
-        gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Examples")
+        gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label=TOY_EXAMPLES_LABEL)
 
     @checked_request
     def generate(

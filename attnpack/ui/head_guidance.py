@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._layout import (
+    TOY_EXAMPLES_LABEL,
     advanced_settings,
     checked_request,
     labelled_grid,
@@ -129,9 +130,9 @@ def build_head_guidance_tab(runtime: Runtime, technique) -> None:
                 separate_pass = gr.Checkbox(value=False, label="Separate pass", info="less memory, slower")
         parameters = parameters_panel()
         gr.Examples(
-            examples=[["a lighthouse on a cliff at night", "L0H0", 3.0, 1.0]],
+            examples=[["a red circle left of a blue square", "", 3.0, 1.0]],  # heads "": the model's default heads
             inputs=[prompt, heads, scale, softness],
-            label="Examples",
+            label=TOY_EXAMPLES_LABEL,
         )
 
     def spec(heads_list: list[str], softness: float, request: dict[str, Any]) -> list[tuple[Any, dict]]:

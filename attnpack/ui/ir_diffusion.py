@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._layout import (
+    TOY_EXAMPLES_LABEL,
     advanced_settings,
     checked_request,
     labelled_grid,
@@ -29,10 +30,11 @@ __all__ = ["build_ir_diffusion_tab", "parse_subjects", "TARGET_SOURCES", "REFERE
 TARGET_SOURCES = ("automatic", "boxes", "uploaded", "drawn")
 REFERENCE_SOURCES = ("automatic", "boxes", "uploaded")
 COLUMNS = ["prompt", "word", "target box", "reference box"]
-EXAMPLE_SUBJECTS = [
-    ["a photo of a cat", "cat", "0, 0, 32, 64", ""],
-    ["a photo of a dog", "dog", "32, 0, 64, 64", ""],
+EXAMPLE_SUBJECTS = [  # what the built-in toy-sd draws (colored shapes); real SDXL / SD models take any subject
+    ["a red circle", "circle", "0, 0, 32, 64", ""],
+    ["a blue square", "square", "32, 0, 64, 64", ""],
 ]
+EXAMPLE_SCENE = "a red circle left of a blue square"
 SETTING_INPUTS = ("negative_prompt", "seed", "randomize_seed", "width", "height", "steps", "guidance")
 
 
@@ -135,7 +137,8 @@ def build_ir_diffusion_tab(runtime: Runtime) -> None:
     from ..pipelines.masks import overlay_masks
 
     config = runtime.config
-    default = "tiny-sdxl" if "tiny-sdxl" in config.models else config.default_model
+    # toy-sd is trained (tiny-sdxl has random weights: noise); either runs IR-Diffusion on the CPU
+    default = next((m for m in ("toy-sd", "tiny-sdxl") if m in config.models), config.default_model)
     with gr.Tab("IR-Diffusion", id="ir-diffusion"):
         gr.Markdown(
             "Several subjects, each consistent with its own reference image, in one scene "
@@ -152,7 +155,7 @@ def build_ir_diffusion_tab(runtime: Runtime) -> None:
             interactive=True,
             label="Subjects",
         )
-        prompt, run = prompt_row(placeholder="the scene, e.g. a cat and a dog on the beach")
+        prompt, run = prompt_row(placeholder=f"the scene, e.g. {EXAMPLE_SCENE}")
         with gr.Row():
             target_source = gr.Radio(list(TARGET_SOURCES), value="automatic", label="Target masks")
             reference_source = gr.Radio(list(REFERENCE_SOURCES), value="automatic", label="Reference masks")
@@ -181,7 +184,7 @@ def build_ir_diffusion_tab(runtime: Runtime) -> None:
                 dropout = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Dropout", info="official 0.5")
                 lam = gr.Slider(0.0, 1.0, value=0.9, step=0.05, label="Cross-attention lambda", info="official 0.9")
         parameters = parameters_panel()
-        gr.Examples(examples=[["a cat and a dog on the beach"]], inputs=[prompt], label="Examples")
+        gr.Examples(examples=[[EXAMPLE_SCENE]], inputs=[prompt], label=TOY_EXAMPLES_LABEL)
 
     @checked_request
     def ir_diffusion(
