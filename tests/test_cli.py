@@ -224,3 +224,12 @@ def test_sdpa_is_an_alias_of_native(tmp_path):
     assert main([*args, "--attention-backend", "sdpa"]) == 0
     params = read_parameters(out)
     assert params["attention_backend"] == "sdpa" and params["processors"] == {"AttnPackProcessor[DenseCore()]": 8}
+
+
+def test_ui_help_names_every_tab(capsys):
+    """Issue 21: `attnpack ui --help` names every tab of the app."""
+    with pytest.raises(SystemExit):
+        main(["ui", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for tab in ("Generate", "Head guidance", "IR-Diffusion", "A-STAR", "Benchmarks / Info"):
+        assert tab in text

@@ -222,3 +222,18 @@ def test_examples_stay_inside_the_toy_vocabulary():
         assert all(c.strip() in prompt for c in concepts.split(","))
     for prompt, word, *_ in ir_diffusion.EXAMPLE_SUBJECTS:
         assert parse_prompt(prompt).objects and word in prompt and word in ir_diffusion.EXAMPLE_SCENE
+
+
+def test_user_errors_log_one_line_and_no_traceback(caplog):
+    """Issue 21: a user-input error is one warning line on the server console, not a full traceback per request."""
+    import gradio as gr
+
+    from attnpack.ui._runtime import user_errors
+
+    with caplog.at_level("WARNING"), pytest.raises(gr.Error) as info:
+        with user_errors():
+            raise ValueError("`steps` must be an integer in 1..8 in this UI, got steps=99.\nsecond line")
+    assert info.value.print_exception is False and "got steps=99" in info.value.message
+    (record,) = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert record.getMessage() == "Generation refused: `steps` must be an integer in 1..8 in this UI, got steps=99."
+    assert record.exc_info is None

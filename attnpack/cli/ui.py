@@ -14,9 +14,11 @@ def register(sub) -> None:
     p = sub.add_parser(
         "ui",
         help="launch the web UI",
-        description="Launch the attnpack web UI (Gradio): generate with any technique, inspect the machine, "
-        "benchmark a technique. Local model folders and weight files load only from --allow-dir folders and only "
-        "from .safetensors files.",
+        description="Launch the attnpack web UI (Gradio). Tabs: Generate (any technique, optionally combined with "
+        "head guidance), Head guidance (presets, heads x softness grid), IR-Diffusion (several subjects in one "
+        "scene), A-STAR (concepts kept apart), Benchmarks / Info (compare a technique with stock attention, what this "
+        "machine runs). Local model folders and weight files load only from --allow-dir folders and only from "
+        ".safetensors files; results are served from a folder the app creates, nothing else.",
     )
     p.add_argument(
         "-m",

@@ -271,13 +271,17 @@ def user_errors(what: str = "Generation") -> Iterator[None]:
     except Exception as exc:
         if _is_oom(exc):
             _free_memory()
+            logger.warning("%s ran out of GPU memory", what)
             raise gr.Error(
                 f"{what} ran out of GPU memory. The app is still running: try a smaller width/height, fewer frames, "
                 "a sparser technique, or start the UI with `--offload model`.",
                 title="Out of memory",
+                print_exception=False,
             ) from None
         if isinstance(exc, (ValueError, TypeError, OSError, ImportError)):
-            raise gr.Error(str(exc).strip() or type(exc).__name__, title="Invalid input") from None
+            message = str(exc).strip() or type(exc).__name__
+            logger.warning("%s refused: %s", what, message.splitlines()[0])  # one line in the console, no traceback
+            raise gr.Error(message, title="Invalid input", print_exception=False) from None
         logger.exception("%s failed", what)
         raise gr.Error(f"{what} failed: {type(exc).__name__}: {exc}", title="Error") from None
 
