@@ -143,4 +143,8 @@ def test_astar_tab_in_a_real_browser(tmp_path):
         params = read_parameters(download)
         assert params["image"] == "astar" and params["concepts"] == ["cat", "zebra"]
         assert params["seed"] == 3 and params["steps"] == STEPS and params["token_indices"] == [[2], [5, 6, 7, 8]]
+        # a new prompt has other tokens: the old words leave the picker (issue 21: they stayed ticked)
+        field("Prompt").fill("a dog and a horse")
+        expect(field("cat")).to_have_count(0)
+        expect(page.get_by_role("gridcell", name="br", exact=True)).to_have_count(0)
     check_screenshots(shots, "ui_astar.png")

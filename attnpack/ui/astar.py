@@ -223,6 +223,12 @@ def build_astar_tab(runtime: Runtime) -> None:
     )
     words.input(lambda picked: ", ".join(picked), words, concepts, queue=False, api_visibility="private")
 
+    def forget_tokens():
+        """A new prompt has other tokens: empty the table and the word picker (old ticks would name absent words)."""
+        return [], gr.update(choices=[], value=[])
+
+    prompt.change(forget_tokens, None, [tokens, words], queue=False, api_visibility="private")
+
     def render(output, labels, contrast: str):
         return render_attention_maps(output.attention_maps[:, 0], labels, contrast=contrast)
 
