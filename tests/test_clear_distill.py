@@ -210,6 +210,14 @@ def test_errors(tmp_path, monkeypatch, capsys):
     rc = main(["distill-clear", "--data", str(data), "-o", str(tmp_path / "o"), "-m", "tiny-flux"])
     err = capsys.readouterr().err
     assert rc == 2 and "pip install attnpack[distill]" in err
+    # issue 21: an attn_loss_every that fits no layer is refused right after loading, before any sampling or caching
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    out = tmp_path / "o2"
+    args = ["distill-clear", "--prompts", str(prompts), "-o", str(out), "-m", "tiny-flux", "--optimizer", "adamw"]
+    assert main([*args, "--resolution", "64"]) == 2
+    assert "choose `attn_loss_every` among [1, 2]" in capsys.readouterr().err
+    assert not (out / "samples").exists() and not (out / "cache").exists()
 
 
 @pytest.mark.slow

@@ -294,9 +294,12 @@ def attention_loss_layers(transformer: torch.nn.Module, every: int = 4) -> list[
     names = [key[: -len(".processor")] for key in transformer.attn_processors]
     chosen = [n for i, n in enumerate(names) if n.startswith("single_transformer_blocks.") and i % every == 0]
     if not chosen:
+        single = [i for i, n in enumerate(names) if n.startswith("single_transformer_blocks.")]
+        working = [k for k in range(1, every) if any(i % k == 0 for i in single)]
         raise ValueError(
             f"no single-stream attention layer of this transformer has a global index divisible by "
-            f"attn_loss_every={every} ({len(names)} layers); choose a smaller `attn_loss_every`."
+            f"attn_loss_every={every} ({len(names)} layers, single-stream at {single[:1] + single[-1:]}); "
+            f"choose `attn_loss_every` among {working or [1]}."
         )
     return chosen
 
@@ -582,6 +585,7 @@ def distill_clear(
                              revision=cfg.revision)  # fmt: skip
     if type(pipe.transformer).__name__ != "FluxTransformer2DModel":
         raise ValueError(f"CLEAR distillation needs a FLUX.1 pipeline, got {type(pipe).__name__}.")
+    attention_loss_layers(pipe.transformer, cfg.attn_loss_every)  # before any sampling or caching
     if cfg.data is not None:
         items = find_image_prompts(cfg.data)
     else:
