@@ -157,3 +157,26 @@ def test_offload_runs_on_the_given_device(offload, method, monkeypatch):
     monkeypatch.setattr(diffusers.DiffusionPipeline, method, lambda self, **kw: calls.append(kw))
     load_pipeline("tiny-sd15", dtype="fp32", device="cuda:1", offload=offload)
     assert calls == [{"device": torch.device("cuda:1")}]
+
+
+def test_builtin_models_answer_a_plain_call_with_their_defaults(tmp_path):
+    """Issue 21: `load_pipeline(name)(prompt)` uses the settings the built-in model was made for; what the caller
+    passes wins; the class keeps its diffusers name and save_pretrained writes the plain diffusers class."""
+    import json
+
+    pipe = load_pipeline("tiny-flux", device="cpu")
+    assert type(pipe).__name__ == "FluxPipeline"
+    seen = []
+    original = pipe.transformer.forward
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["hidden_states"].shape[1], kwargs["encoder_hidden_states"].shape[1]))
+        return original(*args, **kwargs)
+
+    pipe.transformer.forward = spy
+    pipe("a red cat", num_inference_steps=1)
+    pipe("a red cat", num_inference_steps=1, height=32, width=32, max_sequence_length=16)
+    assert seen == [(16, 32), (4, 16)]  # 64x64 px -> 4x4 tokens and 32 text tokens by default; the caller's win
+    pipe.transformer.forward = original
+    pipe.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["_class_name"] == "FluxPipeline"

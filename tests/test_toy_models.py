@@ -196,3 +196,13 @@ def test_paro_calibrates_a_builtin_model_with_call_defaults(tmp_path):
     assert pipe._attnpack_defaults["num_inference_steps"] == 20
     plan = attnpack.calibrate_paro(pipe, ["a red circle"], 2, density=0.5, block_size=8, progress=False)
     assert plan.num_inference_steps == 2 and plan.info["pipeline_kwargs"]["max_sequence_length"] == 24
+
+
+@pytest.mark.parametrize("name", TOYS)
+def test_a_plain_call_draws_what_is_asked(name, evaluator):
+    """Issue 21: `attnpack.load_pipeline(name)` then `pipe(prompt)` with nothing else, as with any diffusers
+    checkpoint, draws the prompt (it drew a yellow-green texture at diffusers' own defaults)."""
+    pipe = load_pipeline(name, device="cpu")
+    images = [pipe(p, generator=torch.Generator().manual_seed(i)).images[0] for i, p in enumerate(SINGLE[:6])]
+    assert all(im.size == (64, 64) for im in images)
+    assert evaluate_images(evaluator, images, SINGLE[:6])["objects"] >= 4 / 6
