@@ -273,3 +273,20 @@ def test_full_retrain_reproduces_the_shipped_scores(tmp_path):
         shipped = prompt_adherence(load_toy_pipeline(name), evaluator, counts=(1,), num_prompts=200)
         again = prompt_adherence(load_toy_pipeline(name, path=out / name), evaluator, counts=(1,), num_prompts=200)
         assert abs(again["1"]["objects"] - shipped["1"]["objects"]) <= 0.05, (name, shipped, again)
+
+
+def test_short_runs_encode_only_the_scenes_they_visit():
+    """Issue 21: `train-toy --steps 2` encoded all 32,768 cached scenes first; now the cache holds what the steps
+    visit, and those items are the same scenes as with the full cache (sequential indices below the smaller size)."""
+    from attnpack.toy.train import with_overrides
+
+    for phase_name, cfg in recipe("toy-flux"):
+        if not cfg.dataset_size:
+            continue
+        short = with_overrides(cfg, steps=2)
+        assert short.dataset_size == 2 * cfg.batch_size < cfg.dataset_size, phase_name
+        visited = range(2 * cfg.batch_size)
+        assert [i % short.dataset_size for i in visited] == [i % cfg.dataset_size for i in visited]
+        assert with_overrides(cfg, batch_size=cfg.batch_size).dataset_size == min(
+            cfg.dataset_size, cfg.steps * cfg.batch_size
+        )

@@ -49,9 +49,10 @@ def register(sub) -> None:
     p.add_argument(
         "--score",
         type=int,
-        default=100,
+        default=None,
         metavar="N",
-        help="after toy-sd / toy-flux, score N prompts per object count (1, 2, 3) with the evaluator (0: skip)",
+        help="after toy-sd / toy-flux, score N prompts per object count (1, 2, 3) with the evaluator (0: skip; "
+        "default 100, or 0 with --steps: a shortened run is not worth minutes of scoring)",
     )
     p.add_argument(
         "--evaluator", default=None, help="evaluator folder for --score (default: OUT/evaluator or shipped)"
@@ -114,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"`--threads` must be >= 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    score = args.score if args.score is not None else (0 if args.steps is not None else 100)
+    if score < 0:
+        raise ValueError(f"`--score` must be >= 0, got {score}.")
     for stage in stages:
         common = dict(
             vae=args.vae,
@@ -133,13 +137,13 @@ def run(args: argparse.Namespace) -> int:
         if summary["exported"] is None:
             print(f"{summary['name']}: stopped at step {summary['steps_done']}; run again to resume.", file=sys.stderr)
             return 0
-        if stage in ("toy-sd", "toy-flux") and args.score > 0:
+        if stage in ("toy-sd", "toy-flux") and score > 0:
             if args.evaluator is not None:
                 evaluator_dir = Path(args.evaluator)
                 if not (evaluator_dir / "config.json").is_file():
                     raise ValueError(f"`--evaluator` {args.evaluator!r} holds no evaluator (no config.json).")
             else:  # the one trained here, else the shipped one
                 evaluator_dir = out / "evaluator" if (out / "evaluator" / "config.json").is_file() else None
-            report = _score(Path(summary["exported"]), evaluator_dir, args.score, args.quiet)
+            report = _score(Path(summary["exported"]), evaluator_dir, score, args.quiet)
             print(json.dumps({stage: report}), file=sys.stderr)
     return 0

@@ -779,12 +779,19 @@ def train(
 
 
 def with_overrides(cfg: TrainConfig, steps: int | None = None, batch_size: int | None = None) -> TrainConfig:
-    """``cfg`` with another number of steps (the warmup shrinks to at most a tenth of them) or batch size."""
+    """``cfg`` with another number of steps (the warmup shrinks to at most a tenth of them) or batch size.
+
+    The cached dataset shrinks to the scenes those steps visit (items ``0 .. steps x batch - 1``, in order), so a short
+    run does not encode 32,768 scenes first; the items it trains on are the same as with the full cache."""
     changes: dict[str, Any] = {}
     if steps is not None:
         changes.update(steps=steps, warmup_steps=min(cfg.warmup_steps, max(steps // 10, 1)))
     if batch_size is not None:
         changes["batch_size"] = batch_size
+    if changes and cfg.dataset_size:
+        visited = changes.get("steps", cfg.steps) * changes.get("batch_size", cfg.batch_size)
+        if visited < cfg.dataset_size:
+            changes["dataset_size"] = visited
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
