@@ -746,3 +746,17 @@ def test_readme_first_command_launches_the_ui_on_the_default_model(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_every_technique_runs_with_its_defaults_on_the_default_model(app):
+    """Issue 21: on toy-flux (the default model), every registered technique with all its options left empty gives an
+    image, and every one but `dense` (stock attention by design) changes it."""
+    from attnpack.techniques import available_techniques
+
+    _, _, client = app
+    stock, _, _, _ = generate(client, model="toy-flux", seed=2)
+    for name in available_techniques():
+        image, _, _, params = generate(client, model="toy-flux", seed=2, technique=name)
+        assert [t["name"] for t in params["techniques"]] == [name] and name in " ".join(params["in_effect"])
+        changed = not np.array_equal(pixels(image), pixels(stock))
+        assert changed == (name != "dense"), name
