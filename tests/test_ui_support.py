@@ -68,12 +68,15 @@ def free_port() -> int:
 @contextlib.contextmanager
 def launched(demo):
     """Launch ``demo`` on a free local port, serving what `attnpack ui` serves; yield its URL; close it afterwards."""
+    from attnpack.ui._layout import UI_CSS
+
     demo.launch(
         prevent_thread_lock=True,
         server_name="127.0.0.1",
         server_port=free_port(),
         quiet=True,
         allowed_paths=demo.attnpack_runtime.served_paths,
+        css=UI_CSS,
     )
     try:
         yield demo.local_url

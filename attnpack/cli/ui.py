@@ -86,5 +86,13 @@ def run(args: argparse.Namespace) -> int:
     if args.outdir is not None:
         print(f"attnpack ui: results are kept in {runtime.output_dir}", file=sys.stderr)
     # only the folder the UI made for its results: never the whole --outdir, whose other files anyone could fetch
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=runtime.served_paths)
+    from ..ui._layout import UI_CSS
+
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        allowed_paths=runtime.served_paths,
+        css=UI_CSS,
+    )
     return 0

@@ -261,7 +261,9 @@ def result_views():
     (hidden until a video model returns a result)."""
     import gradio as gr
 
-    image = gr.Image(label="Result", type="filepath", format="png", interactive=False, height=420)
+    image = gr.Image(
+        label="Result", type="filepath", format="png", interactive=False, height=420, elem_classes=["attnpack-result"]
+    )
     video = gr.Video(label="Result video", interactive=False, visible=False, height=420)
     return image, video
 
@@ -302,6 +304,12 @@ def request_settings(
 
 
 GAP = 4
+
+# the toy models draw 64x64 images: shown scaled up to the panel, pixels kept sharp (the file keeps its size). Gradio 6
+# takes CSS at launch: `attnpack ui` passes it (`demo.launch(css=UI_CSS)` when launching build_demo yourself).
+UI_CSS = """
+.attnpack-result img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+"""
 
 # the built-in toy models know colored shapes only: examples stay inside that vocabulary, and say so
 TOY_EXAMPLES_LABEL = (
