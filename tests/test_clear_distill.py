@@ -239,3 +239,25 @@ def test_two_process_data_parallel_run(tmp_path):
     assert len(list((out / "cache").glob("*.safetensors"))) == 3
     with attnpack.apply_clear(tiny_flux_transformer(), 2, 2, weights=out / "clear_local_2_down_2.safetensors") as h:
         assert h.clear.report.missing == []
+
+
+def test_built_in_models_distill_at_their_own_size(tmp_path):
+    """Issue 21: without --resolution a built-in model samples and trains at its own size (64 px for tiny-flux), not
+    at FLUX.1's 1024 px; real checkpoints keep 1024."""
+    import json
+
+    from PIL import Image
+
+    from attnpack.pipelines.loading import builtin_defaults
+
+    assert builtin_defaults("tiny-flux")["height"] == 64 and builtin_defaults("black-forest-labs/FLUX.1-dev") == {}
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    out = tmp_path / "o"
+    args = ["distill-clear", "-m", "tiny-flux", "--prompts", str(prompts), "-o", str(out), "--steps", "1",
+            "--sample-steps", "2", "--optimizer", "adamw", "--attn-loss-every", "2", "--max-sequence-length", "16",
+            "--radius", "2"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((out / "config.json").read_text())["resolution"] == 64
+    (sample,) = sorted((out / "samples").glob("*.png"))
+    assert Image.open(sample).size == (64, 64)

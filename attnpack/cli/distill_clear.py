@@ -43,7 +43,10 @@ def register(sub) -> None:
     g.add_argument("--sample-steps", type=int, default=d.sample_steps, help="teacher sampling steps")
     g.add_argument("--sample-guidance", type=float, default=d.sample_guidance, help="teacher guidance scale")
     g.add_argument(
-        "--resolution", type=int, default=d.resolution, help=f"training resolution (default {d.resolution})"
+        "--resolution",
+        type=int,
+        default=None,
+        help="training resolution (default: the built-in model's size, 64 for toy-flux / tiny-flux; else 1024)",
     )
     g.add_argument("--max-sequence-length", type=int, default=d.max_sequence_length, help="T5 tokens (default 512)")
     g = p.add_argument_group("training")

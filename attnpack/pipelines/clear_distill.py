@@ -74,7 +74,7 @@ class ClearDistillConfig:
     num_samples: int | None = None
     sample_steps: int = 28
     sample_guidance: float = 3.5
-    resolution: int = 1024
+    resolution: int | None = None  # None: the built-in model's size (64 for toy / tiny FLUX), else 1024
     max_sequence_length: int = 512
     steps: int = 10_000
     batch_size: int = 1
@@ -110,7 +110,11 @@ class ClearDistillConfig:
                 raise ValueError(f"`{name}` must be a positive int, got {name}={value!r}.")
         if self.attn_loss_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("`attn_loss_every` and `keep_checkpoints` must be >= 1.")
-        if self.resolution % (16 * self.down_factor):
+        if self.resolution is not None and (
+            isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 16
+        ):
+            raise ValueError(f"`resolution` must be an int >= 16 or None (the model's size), got {self.resolution!r}.")
+        if self.resolution is not None and self.resolution % (16 * self.down_factor):
             raise ValueError(
                 f"`resolution`={self.resolution} must be a multiple of 16 x down_factor = {16 * self.down_factor}."
             )
@@ -564,6 +568,10 @@ def distill_clear(
     from ..attn_processors.clear_weights import save_clear_checkpoint
     from .loading import load_pipeline
 
+    if cfg.resolution is None:  # a built-in model trains at its own size; real FLUX checkpoints at 1024 px
+        from .loading import builtin_defaults
+
+        cfg = dataclasses.replace(cfg, resolution=int(builtin_defaults(cfg.model).get("height") or 1024))
     cfg.validate()
     if cfg.optimizer == "prodigy":
         make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)  # fail before loading anything

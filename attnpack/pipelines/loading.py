@@ -33,6 +33,15 @@ def builtin_models() -> dict[str, str]:
     return out
 
 
+def builtin_defaults(name: str) -> dict[str, Any]:
+    """The call defaults of a built-in model (sizes, steps, text length, ...), without loading it; empty otherwise."""
+    if name in TINY_MODELS:
+        return dict(TINY_MODELS[name][2])
+    if name in _EXTRA_BUILTINS:
+        return dict(_EXTRA_BUILTINS[name][2])
+    return {}
+
+
 def register_builtin(name: str, loader, description: str, defaults: dict | None = None) -> None:
     """Register a built-in model name: ``loader(seed) -> pipeline``."""
     _EXTRA_BUILTINS[name] = (loader, description, dict(defaults or {}))
