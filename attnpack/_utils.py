@@ -52,7 +52,7 @@ def check_number(
     if not ok:
         raise TypeError(f"`{name}` must be {kind}, got {value!r}.")
     value = int(value) if integer else float(value)
-    if not math.isfinite(value):
+    if not integer and not math.isfinite(value):  # ints are finite (and may be too large for a float)
         raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"

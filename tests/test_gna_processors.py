@@ -249,3 +249,16 @@ def test_default_window_is_half_of_each_axis():
     assert (auto - stock).abs().max() > 1e-4
     with pytest.raises(ValueError, match=r"`window_size` must be >= 2"):
         apply_gna(model, window_size=0)  # 0 given by a user is no window: only None means the default
+
+
+def test_a_window_covering_the_grid_is_reported(caplog):
+    """Issue 21: a GNA window as large as the grid changes nothing there; it says so instead of passing silently."""
+    model = build_tiny_denoiser("flux")
+    inputs = _inputs("flux", model)  # grid (4, 6)
+    with caplog.at_level("WARNING"), apply_gna(model, window_size=-1):
+        forward(model, inputs)
+    assert "covers the whole token grid (4, 6): attention stays dense here (no effect)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"), apply_gna(model, window_size=3):
+        forward(model, inputs)
+    assert "covers the whole token grid" not in caplog.text

@@ -28,6 +28,23 @@ def write(tmp_path, data, name="subjects.json"):
     return path
 
 
+def assert_same_scene_as_the_api(out, pipe, **options):
+    """The scene the command wrote equals the same generation through the Python API (64 px, 1 step, seed 4)."""
+    api = pipe(
+        [{"prompt": s["prompt"], "word": s["word"]} for s in SUBJECTS],
+        SCENE,
+        height=64,
+        width=64,
+        num_inference_steps=1,
+        seed=4,
+        target_boxes=[s["target_box"] for s in SUBJECTS],
+        reference_boxes=[s["reference_box"] for s in SUBJECTS],
+        **options,
+    )
+    with Image.open(out) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(api.images[0]))
+
+
 def test_ir_writes_scene_references_and_masks(tmp_path):
     subjects = write(tmp_path, {"subjects": SUBJECTS, "scene": SCENE})
     out = tmp_path / "scene.png"
@@ -42,20 +59,7 @@ def test_ir_writes_scene_references_and_masks(tmp_path):
     assert params["masks"]["target_box"] == "given" and params["layout_seed"] == 4
     assert read_parameters(tmp_path / "scene_reference_1.png")["image"] == "reference 1"
     # the same generation through the Python API gives the same pixels
-    pipe = IRDiffusionPipeline.from_pipe(build_tiny_pipeline("tiny-sdxl"))
-    api = pipe(
-        [{"prompt": s["prompt"], "word": s["word"]} for s in SUBJECTS],
-        SCENE,
-        height=64,
-        width=64,
-        num_inference_steps=1,
-        seed=4,
-        dropout=0.25,
-        target_boxes=[s["target_box"] for s in SUBJECTS],
-        reference_boxes=[s["reference_box"] for s in SUBJECTS],
-    )
-    with Image.open(out) as im:
-        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(api.images[0]))
+    assert_same_scene_as_the_api(out, IRDiffusionPipeline.from_pipe(build_tiny_pipeline("tiny-sdxl")), dropout=0.25)
     with Image.open(tmp_path / "scene_masks.png") as im:
         assert im.size == (3 * 64 + 2 * 4, 64)
 
@@ -71,18 +75,7 @@ def test_ir_runs_sd1_models_like_the_python_api(tmp_path):
         == 0
     )
     assert read_parameters(out)["pipeline"] == "IRDiffusionSDPipeline"
-    api = IRDiffusionSDPipeline.from_pipe(build_tiny_pipeline("tiny-sd15"))(
-        [{"prompt": s["prompt"], "word": s["word"]} for s in SUBJECTS],
-        SCENE,
-        height=64,
-        width=64,
-        num_inference_steps=1,
-        seed=4,
-        target_boxes=[s["target_box"] for s in SUBJECTS],
-        reference_boxes=[s["reference_box"] for s in SUBJECTS],
-    )
-    with Image.open(out) as im:
-        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(api.images[0]))
+    assert_same_scene_as_the_api(out, IRDiffusionSDPipeline.from_pipe(build_tiny_pipeline("tiny-sd15")))
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,6 @@
 import re
 from pathlib import Path
 
-import torch
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,4 +60,3 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
         ran += 1
     assert scope["image"].size == (64, 64) and ran >= 3
     assert (tmp_path / "circle_square.png").is_file() and (tmp_path / "maps.gif").is_file()
-    assert torch.is_tensor(torch.zeros(1))

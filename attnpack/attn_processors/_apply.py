@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import itertools
 import logging
@@ -137,26 +138,26 @@ class DenseCore:
         return "DenseCore()"
 
 
-class ModifierCore:
+class ModifierCore(abc.ABC):
     """Base class of modifier cores: ``modify(q, k, v, call, out)`` returns the layer's output given the output
     ``out`` of the layer's pattern (dense attention when the modifier is alone on the layer)."""
 
     role = ROLE_MODIFIER
 
-    def modify(self, query, key, value, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def modify(self, query, key, value, call: AttentionCall, out: torch.Tensor) -> torch.Tensor: ...
 
     def __call__(self, query, key, value, call: AttentionCall) -> torch.Tensor:
         return self.modify(query, key, value, call, call.dense(query, key, value))
 
 
-class ObserverCore:
+class ObserverCore(abc.ABC):
     """Base class of observer cores: ``observe(q, k, v, call, out)`` records what it needs and changes nothing."""
 
     role = ROLE_OBSERVER
 
-    def observe(self, query, key, value, call: AttentionCall, out: torch.Tensor) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def observe(self, query, key, value, call: AttentionCall, out: torch.Tensor) -> None: ...
 
     def __call__(self, query, key, value, call: AttentionCall) -> torch.Tensor:
         out = call.dense(query, key, value)

@@ -169,6 +169,12 @@ class GNACore:
                     f"GNA settings do not fit this model's token grid {grid}: {exc} Configured: window_size="
                     f"{c.window_size}, stride={c.stride}, dilation={c.dilation}, base_size={c.base_size}."
                 ) from None
+            if not any(spec.causal) and all(w >= n for w, n in zip(spec.window, grid)):
+                logger.warning(
+                    "GNA window %s covers the whole token grid %s: attention stays dense here (no effect). Give a "
+                    "smaller window_size, or leave it unset for about half of each axis.",
+                    spec.window, grid,
+                )  # fmt: skip
         self._specs[grid] = spec
         return spec
 

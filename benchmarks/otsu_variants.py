@@ -1,0 +1,50 @@
+"""Textbook Otsu vs the official IR-Diffusion (DreamStory) variant on random smooth maps: the share of tokens the two
+rules put on opposite sides, per grid (docs/ir-diffusion.md, "Deviations from the official code").
+
+    python benchmarks/otsu_variants.py          # -> results/otsu_variants.json (never overwrites it: --force)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(argv=None) -> int:
+    import torch
+    import torch.nn.functional as F
+    from _common import write_json
+
+    from attnpack.pipelines.masks import binarize
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--maps", type=int, default=20, help="random maps per grid")
+    parser.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results" / "otsu_variants.json"))
+    parser.add_argument("--force", action="store_true", help="overwrite an existing result file")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        parser.error(f"{out} exists (a committed result?); pass --force to overwrite it, or -o another path")
+    torch.manual_seed(0)
+    rows = {}
+    for grid in [(8, 12), (16, 16), (32, 32), (24, 40)]:
+        differ = total = 0
+        for _ in range(args.maps):
+            coarse = torch.rand(1, 1, grid[0] // 2 + 1, grid[1] // 2 + 1)  # smooth: a bilinear upsample of noise
+            m = F.interpolate(coarse, size=grid, mode="bilinear", align_corners=False)[0]
+            m = (m - m.min()) / (m.max() - m.min())
+            differ += int((binarize(m, "otsu") != binarize(m, "dreamstory")).sum())
+            total += m.numel()
+        rows[f"{grid[0]}x{grid[1]}"] = {"tokens": total, "differ": differ, "share": round(differ / total, 3)}
+        print(f"{grid}: {differ / total:.1%} of tokens differ", file=sys.stderr)
+    write_json(out, {"maps_per_grid": args.maps, "grids": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
