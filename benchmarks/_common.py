@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 
-__all__ = ["time_fn", "sdpa_best", "machine_info", "write_json", "peak_rss_child", "child_peak_rss"]
+__all__ = ["time_fn", "sdpa_best", "machine_info", "result_path", "write_json", "peak_rss_child", "child_peak_rss"]
 
 
 def _sync(device: torch.device) -> None:
@@ -99,6 +99,14 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             pass
         info.update(device=f"CPU: {cpu}", cores=os.cpu_count(), torch_threads=torch.get_num_threads())
     return info
+
+
+def result_path(parser, out: str | os.PathLike, force: bool) -> Path:
+    """The output path of a benchmark; an existing file (a committed result) is kept unless ``--force``."""
+    out = Path(out)
+    if out.exists() and not force:
+        parser.error(f"{out} exists (a committed result?); pass --force to overwrite it, or -o another path")
+    return out
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

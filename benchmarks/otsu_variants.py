@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
-    from _common import write_json
+    from _common import result_path, write_json
 
     from attnpack.pipelines.masks import binarize
 
@@ -27,9 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results" / "otsu_variants.json"))
     parser.add_argument("--force", action="store_true", help="overwrite an existing result file")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        parser.error(f"{out} exists (a committed result?); pass --force to overwrite it, or -o another path")
+    out = result_path(parser, args.out, args.force)
     torch.manual_seed(0)
     rows = {}
     for grid in [(8, 12), (16, 16), (32, 32), (24, 40)]:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(argv=None) -> int:
     import torch
-    from _common import machine_info, write_json
+    from _common import machine_info, result_path, write_json
 
     from attnpack import apply_head_perturbation, search_heads
     from attnpack.pipelines import load_pipeline
@@ -42,9 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results" / "toy_heads.json"))
     parser.add_argument("--force", action="store_true", help="overwrite an existing result file")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        parser.error(f"{out} exists (a committed result?); pass --force to overwrite it, or -o another path")
+    out = result_path(parser, args.out, args.force)
     torch.set_num_threads(args.threads)
 
     pipe = load_pipeline("toy-flux", device="cpu")

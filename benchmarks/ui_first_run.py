@@ -39,7 +39,7 @@ def _free_port() -> int:
 
 def main(argv=None) -> int:
     import torch
-    from _common import machine_info, write_json
+    from _common import machine_info, result_path, write_json
     from gradio_client import Client
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,9 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite an existing result file")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the UI to answer")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        parser.error(f"{out} exists (a committed result?); pass --force to overwrite it, or -o another path")
+    out = result_path(parser, args.out, args.force)
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
