@@ -1,7 +1,8 @@
 """The web UI in a real browser: headless Debian Chromium driven by Playwright opens the app, picks a technique and
 its option, runs a generation on the tiny FLUX model, checks the image against stock diffusers, downloads it with
 its parameters, and saves screenshots; on the A-STAR tab it picks the concepts from the prompt's tokens and runs
-A-STAR on the tiny SD 1.5 model.
+A-STAR on the tiny SD 1.5 model; as a newcomer, it clicks every tab's first example and every technique of the Generate
+tab with its defaults on the default model.
 
 CI installs Chromium (`.ci/run`: `apt-get install chromium`) and Playwright (the `test` extra); there, a missing
 browser fails this test. Elsewhere it is skipped with the reason. Screenshots go to ``$ATTNPACK_UI_SCREENSHOTS`` (keep
@@ -148,3 +149,49 @@ def test_astar_tab_in_a_real_browser(tmp_path):
         expect(field("cat")).to_have_count(0)
         expect(page.get_by_role("gridcell", name="br", exact=True)).to_have_count(0)
     check_screenshots(shots, "ui_astar.png")
+
+
+def test_a_newcomer_clicks_through_every_tab_and_technique(tmp_path):
+    """Issue 21, as a newcomer: the UI as `attnpack ui` builds it (default model toy-flux, every registered technique,
+    default settings), each tab's first example clicked and Run pressed; on Generate, every technique of the
+    dropdown with its fields left empty. Each run shows a new image and no error toast."""
+    from attnpack.techniques import available_techniques
+
+    expect = playwright.expect
+    executable = chromium_path()
+    demo = build_demo(device="cpu")  # what `attnpack ui` serves
+    with launched(demo) as url, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page.goto(url, wait_until="networkidle")
+            errors = page.locator(".toast-body.error, .toast-wrap .error")
+
+            def run_and_wait(label: str, images: int = 1) -> None:
+                shown = page.locator('img[src*="gradio_api/file="]').filter(visible=True)
+                before = [shown.nth(i).get_attribute("src") for i in range(shown.count())]
+                page.get_by_role("button", name="Run", exact=True).filter(visible=True).click()
+                expect(shown.nth(images - 1)).to_be_visible(timeout=120_000)
+                expect(shown.first).not_to_have_attribute("src", before[0] if before else "-", timeout=120_000)
+                assert errors.count() == 0, f"{label}: {errors.first.inner_text()}"
+
+            def first_example() -> None:
+                page.locator(".gallery-item, tr.tr-body").filter(visible=True).first.click()
+
+            first_example()
+            for name in available_techniques():
+                page.get_by_label("Attention technique").click()
+                page.get_by_role("option", name=name, exact=True).click()
+                run_and_wait(f"Generate -t {name}")
+            for tab, images in (("Head guidance", 1), ("IR-Diffusion", 1), ("A-STAR", 3)):
+                page.get_by_role("tab", name=tab).click()
+                first_example()
+                run_and_wait(tab, images)
+            page.get_by_role("tab", name="Benchmarks / Info").click()
+            page.get_by_role("button", name="Run benchmark", exact=True).click()
+            expect(page.locator('img[src*="gradio_api/file="]').filter(visible=True).first).to_be_visible(
+                timeout=180_000
+            )
+            assert errors.count() == 0, f"Benchmarks: {errors.first.inner_text()}"
+        finally:
+            browser.close()
