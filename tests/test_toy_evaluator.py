@@ -11,15 +11,6 @@ from attnpack.toy.data import COLORS, SHAPES, Scene, ToyObject, render_scene, sc
 from attnpack.toy.evaluator import Detection, focal_loss, heatmap_targets, score_prompt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on a shared, busy CPU run far faster on one thread (no OpenMP threads waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _det(color, shape, x, y):
     return Detection(color, shape, x, y, 0.9)
 

@@ -19,15 +19,6 @@ from attnpack.toy.loader import WEIGHTS_DIR, load_evaluator, load_toy_pipeline, 
 from attnpack.toy.train import TrainConfig, default_config, recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on a shared, busy CPU run far faster on one thread (no OpenMP threads waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 ROOT = Path(__file__).resolve().parents[1]
 TOYS = ["toy-sd", "toy-flux"]
 # every color and every shape twice; ROTATED names the next color instead (a negative control)

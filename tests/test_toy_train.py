@@ -21,15 +21,6 @@ from attnpack.cli import main
 from attnpack.toy.train import CHECKPOINT_NAME, TrainConfig, default_config, recipe, train, train_recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on a shared, busy CPU run far faster on one thread (no OpenMP threads waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY_MODELS = {
     "vae": dict(
         default_config("vae").model,

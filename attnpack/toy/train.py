@@ -648,9 +648,6 @@ def train(
         a summary: ``stage``, ``steps_done``, ``seconds`` (training time over all sessions), ``final_loss``,
         ``exported`` (the folder, or ``None`` when stopped early), ``device``.
     """
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
     cfg = config or default_config(stage)
     if cfg.stage != stage:
         raise ValueError(f"`config` is for stage {cfg.stage!r}, not {stage!r}.")
@@ -658,124 +655,160 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or stage
     ckpt_dir = out_dir / f"{name}.ckpt"
-    ckpt_path = ckpt_dir / CHECKPOINT_NAME
     vae_path = Path(vae) if vae is not None else out_dir / "vae"
     state = _read_checkpoint(ckpt_dir, cfg) if resume else None  # checked before any model is built
 
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-    device = accelerator.device
-    show = progress and accelerator.is_local_main_process
-    st = _STAGE_CLASSES[stage](cfg, device, vae_path if stage in ("toy-sd", "toy-flux") else None, ckpt_dir, show)
-    network = st.network
-    init = _load_init(st, cfg, out_dir) if cfg.init else None
-    ema = copy.deepcopy(network).requires_grad_(False) if cfg.ema_decay > 0 else None
-    params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(cfg, s))
-
-    start, seconds, losses = 0, 0.0, []
-    if state is not None:
-        try:
-            network.load_state_dict(state["network"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(
-                f"checkpoint {str(ckpt_path)!r} does not fit this {stage} run ({exc}); pass --no-resume to start over."
-            ) from None
-        start, seconds, losses = state["step"], state["seconds"], state["losses"]
-        logger.info("resuming %s from step %d", stage, start)
-    network.to(device)
-    if ema is not None:
-        ema.to(device)
-    module, optimizer = accelerator.prepare(st.module, optimizer)
-
-    def save_checkpoint(step: int) -> None:
-        if not accelerator.is_main_process:
-            return
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "step": step,
-            "config": cfg.to_dict(),
-            "network": network.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "seconds": seconds,
-            "losses": losses,
-        }
-        save_state(ckpt_path, state, CHECKPOINT_KIND)
-
+    run = _Run.build(cfg, out_dir, ckpt_dir, vae_path, mixed_precision=mixed_precision, cpu=cpu, progress=progress)
+    start = run.restore(state) if state is not None else 0
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    bar = tqdm(
-        range(start, end),
-        initial=start,
-        total=cfg.steps,
-        desc=f"train {stage}",
-        disable=not show,
-    )
-    running = None
-    module.train()
-    for step in bar:
-        tick = time.perf_counter()
-        indices = list(range(step * cfg.batch_size + rank, (step + 1) * cfg.batch_size, world))
-        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank))
-        rng = np.random.default_rng([cfg.seed, step, rank, 1])
-        batch = st.batch(indices, gen, rng)
-        with accelerator.autocast():
-            loss = module(**batch)
-        accelerator.backward(loss)
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), network.parameters(), strict=True):
-                    e.lerp_(p.detach(), 1 - decay)
-        value = float(loss.detach())
-        running = value if running is None else 0.98 * running + 0.02 * value
-        losses.append(round(value, 6))
-        seconds += time.perf_counter() - tick
-        bar.set_postfix(loss=f"{running:.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-            save_checkpoint(step + 1)
-    bar.close()
+    run.fit(start, end)
     done = max(end, start)
     summary: dict[str, Any] = {
         "stage": stage,
         "name": name,
         "steps_done": done,
-        "seconds": round(seconds, 3),  # a 2-step test run can take < 0.05 s
-        "final_loss": float(np.mean(losses[-100:])) if losses else None,
-        "device": str(device),
-        "processes": world,
+        "seconds": round(run.seconds, 3),  # a 2-step test run can take < 0.05 s
+        "final_loss": float(np.mean(run.losses[-100:])) if run.losses else None,
+        "device": str(run.accelerator.device),
+        "processes": run.accelerator.num_processes,
         "exported": None,
     }
     if done < cfg.steps:
         return summary
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = ema if ema is not None else network
-        final.eval()
-        target = out_dir / name
-        with atomic_dir(target) as tmp:
-            st.export(final, tmp)
-            sub = tmp / getattr(st, "denoiser_name", "")
-            (sub / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            log = {k: v for k, v in summary.items() if k != "exported"}
-            if init is not None:
-                log["init"] = init
-            log.update(torch=torch.__version__, threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
-            log["loss_curve"] = [float(np.mean(losses[i : i + 100])) for i in range(0, len(losses), 100)]
-            (sub / LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
-        summary["exported"] = str(target)
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        summary["exported"] = str(run.export(out_dir / name, summary))
     return summary
+
+
+@dataclasses.dataclass
+class _Run:
+    """One training run of a stage, by step: :meth:`build` (models, EMA, optimiser, schedule), :meth:`restore` (a
+    checkpoint), :meth:`fit` (the loop, checkpointing as it goes), :meth:`export` (the diffusers folder)."""
+
+    cfg: TrainConfig
+    stage: _Stage
+    accelerator: Any
+    ema: nn.Module | None
+    optimizer: Any
+    scheduler: Any
+    module: nn.Module
+    ckpt_path: Path
+    show: bool
+    init: dict | None = None
+    seconds: float = 0.0
+    losses: list = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def build(cls, cfg, out_dir: Path, ckpt_dir: Path, vae_path: Path, *, mixed_precision: str, cpu: bool,
+              progress: bool) -> _Run:  # fmt: skip
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        show = progress and accelerator.is_local_main_process
+        vae = vae_path if cfg.stage in ("toy-sd", "toy-flux") else None
+        st = _STAGE_CLASSES[cfg.stage](cfg, accelerator.device, vae, ckpt_dir, show)
+        init = _load_init(st, cfg, out_dir) if cfg.init else None
+        ema = copy.deepcopy(st.network).requires_grad_(False) if cfg.ema_decay > 0 else None
+        params = [p for p in st.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(cfg, s))
+        return cls(cfg, st, accelerator, ema, optimizer, scheduler, st.module, ckpt_dir / CHECKPOINT_NAME, show, init)
+
+    @property
+    def network(self) -> nn.Module:
+        return self.stage.network
+
+    def restore(self, state: dict) -> int:
+        """Load a checkpoint read by :func:`_read_checkpoint`; returns the step it was written at."""
+        try:
+            self.network.load_state_dict(state["network"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(
+                f"checkpoint {str(self.ckpt_path)!r} does not fit this {self.cfg.stage} run ({exc}); pass "
+                "--no-resume to start over."
+            ) from None
+        self.seconds, self.losses = state["seconds"], state["losses"]
+        logger.info("resuming %s from step %d", self.cfg.stage, state["step"])
+        return state["step"]
+
+    def checkpoint(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": step,
+            "config": self.cfg.to_dict(),
+            "network": self.network.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "seconds": self.seconds,
+            "losses": self.losses,
+        }
+        save_state(self.ckpt_path, state, CHECKPOINT_KIND)
+
+    def fit(self, start: int, end: int) -> None:
+        """Steps ``start .. end - 1``; each process takes every ``world``-th item of the step's batch."""
+        from tqdm.auto import tqdm
+
+        cfg, accelerator = self.cfg, self.accelerator
+        self.network.to(accelerator.device)
+        if self.ema is not None:
+            self.ema.to(accelerator.device)
+        self.module, self.optimizer = accelerator.prepare(self.module, self.optimizer)
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        world, rank = accelerator.num_processes, accelerator.process_index
+        bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"train {cfg.stage}", disable=not self.show)
+        running = None
+        self.module.train()
+        for step in bar:
+            tick = time.perf_counter()
+            indices = list(range(step * cfg.batch_size + rank, (step + 1) * cfg.batch_size, world))
+            gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank))
+            rng = np.random.default_rng([cfg.seed, step, rank, 1])
+            batch = self.stage.batch(indices, gen, rng)
+            with accelerator.autocast():
+                loss = self.module(**batch)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for e, p in zip(self.ema.parameters(), self.network.parameters(), strict=True):
+                        e.lerp_(p.detach(), 1 - decay)
+            value = float(loss.detach())
+            running = value if running is None else 0.98 * running + 0.02 * value
+            self.losses.append(round(value, 6))
+            self.seconds += time.perf_counter() - tick
+            bar.set_postfix(loss=f"{running:.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+                self.checkpoint(step + 1)
+        bar.close()
+
+    def export(self, target: Path, summary: dict) -> Path:
+        """The trained (EMA) weights as a diffusers folder, with ``train_config.json`` and ``train_log.json``."""
+        final = self.ema if self.ema is not None else self.network
+        final.eval()
+        with atomic_dir(target) as tmp:
+            self.stage.export(final, tmp)
+            sub = tmp / getattr(self.stage, "denoiser_name", "")
+            (sub / CONFIG_NAME).write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            log = {k: v for k, v in summary.items() if k != "exported"}
+            if self.init is not None:
+                log["init"] = self.init
+            log.update(torch=torch.__version__, threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
+            log["loss_curve"] = [float(np.mean(self.losses[i : i + 100])) for i in range(0, len(self.losses), 100)]
+            (sub / LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
+        return target
 
 
 def with_overrides(cfg: TrainConfig, steps: int | None = None, batch_size: int | None = None) -> TrainConfig:
