@@ -32,7 +32,8 @@ from attnpack.attn_processors import list_layers
 from attnpack.attn_processors.paro import PARO_KINDS
 from attnpack.pipelines._tiny import build_tiny_pipeline
 from attnpack.pipelines.clear_distill import CHECKPOINT_KIND as DISTILL_KIND
-from attnpack.pipelines.clear_distill import ClearDistillConfig, _read_resume_checkpoint, distill_clear
+from attnpack.pipelines.clear_distill import ClearDistillConfig, distill_clear
+from attnpack.pipelines.clear_distill.checkpoints import _read_resume_checkpoint
 from attnpack.toy.train import CHECKPOINT_KIND as TOY_KIND
 from attnpack.toy.train import _read_checkpoint, default_config, train
 
