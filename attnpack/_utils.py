@@ -40,23 +40,40 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device | No
     return DTYPE_NAMES[dtype.lower()]
 
 
+def _bound(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)  # exactly, however large (a float would round 2**64 - 1)
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def check_number(
-    name: str, value: Any, low: float | None = None, high: float | None = None, *, integer: bool = False
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    integer: bool = False,
+    note: str = "",
 ) -> Any:
-    """``value`` as a finite number (an ``int`` with ``integer=True``) in ``[low, high]``, else a ``TypeError`` /
-    ``ValueError`` naming ``name``, the value and the rule. Every number a user gives attnpack (Python API, command
-    line, batch rows, the UI) goes through this: NaN and infinities never reach a pipeline (they would give black
-    images with exit 0), nor do values that overflow downstream."""
+    """``value`` as a finite number (an ``int`` with ``integer=True``) in ``low..high`` (either may be ``None``), else a
+    ``TypeError`` / ``ValueError`` naming ``name``, the rule (``note`` added after the range) and the value. Every
+    number a user gives attnpack (Python API, command line, batch rows, config files, the UI) goes through this: NaN
+    and infinities never reach a pipeline (they would give black images with exit 0), nor do values that overflow
+    downstream."""
+    if low is not None and high is not None:
+        bounds = f" in {_bound(low)}..{_bound(high)}"
+    elif low is not None or high is not None:
+        bounds = f" >= {_bound(low)}" if low is not None else f" <= {_bound(high)}"
+    else:
+        bounds = ""
     kind = "an integer" if integer else "a number"
-    ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
-    if not ok:
-        raise TypeError(f"`{name}` must be {kind}, got {value!r}.")
+    if not isinstance(value, numbers.Integral if integer else numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"`{name}` must be {kind}{bounds}{note}, got {name}={value!r}.")
     value = int(value) if integer else float(value)
     if not integer and not math.isfinite(value):  # ints are finite (and may be too large for a float)
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        raise ValueError(f"`{name}` must be a finite number{bounds}{note}, got {name}={value!r}.")
     if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-        raise ValueError(f"`{name}` must be {kind} in {bounds}, got {value!r}.")
+        raise ValueError(f"`{name}` must be {kind}{bounds}{note}, got {name}={value!r}.")
     return value
 
 

@@ -307,7 +307,7 @@ def test_non_finite_numbers_are_refused_naming_the_field(app, api_name, field, k
     if api_name in ("/ir_diffusion", "/benchmark"):
         args.pop("prompt" if api_name == "/ir_diffusion" else "steps")
     event, message = raw_call(client, api_name, **args)
-    assert event == "error" and message == f"`{field}` must be a number, got {field}={kwargs[field]}.", message
+    assert event == "error" and message == f"`{field}` must be a finite number, got {field}={kwargs[field]}.", message
 
 
 LONG = "x" * 4_000_000  # 4 MB: before, such a negative prompt was generated with, holding the device (46 s, toy-flux)

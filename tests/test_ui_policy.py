@@ -152,7 +152,10 @@ def test_settings_bounds():
         (dict(width=nan), "`width` must be an integer in 16..512 in this UI (0: the default), got width=nan."),
         (dict(steps=inf), "`steps` must be an integer in 1..10 in this UI (0: the default), got steps=inf."),
         (dict(num_frames=-inf), "`num_frames` must be an integer in 1..9"),
-        (dict(guidance=nan), "`guidance` must be a number in -1..100 (-1: the pipeline's default), got guidance=nan."),
+        (
+            dict(guidance=nan),
+            "`guidance` must be a finite number in -1..100 (-1: the pipeline's default), got guidance=nan.",
+        ),
         (dict(guidance=True), "`guidance` must be a number"),
         (dict(height="64"), "`height` must be an integer"),
     ]:
@@ -161,12 +164,13 @@ def test_settings_bounds():
             make_settings(cfg, **kwargs)
 
 
-def test_number_is_the_one_conversion_of_number_fields():
+def test_number_is_the_one_check_of_number_fields():
+    """The UI's `number` is `_utils.check_number` (one check everywhere) plus Gradio's integral floats."""
     assert number("x", 3, 0, 5, integer=True) == 3 and isinstance(number("x", 3.0, integer=True), int)
     assert number("x", 0.25, 0, 1) == 0.25 and number("x", -1e300) == -1e300
     for value, bounds, message in [
-        (float("nan"), {}, "`x` must be a number, got x=nan."),
-        (float("-inf"), dict(low=0), "`x` must be a number >= 0, got x=-inf."),
+        (float("nan"), {}, "`x` must be a finite number, got x=nan."),
+        (float("-inf"), dict(low=0), "`x` must be a finite number >= 0, got x=-inf."),
         (7, dict(high=5), "`x` must be a number <= 5, got x=7."),
         (0.0005, dict(low=1e-3, high=10), "`x` must be a number in 0.001..10, got x=0.0005."),
         (
@@ -195,10 +199,10 @@ def test_every_text_and_number_of_a_request_is_checked():
         ({"gna__window_size": "3, " * 2000}, "`gna__window_size` is too long (6000 characters"),
         (
             {"head_guidance__scale": float("nan")},
-            "`head_guidance__scale` must be a number, got head_guidance__scale=nan.",
+            "`head_guidance__scale` must be a finite number, got head_guidance__scale=nan.",
         ),
-        ({"dropout": float("inf")}, "`dropout` must be a number, got dropout=inf."),
-        ({"seed": float("nan"), "randomize_seed": True}, "`seed` must be a number, got seed=nan."),
+        ({"dropout": float("inf")}, "`dropout` must be a finite number, got dropout=inf."),
+        ({"seed": float("nan"), "randomize_seed": True}, "`seed` must be a finite number, got seed=nan."),
     ]
     for fields, message in cases:
         with pytest.raises(ValueError) as info:

@@ -288,10 +288,6 @@ class HeadGuidanceHandle:
         return f"HeadGuidanceHandle({state})"
 
 
-def _check_number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
-    return check_number(name, value, low, high)
-
-
 def apply_head_perturbation(
     pipe,
     heads: HeadSpec | None = None,
@@ -336,10 +332,10 @@ def apply_head_perturbation(
         with attnpack.apply_head_perturbation(pipe, heads="sd3-medium/dark", scale=3.0, softness=0.5):
             image = pipe("a lighthouse", guidance_scale=5.0).images[0]
     """
-    scale = _check_number("scale", scale, 0.0, MAX_SCALE)
-    start = _check_number("start", start, 0.0, 1.0)
-    end = _check_number("end", end, 0.0, 1.0)
-    adaptive_scale = _check_number("adaptive_scale", adaptive_scale, 0.0, MAX_SCALE)
+    scale = check_number("scale", scale, 0.0, MAX_SCALE)
+    start = check_number("start", start, 0.0, 1.0)
+    end = check_number("end", end, 0.0, 1.0)
+    adaptive_scale = check_number("adaptive_scale", adaptive_scale, 0.0, MAX_SCALE)
     if not start < end:
         raise ValueError(f"`start` must be smaller than `end`, got start={start}, end={end}.")
     if not isinstance(separate_pass, bool):

@@ -13,11 +13,11 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import math
 import random
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from .._utils import check_number
 from ._runtime import MAX_SEED, UIConfig, user_errors
 
 
@@ -39,10 +39,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------ input checks
-def _bound(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
 def number(
     name: str,
     value: Any,
@@ -52,25 +48,15 @@ def number(
     integer: bool = False,
     note: str = "",
 ) -> int | float:
-    """The one conversion of a number entering through the UI: ``value`` must be a real, finite number (an integer
-    when ``integer``) in ``low..high`` (either may be ``None``); the error names the field, the rule (``note`` added
-    after the range) and the value. NaN and infinities never pass (Gradio's own range check lets NaN through)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and isinstance(value, float):
-        ok = math.isfinite(value) and (not integer or value.is_integer())
-    if ok and ((low is not None and value < low) or (high is not None and value > high)):
-        ok = False
-    if not ok:
-        if low is not None and high is not None:
-            bounds = f" in {_bound(low)}..{_bound(high)}"
-        elif low is not None or high is not None:
-            bounds = f" >= {_bound(low)}" if low is not None else f" <= {_bound(high)}"
-        else:
-            bounds = ""
-        raise ValueError(
-            f"`{name}` must be {'an integer' if integer else 'a number'}{bounds}{note}, got {name}={value!r}."
-        )
-    return int(value) if integer else float(value)
+    """A number entering through the UI, checked by :func:`attnpack._utils.check_number` (the one check of every
+    number a user gives). Gradio's Number field sends floats, so an integral float passes an integer field; NaN and
+    infinities never pass (Gradio's own range check lets NaN through)."""
+    if integer and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        return check_number(name, value, low, high, integer=integer, note=note)
+    except TypeError as exc:  # the UI reports every bad value the same way
+        raise ValueError(str(exc)) from None
 
 
 def _leaves(value: Any) -> Iterator[Any]:
