@@ -69,11 +69,11 @@ def check_number(
     kind = "an integer" if integer else "a number"
     if not isinstance(value, numbers.Integral if integer else numbers.Real) or isinstance(value, bool):
         raise TypeError(f"`{name}` must be {kind}{bounds}{note}, got {name}={value!r}.")
-    value = int(value) if integer else float(value)
+    given, value = value, int(value) if integer else float(value)
     if not integer and not math.isfinite(value):  # ints are finite (and may be too large for a float)
-        raise ValueError(f"`{name}` must be a finite number{bounds}{note}, got {name}={value!r}.")
+        raise ValueError(f"`{name}` must be a finite number{bounds}{note}, got {name}={given!r}.")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"`{name}` must be {kind}{bounds}{note}, got {name}={value!r}.")
+        raise ValueError(f"`{name}` must be {kind}{bounds}{note}, got {name}={given!r}.")
     return value
 
 
