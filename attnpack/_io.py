@@ -352,13 +352,15 @@ def read_torch_tensors(path: str | os.PathLike, what: str = "file", fix: str = "
                 raise
             value = load(False)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+        text = str(exc)
+        if "Unsupported global" in text or "not an allowed global" in text:  # a class or function in the pickle
             raise ValueError(
                 f"{what} {shown} holds objects other than tensors, numbers and containers, which "
                 "torch.load(weights_only=True) refuses (unpickling them could run code): attnpack does not load it. "
                 f"Re-save it as a dict of tensors (torch.save({{'name': tensor, ...}}, path)).{fix}"
             ) from None
-        raise ValueError(f"{what} {shown} is not a file written by torch.save ({exc}).{fix}") from None
+        reason = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if text.strip() else "unreadable"
+        raise ValueError(f"{what} {shown} is not a file written by torch.save ({reason[:200]}).{fix}") from None
     except (RuntimeError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{what} {shown} is not a file written by torch.save ({reason[:200]}).{fix}") from None
