@@ -439,3 +439,45 @@ def test_official_files_are_not_plans(tmp_path):
         attnpack.apply_paro(pipe, permute_path)
     with pytest.raises(ValueError, match="CogVideoX and Wan"):
         attnpack.convert_official_paro_plan(build_tiny_pipeline("tiny-flux"), permute_path, sparse_path)
+
+
+def test_conversion_reads_only_the_model_config(tmp_path, capsys):
+    from attnpack.pipelines.loading import load_denoiser_structure
+    from attnpack.pipelines.paro_plan import config_hash
+
+    kwargs, grid, text = PIPELINES["tiny-wan"]
+    pipe = build_tiny_pipeline("tiny-wan")
+    folder = tmp_path / "wan"
+    pipe.save_pretrained(folder)
+    skeleton = load_denoiser_structure(folder)
+    assert next(skeleton.parameters()).device.type == "meta"  # no weights allocated
+    assert config_hash(skeleton) == config_hash(pipe.transformer)
+    permute_path, sparse_path, _, _ = synthetic_official_plan(tmp_path, 2, 2, -(-math.prod(grid) // BLOCK))
+    out = tmp_path / "plan.safetensors"
+    argv = ["convert-paro-plan", "-m", str(folder), "--permute", str(permute_path), "--sparse", str(sparse_path),
+            "--grid", "3,4,4", "--block-size", str(BLOCK), "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    plan = ParoPlan.load(out)
+    assert plan.text_len == 0 and plan.num_blocks == 10  # Wan: 48 tokens, last block partial
+    with attnpack.apply_paro(pipe, plan) as handle:  # the plan fits the model it was converted for
+        assert len(handle.processors) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(argv[:2] + [str(tmp_path / "empty")] + argv[3:]) == 2
+    assert "no model_index.json" in capsys.readouterr().err
+
+
+def test_calibration_with_the_official_conventions(tmp_path):
+    kwargs, grid, text = PIPELINES["tiny-cogvideox"]
+    pipe = build_tiny_pipeline("tiny-cogvideox")
+    plan = attnpack.calibrate_paro(pipe, ["a red cat"], STEPS, density=0.5, block_size=BLOCK, tiling="joint",
+                                   schedule="uniform", timestep_buckets=BUCKETS, progress=False, **kwargs)  # fmt: skip
+    t = -(-(text + math.prod(grid)) // BLOCK)
+    assert (plan.tiling, plan.schedule, plan.num_blocks, plan.num_buckets) == ("joint", "uniform", t, BUCKETS)
+    kept = plan.mask_codes() == 0  # [NB, L, H, T, T]
+    assert bool(kept[..., :4, :].all()) and bool(kept[..., :, :4].all())  # text blocks (block 3 mixed) dense
+    assert bool(kept[..., -1, :].all()) and bool(kept[..., :, -1].all())  # last block row and column
+    assert not bool(kept.all())
+    with pytest.raises(ValueError, match="timestep_buckets"):
+        attnpack.calibrate_paro(pipe, ["a"], STEPS, schedule="uniform", timestep_buckets=STEPS + 1, **kwargs)
+    with pytest.raises(ValueError, match="`tiling`"):
+        attnpack.calibrate_paro(pipe, ["a"], STEPS, tiling="official", **kwargs)
