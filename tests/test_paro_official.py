@@ -481,3 +481,33 @@ def test_calibration_with_the_official_conventions(tmp_path):
         attnpack.calibrate_paro(pipe, ["a"], STEPS, schedule="uniform", timestep_buckets=STEPS + 1, **kwargs)
     with pytest.raises(ValueError, match="`tiling`"):
         attnpack.calibrate_paro(pipe, ["a"], STEPS, tiling="official", **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "flex", "triton", "paro_quant_reference", "paro_quant_triton"])
+def test_every_backend_runs_the_joint_tiling(backend):
+    """One tile holds text and grid tokens, the last tile is partial; oracle: dense attention with the block mask
+    looked up through the official token positions."""
+    from attnpack.kernels.block_sparse import BlockSparsePattern, block_sparse_attention, tile_table_from_dense
+
+    grid, text, bs, heads = (3, 4, 4), 10, 16, 3
+    n = text + math.prod(grid)
+    orders = torch.tensor([0, 2, 5])
+    order = paro_token_order(grid, orders, bs, text_len=text, tiling="joint")
+    g = torch.Generator().manual_seed(0)
+    t = -(-n // bs)
+    mask = torch.rand(heads, t, t, generator=g) < 0.5
+    mask[:, :, -1] = mask[:, -1] = mask[:, 0] = mask[:, :, 0] = True
+    pattern = BlockSparsePattern(tile_table_from_dense(mask[None]), order, order)
+    q, k, v = (torch.randn(2, heads, n, 32, generator=g) for _ in range(3))
+    # position of every token in the official joint sequence: its block is position // bs
+    positions = official_permute(torch.arange(n, dtype=torch.float32).view(1, 1, n, 1).expand(1, heads, n, 1), orders,
+                                 text, grid)[0, :, :, 0].long().argsort(-1)  # fmt: skip
+    blocks = positions // bs
+    allowed = torch.stack([mask[h][blocks[h]][:, blocks[h]] for h in range(heads)])
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(32)
+    expect = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+    quant = backend.startswith("paro_quant")
+    out = block_sparse_attention(
+        q, k, v, pattern, backend=backend, backend_options={"quant": "int8"} if quant else None
+    )
+    torch.testing.assert_close(out, expect, atol=5e-2 if quant else 1e-5, rtol=0)
