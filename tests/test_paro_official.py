@@ -511,3 +511,24 @@ def test_every_backend_runs_the_joint_tiling(backend):
         q, k, v, pattern, backend=backend, backend_options={"quant": "int8"} if quant else None
     )
     torch.testing.assert_close(out, expect, atol=5e-2 if quant else 1e-5, rtol=0)
+
+
+def test_legacy_torch_save_format_converts_the_same(tmp_path):
+    permute_path, sparse_path, permute, sparse = synthetic_official_plan(tmp_path, 1, 2, 9)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for src in (permute_path, sparse_path):  # torch's pre-1.6 format (not a zip archive: no memory mapping)
+        torch.save(torch.load(src, weights_only=True), legacy / src.name, _use_new_zipfile_serialization=False)
+    model = build_tiny_pipeline("tiny-cogvideox").transformer
+    plans = [
+        attnpack.convert_official_paro_plan(
+            model,
+            folder / "permute_plan.pth",
+            folder / "sparse_plan.pth",
+            grid=(3, 4, 4),
+            text_len=16,
+            block_size=BLOCK,
+        )  # fmt: skip
+        for folder in (tmp_path, legacy)
+    ]
+    assert torch.equal(plans[0].masks, plans[1].masks) and torch.equal(plans[0].orders, plans[1].orders)
