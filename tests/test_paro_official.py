@@ -267,7 +267,8 @@ def test_cli_converts_and_the_plan_generates(tmp_path, capsys):
     permute_path, sparse_path, permute, sparse = synthetic_official_plan(tmp_path, 1, 2, t - 4)
     out = tmp_path / "plan.safetensors"
     argv = ["convert-paro-plan", "-m", "tiny-cogvideox", "--permute", str(permute_path), "--sparse", str(sparse_path),
-            "--grid", "3,4,4", "--text-len", "16", "--block-size", str(BLOCK), "--steps", "4", "-o", str(out)]  # fmt: skip
+            "--grid", "3,4,4", "--text-len", "16", "--block-size", str(BLOCK), "--steps", "4",
+            "-o", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert "1 layers x 2 heads" in capsys.readouterr().out
     plan = ParoPlan.load(out)

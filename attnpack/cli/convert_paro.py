@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     )
     plan.save(out)
     print(
-        f"wrote {out}: {len(plan.layers)} layers x {plan.heads} heads, grid {plan.grid} + {plan.text_len} text tokens, "
-        f"{plan.num_blocks} blocks per side, {plan.num_buckets} masks, density {plan.density:.3f}"
+        f"wrote {out}: {len(plan.layers)} layers x {plan.heads} heads, grid {plan.grid} + {plan.text_len} text "
+        f"tokens, {plan.num_blocks} blocks per side, {plan.num_buckets} masks, density {plan.density:.3f}"
     )
     return 0

@@ -10,10 +10,10 @@ File layout (safetensors):
 - ``orders``: ``int8 [L, H]`` order index per layer and head (``0 FHW, 1 FWH, 2 HWF, 3 HFW, 4 WHF, 5 WFH``; images
   ``0 HW, 1 WH``).
 - ``masks``: ``uint8 [NB, L, row_bytes]``: per timestep bucket (``NB``) and layer, the ``[H, T, T]`` block codes
-  (``T`` blocks per side, text blocks included, tiled as ``tiling`` says) bit-packed into one row. A block's code is the index of the smallest
-  stored density whose mask keeps it (``len(densities)``: kept only at density 1); ``mask_bits`` per code is 1, 2, 4
-  or 8 (1 bit for a single density). Plans stay packed in memory too; one (bucket, layer) row is unpacked when its
-  pattern is built.
+  (``T`` blocks per side, text blocks included, tiled as ``tiling`` says) bit-packed into one row. A block's code is
+  the index of the smallest stored density whose mask keeps it (``len(densities)``: kept only at density 1);
+  ``mask_bits`` per code is 1, 2, 4 or 8 (1 bit for a single density). Plans stay packed in memory too; one
+  (bucket, layer) row is unpacked when its pattern is built.
 - ``order_metrics`` (optional): ``float32 [L, H, n_orders, 2]`` calibration sparsity and incoherence of every
   candidate order.
 - metadata: format and version, model class, config hash, family, grid, text length and position, steps, block size,
