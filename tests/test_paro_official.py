@@ -533,3 +533,16 @@ def test_legacy_torch_save_format_converts_the_same(tmp_path):
         for folder in (tmp_path, legacy)
     ]
     assert torch.equal(plans[0].masks, plans[1].masks) and torch.equal(plans[0].orders, plans[1].orders)
+
+
+def test_fewer_buckets_than_the_file_holds(tmp_path):
+    """The official callback's num_timestep_for_sparse_mask may be below the file's N_bucket: the first masks run."""
+    permute_path, sparse_path, _, sparse = synthetic_official_plan(tmp_path, 1, 2, 9)
+    model = build_tiny_pipeline("tiny-cogvideox").transformer
+    kw = dict(grid=(3, 4, 4), text_len=16, block_size=BLOCK)
+    plan = attnpack.convert_official_paro_plan(model, permute_path, sparse_path, buckets=2, **kw)
+    assert plan.num_buckets == 2 and [plan.bucket(s, 4) for s in range(4)] == [0, 0, 1, 1]
+    expect = torch.stack([official_block_mask(sparse, b, 0, 4) for b in range(2)])
+    assert torch.equal(plan.mask_codes()[:, 0] == 0, expect)
+    with pytest.raises(ValueError, match=r"`buckets` must be an integer in \[1, 3\].*sparse_plan.pth"):
+        attnpack.convert_official_paro_plan(model, permute_path, sparse_path, buckets=4, **kw)

@@ -41,6 +41,12 @@ def register(sub) -> None:
     p.add_argument("--quant", default="none", help="default quantization of the plan: none, int8, fp8, int4")
     p.add_argument("--apply-empty", action="store_true", help="apply the 'empty' head flags (the official "
                    "pipelines do not)")  # fmt: skip
+    p.add_argument(
+        "--buckets",
+        type=int,
+        default=None,
+        help="num_timestep_for_sparse_mask of the official TimestepCallback (default: all masks of the file)",
+    )
     p.add_argument("-o", "--out", required=True, help="plan file to write (.safetensors)")
     p.set_defaults(func=run)
 
@@ -63,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         quant=args.quant,
         apply_empty=args.apply_empty,
+        buckets=args.buckets,
     )
     plan.save(out)
     print(

@@ -169,6 +169,7 @@ def convert_official_paro_plan(
     block_size: int = OFFICIAL_BLOCK_SIZE,
     quant: str | None = None,
     apply_empty: bool = False,
+    buckets: int | None = None,
 ) -> ParoPlan:
     """Convert the official PAROAtten ``permute_plan.pth`` / ``sparse_plan.pth`` into a :class:`~attnpack.ParoPlan`.
 
@@ -190,6 +191,9 @@ def convert_official_paro_plan(
         quant: default quantization stored in the plan (``None``: sparse only; ``"int8"``, ``"fp8"``, ``"int4"``).
         apply_empty: apply the ``empty`` head flags as the official pipelines' commented-out line would (an empty
             head keeps only its forced blocks); default ``False``, as the official pipelines run.
+        buckets: the ``num_timestep_for_sparse_mask`` the official ``TimestepCallback`` was given (the official
+            pipelines: CogVideoX 30, Wan 4); the first ``buckets`` masks of the file are used. Default: the file's
+            ``N_bucket``.
 
     Returns:
         the plan (single density: the achieved fraction of kept blocks, forced blocks included).
@@ -225,6 +229,13 @@ def convert_official_paro_plan(
     if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 0:
         raise ValueError(f"`text_len` must be a non-negative integer, got {text_len!r}.")
     n_buckets, n_blocks, heads, side, _ = sparse.shape
+    if buckets is not None:
+        if isinstance(buckets, bool) or not isinstance(buckets, int) or not 1 <= buckets <= n_buckets:
+            raise ValueError(
+                f"`buckets` must be an integer in [1, {n_buckets}] (the masks {sname} holds), got {buckets!r}: the "
+                "official pipeline indexes the file's masks with it."
+            )
+        n_buckets = buckets
     layers = _official_layers(denoiser, family, n_blocks, heads, pname)
     t = -(-(text_len + math.prod(grid)) // block_size)
     n_text = -(-text_len // block_size)
