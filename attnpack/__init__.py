@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "apply_paro": "attnpack.attn_processors.paro",
     "ParoPlan": "attnpack.pipelines.paro_plan",
     "calibrate_paro": "attnpack.pipelines.paro_calibrate",
+    "convert_official_paro_plan": "attnpack.pipelines.paro_official",
     # pipelines
     "load_pipeline": "attnpack.pipelines.loading",
     "builtin_models": "attnpack.pipelines.loading",
@@ -112,5 +113,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pipelines.ir_diffusion import IRDiffusionPipeline, IRDiffusionSDPipeline
     from .pipelines.loading import builtin_models, load_pipeline
     from .pipelines.paro_calibrate import calibrate_paro
+    from .pipelines.paro_official import convert_official_paro_plan
     from .pipelines.paro_plan import ParoPlan
     from .techniques import apply_techniques

@@ -24,6 +24,7 @@ __all__ = [
     "save_video",
     "read_parameters",
     "read_safetensors",
+    "read_torch_tensors",
     "save_state",
     "load_state",
     "check_state_fields",
@@ -315,6 +316,65 @@ def read_safetensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[
             reason += "; it looks like a pickle (torch.save) file, which attnpack never loads: pickles can run code"
         raise ValueError(f"{what} {shown} is not a valid safetensors file ({reason}).") from None
     return tensors, metadata
+
+
+def read_torch_tensors(path: str | os.PathLike, what: str = "file", fix: str = "") -> dict[str, Any]:
+    """The ``{name: tensor}`` dict of a ``torch.save`` file, read only with ``torch.load(..., weights_only=True)``.
+
+    For files of other projects that ship plain tensors as pickles (e.g. the official PAROAtten plans). The restricted
+    unpickler builds tensors, numbers, strings and containers only; anything else (a class, a function, a module
+    object) is refused, and nothing in the file runs. Every problem (missing file, not a torch file, objects other
+    than tensors, not a dict of tensors) is one ``ValueError`` naming ``what``, the file and ``fix``. Tensors are on
+    the CPU (memory-mapped when the file allows it).
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path).expanduser()
+    shown = _shown(path)
+    fix = f" {fix}" if fix else ""
+    if not path.exists():
+        raise ValueError(f"{what} {shown} does not exist; check the path.{fix}")
+    if not path.is_file():
+        raise ValueError(f"{what} {shown} is not a regular file (a folder or a device).{fix}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {shown} is empty: it is not a file written by torch.save.{fix}")
+
+    def load(mmap: bool):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            value = load(True)
+        except RuntimeError as exc:  # files in torch's legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            value = load(False)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Unsupported global" in text or "not an allowed global" in text:  # a class or function in the pickle
+            raise ValueError(
+                f"{what} {shown} holds objects other than tensors, numbers and containers, which "
+                "torch.load(weights_only=True) refuses (unpickling them could run code): attnpack does not load it. "
+                f"Re-save it as a dict of tensors (torch.save({{'name': tensor, ...}}, path)).{fix}"
+            ) from None
+        reason = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if text.strip() else "unreadable"
+        raise ValueError(f"{what} {shown} is not a file written by torch.save ({reason[:200]}).{fix}") from None
+    except (RuntimeError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{what} {shown} is not a file written by torch.save ({reason[:200]}).{fix}") from None
+    except OSError as exc:
+        raise ValueError(f"{what} {shown} cannot be read ({exc.strerror or exc}).{fix}") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(
+            f"{what} {shown} holds a {type(value).__name__}, not a dict of named tensors "
+            f"(torch.save({{'name': tensor, ...}})).{fix}"
+        )
+    bad = [k for k, v in value.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{what} {shown}: entry {bad[0]!r} is a {type(value[bad[0]]).__name__}, not a tensor.{fix}")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------- training states

@@ -24,7 +24,8 @@ def make_plan(model=None, *, grid=(3, 4, 4), text_len=8, block_size=4, heads=2, 
     """A plan with random orders and random nested mask codes (no calibration)."""
     g = torch.Generator().manual_seed(seed)
     n_text = -(-text_len // block_size)
-    t = n_text + -(-(grid[0] * grid[1] * (grid[2] if len(grid) == 3 else 1)) // block_size)
+    n_grid = grid[0] * grid[1] * (grid[2] if len(grid) == 3 else 1)
+    t = -(-(text_len + n_grid) // block_size) if kw.get("tiling") == "joint" else n_text + -(-n_grid // block_size)
     densities = kw.pop("densities", (0.3, 0.5))
     steps = kw.pop("num_inference_steps", 4)
     buckets = kw.pop("timestep_buckets", 2)
@@ -45,7 +46,8 @@ def make_plan(model=None, *, grid=(3, 4, 4), text_len=8, block_size=4, heads=2, 
         heads=heads,
         orders=torch.randint(0, n_orders, (len(layers), heads), generator=g),
     )
-    codes = torch.randint(0, len(densities) + 1, (buckets + 1, len(layers), heads, t, t), generator=g)
+    n_buckets = buckets if kw.get("schedule") == "uniform" else buckets + 1
+    codes = torch.randint(0, len(densities) + 1, (n_buckets, len(layers), heads, t, t), generator=g)
     fields["mask_bits"] = mask_bits_for(len(densities))
     fields["masks"] = pack_mask_rows(codes.to(torch.uint8), fields["mask_bits"])
     fields.update(kw)

@@ -34,6 +34,7 @@ EXPECTED = {
     "apply_processors",
     "builtin_models",
     "calibrate_paro",
+    "convert_official_paro_plan",
     "current_run",
     "list_layers",
     "load_pipeline",

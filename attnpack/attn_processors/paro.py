@@ -28,7 +28,7 @@ import os
 import torch
 
 from ..kernels.block_sparse import BlockSparsePattern, block_sparse_attention, tile_table_from_dense
-from ..kernels.paro import QUANT_MODES, paro_token_order, triton_unusable
+from ..kernels.paro import QUANT_MODES, triton_unusable
 from ..techniques import Option, Technique, register_technique
 from ._apply import (
     AttentionCall,
@@ -116,14 +116,7 @@ class ParoCore:
             return self._current[2]
         plan = self.plan
         if device not in self._orders:
-            self._orders[device] = paro_token_order(
-                plan.grid,
-                plan.orders[self.layer],
-                plan.block_size,
-                text_len=plan.text_len,
-                text_first=plan.text_first,
-                device=device,
-            )
+            self._orders[device] = plan.token_order(self.layer, device)
         order = self._orders[device]
         mask = plan.mask(bucket, self.layer, self.density).to(device)
         name = f"paro {plan.layers[self.layer]} bucket {bucket}"

@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "search_heads",
     "distill_clear",
     "calibrate_paro",
+    "convert_paro",
     "train_toy",
     "ui",
 ]

@@ -44,11 +44,26 @@ def register(sub) -> None:
         "--timestep-buckets",
         type=int,
         default=None,
-        help="distinct masks over the first half of the steps (default: one per step)",
+        help="distinct masks over the first half of the steps, or all masks with --schedule uniform (default: one "
+        "per step)",
     )
     g.add_argument("--alpha", type=float, default=0.5, help="weight of sparsity vs. incoherence (default: 0.5)")
     g.add_argument("--quant", default="int8", help="default quantization of the plan: int8, fp8, int4, none")
     g.add_argument("--mask-rule", choices=["threshold", "row"], default="threshold")
+    g.add_argument(
+        "--tiling",
+        choices=["padded", "joint"],
+        default="padded",
+        help="padded: text padded to whole blocks (default); joint: blocks over the raw [text, video] sequence, as "
+        "the official PAROAtten code",
+    )
+    g.add_argument(
+        "--schedule",
+        choices=["half", "uniform"],
+        default="half",
+        help="half: distinct masks over the first half of the steps, one after (default, the paper's); uniform: "
+        "--timestep-buckets masks over all steps (the official code's)",
+    )
     g.add_argument("--no-reorder", action="store_true", help="keep diffusers' token order (ablation)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--height", type=int, default=None)
@@ -188,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
         quant=args.quant,
         reorder=not args.no_reorder,
         mask_rule=args.mask_rule,
+        tiling=args.tiling,
+        schedule=args.schedule,
         seed=args.seed,
         checkpoint=checkpoint,
         **kwargs,

@@ -17,7 +17,14 @@ from ._tiny import TINY_MODELS, build_tiny_pipeline
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_pipeline", "builtin_models", "is_video_pipeline", "pipeline_defaults", "OFFLOAD_MODES"]
+__all__ = [
+    "load_pipeline",
+    "load_denoiser_structure",
+    "builtin_models",
+    "is_video_pipeline",
+    "pipeline_defaults",
+    "OFFLOAD_MODES",
+]
 
 OFFLOAD_MODES = (None, "model", "sequential")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -162,6 +169,47 @@ def load_pipeline(
     if defaults:  # a built-in model: a plain pipe(prompt) call gets the settings it was built / trained for
         pipe.__class__ = _with_call_defaults(type(pipe))
     return pipe
+
+
+def load_denoiser_structure(model: str | os.PathLike, *, revision: str | None = None) -> torch.nn.Module:
+    """A pipeline's denoiser with its config and layers but no weights, for work that reads only its structure.
+
+    A built-in name builds the (small) model itself; a local diffusers folder or a Hub id reads only
+    ``model_index.json`` and the denoiser's ``config.json`` and builds the model on the ``meta`` device (no weights
+    are downloaded or allocated).
+    """
+    name = os.fspath(model)
+    if name in TINY_MODELS or name in _EXTRA_BUILTINS:
+        pipe = load_pipeline(name, device="cpu", dtype="fp32")
+        return next(m for m in (getattr(pipe, k, None) for k in ("transformer", "unet")) if m is not None)
+    import diffusers
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ValueError(
+                f"`model` folder {name!r} has no model_index.json; it is not a diffusers pipeline folder."
+            )
+        _check_model_index(index)
+        data = json.loads(index.read_text(encoding="utf-8"))
+        source, kwargs = str(path), {"local_files_only": True}
+    elif _HUB_ID.match(name) and not name.startswith(("tiny-", "toy-")):
+        data = diffusers.DiffusionPipeline.load_config(name, revision=revision)
+        source, kwargs = name, {"revision": revision}
+    else:
+        raise ValueError(
+            f"`model` {name!r} is neither a built-in model ({', '.join(builtin_models())}), an existing diffusers "
+            "folder, nor a Hub id like 'org/name'."
+        )
+    for sub in ("transformer", "unet"):
+        entry = data.get(sub)
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] and hasattr(diffusers, entry[1]):
+            cls = getattr(diffusers, entry[1])
+            config = cls.load_config(source, subfolder=sub, **kwargs)
+            with torch.device("meta"):
+                return cls.from_config(config)
+    raise ValueError(f"`model` {name!r} has no diffusers transformer or unet component.")
 
 
 _DEFAULTED: dict[type, type] = {}

@@ -27,7 +27,6 @@ import dataclasses
 import inspect
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ from ..kernels.block_sparse import TokenOrder
 from ..kernels.paro import (
     DEFAULT_SIGMA,
     MASK_RULES,
+    TILINGS,
     OrderSearch,
     axis_order_names,
     block_statistics,
@@ -54,12 +54,14 @@ from ..kernels.paro import (
 )
 from .loading import pipeline_defaults
 from .paro_plan import (
+    SCHEDULES,
     ParoPlan,
     config_hash,
     default_timestep_buckets,
     mask_bits_for,
     pack_codes,
     schedule_bucket,
+    uniform_bucket,
 )
 
 
@@ -94,6 +96,8 @@ class _Calibration:
     steps: int
     buckets: int
     eps: float
+    tiling: str
+    schedule: str
     sigma: float
     chunk_elements: int
     phase: str = "orders"
@@ -124,13 +128,17 @@ class _Calibration:
         run = call.run
         if run is None or run.step_index is None:
             raise RuntimeError("PARO calibration needs the denoising step; run it through the pipeline.")
-        bucket = schedule_bucket(run.step_index, run.num_steps, self.steps, self.buckets)
+        if self.schedule == "uniform":
+            bucket = uniform_bucket(run.step_index, run.num_steps or self.steps, self.buckets)
+        else:
+            bucket = schedule_bucket(run.step_index, run.num_steps, self.steps, self.buckets)
         order = self._order(slot, query.device)
         mass = block_statistics(query, key, [order], sum_only=True, chunk_elements=self.chunk_elements)[0].sum
         if self.mass is None:
             t = order.num_tiles
-            self.mass = torch.zeros(self.buckets + 1, len(self.layers), self.heads, t, t, device=query.device)
-            self.bucket_calls = torch.zeros(self.buckets + 1, len(self.layers), dtype=torch.int64)
+            nb = self.buckets if self.schedule == "uniform" else self.buckets + 1
+            self.mass = torch.zeros(nb, len(self.layers), self.heads, t, t, device=query.device)
+            self.bucket_calls = torch.zeros(nb, len(self.layers), dtype=torch.int64)
         elif self.mass.device != query.device:  # restored from a checkpoint (on the CPU)
             self.mass = self.mass.to(query.device)
         self.mass[bucket, slot] += mass.to(self.mass.device)
@@ -141,7 +149,13 @@ class _Calibration:
         if key not in self._token_orders:
             grid, text_len, text_first = self.layout
             self._token_orders[key] = paro_token_order(
-                grid, self.orders[slot], self.block_size, text_len=text_len, text_first=text_first, device=device
+                grid,
+                self.orders[slot],
+                self.block_size,
+                text_len=text_len,
+                text_first=text_first,
+                tiling=self.tiling,
+                device=device,
             )
         return self._token_orders[key]
 
@@ -242,6 +256,8 @@ def calibrate_paro(
     *,
     reorder: bool = True,
     mask_rule: str = "threshold",
+    tiling: str = "padded",
+    schedule: str = "half",
     layers=None,
     seed: int = 0,
     sparsity_eps: float = 1e-3,
@@ -260,12 +276,17 @@ def calibrate_paro(
         density: fraction of blocks kept, or a list of densities to store (nested masks; the first is the default
             at apply time). Density 1 is always available.
         block_size: block (kernel tile) size, 64 in the paper; small values suit tiny test models.
-        timestep_buckets: distinct masks over the first half of the steps (default: one per step, as in the paper);
-            the later half shares one more.
+        timestep_buckets: ``schedule="half"``: distinct masks over the first half of the steps (default: one per
+            step, as in the paper), the later half shares one more; ``schedule="uniform"``: the number of masks
+            (default: one per step).
         alpha: weight of block sparsity vs. block incoherence in the order choice, in ``[0, 1]``.
         quant: default quantization stored in the plan (``"int8"``, ``"fp8"``, ``"int4"`` or ``None``).
         reorder: ``False`` keeps diffusers' token order for every head (the "no reordering" ablation).
         mask_rule: ``"threshold"`` (one mass threshold per head) or ``"row"`` (the same density in every block row).
+        tiling: ``"padded"`` (text padded to whole blocks) or ``"joint"`` (blocks over the raw ``[text, grid]``
+            sequence, as the official PAROAtten code; needs the text first).
+        schedule: ``"half"`` (the paper's) or ``"uniform"`` (the official code's: step ``s`` of ``S`` uses mask
+            ``int(s / S * timestep_buckets)``).
         layers: restrict to some self-attention layers (names, indices, regexes); default all.
         seed: generator seed of prompt ``i`` is ``seed + i``.
         sparsity_eps / sparsity_sigma: a block is sparse when at least ``sigma`` of its entries are below ``eps``.
@@ -290,12 +311,25 @@ def calibrate_paro(
     densities, default_density = _densities(density)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"`block_size` must be a positive integer (64 in the paper), got {block_size!r}.")
+    if tiling not in TILINGS:
+        raise ValueError(f"`tiling` must be one of {', '.join(TILINGS)}, got {tiling!r}.")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {schedule!r}.")
     half = default_timestep_buckets(num_inference_steps)
-    buckets = half if timestep_buckets is None else timestep_buckets
-    if isinstance(buckets, bool) or not isinstance(buckets, int) or not 0 <= buckets <= half:
-        raise ValueError(
-            f"`timestep_buckets` must be an integer in [0, num_inference_steps // 2 = {half}], got {timestep_buckets!r}."
-        )
+    if schedule == "uniform":
+        buckets = num_inference_steps if timestep_buckets is None else timestep_buckets
+        if isinstance(buckets, bool) or not isinstance(buckets, int) or not 1 <= buckets <= num_inference_steps:
+            raise ValueError(
+                f"`timestep_buckets` must be an integer in [1, num_inference_steps = {num_inference_steps}] with "
+                f"schedule='uniform', got {timestep_buckets!r}."
+            )
+    else:
+        buckets = half if timestep_buckets is None else timestep_buckets
+        if isinstance(buckets, bool) or not isinstance(buckets, int) or not 0 <= buckets <= half:
+            raise ValueError(
+                f"`timestep_buckets` must be an integer in [0, num_inference_steps // 2 = {half}], got "
+                f"{timestep_buckets!r}."
+            )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
     if mask_rule not in MASK_RULES:
@@ -317,6 +351,8 @@ def calibrate_paro(
             "steps": num_inference_steps,
             "block_size": block_size,
             "buckets": buckets,
+            "tiling": tiling,
+            "schedule": schedule,
             "seed": seed,
             "reorder": reorder,
             "alpha": alpha,
@@ -335,6 +371,8 @@ def calibrate_paro(
         steps=num_inference_steps,
         buckets=buckets,
         eps=sparsity_eps,
+        tiling=tiling,
+        schedule=schedule,
         sigma=sparsity_sigma,
         chunk_elements=chunk_elements,
     )
@@ -395,7 +433,7 @@ def calibrate_paro(
         raise RuntimeError("some timestep bucket saw no attention call; check `num_inference_steps`.")
     grid, text_len, text_first = state.layout
     n_text = -(-text_len // block_size)
-    n_tiles = n_text + -(-math.prod(grid) // block_size)
+    n_tiles = state.mass.shape[-1]  # T of the plan's tiling
     forced = forced_blocks(n_tiles, range(0, n_text) if text_first else range(n_tiles - n_text, n_tiles))
     bits = mask_bits_for(len(densities))
     masks = torch.stack(
@@ -406,7 +444,7 @@ def calibrate_paro(
                     for s in slots.values()
                 ]
             )
-            for b in range(buckets + 1)
+            for b in range(state.mass.shape[0])
         ]
     )
     info = {
@@ -442,6 +480,8 @@ def calibrate_paro(
         mask_rule=mask_rule,
         order_metrics=state.order_metrics(),
         info=json.loads(json.dumps(info, default=str)),
+        tiling=tiling,
+        schedule=schedule,
     )
 
 

@@ -10,14 +10,24 @@ File layout (safetensors):
 - ``orders``: ``int8 [L, H]`` order index per layer and head (``0 FHW, 1 FWH, 2 HWF, 3 HFW, 4 WHF, 5 WFH``; images
   ``0 HW, 1 WH``).
 - ``masks``: ``uint8 [NB, L, row_bytes]``: per timestep bucket (``NB``) and layer, the ``[H, T, T]`` block codes
-  (``T`` blocks per side, text blocks included) bit-packed into one row. A block's code is the index of the smallest
-  stored density whose mask keeps it (``len(densities)``: kept only at density 1); ``mask_bits`` per code is 1, 2, 4
-  or 8 (1 bit for a single density). Plans stay packed in memory too; one (bucket, layer) row is unpacked when its
-  pattern is built.
+  (``T`` blocks per side, text blocks included, tiled as ``tiling`` says) bit-packed into one row. A block's code is
+  the index of the smallest stored density whose mask keeps it (``len(densities)``: kept only at density 1);
+  ``mask_bits`` per code is 1, 2, 4 or 8 (1 bit for a single density). Plans stay packed in memory too; one
+  (bucket, layer) row is unpacked when its pattern is built.
 - ``order_metrics`` (optional): ``float32 [L, H, n_orders, 2]`` calibration sparsity and incoherence of every
   candidate order.
 - metadata: format and version, model class, config hash, family, grid, text length and position, steps, block size,
-  densities, timestep buckets, alpha, quant, mask rule, layer names, heads, shapes and free-form ``info`` (JSON).
+  densities, timestep buckets, alpha, quant, mask rule, layer names, heads, shapes, ``tiling`` and ``schedule``
+  (format version 2; version 1 files have neither and mean ``"padded"`` / ``"half"``) and free-form ``info`` (JSON).
+
+Two conventions are options of a plan, so that plans of the official PAROAtten code run as they were calibrated
+(:mod:`attnpack.pipelines.paro_official` converts them):
+
+- ``tiling``: ``"padded"`` (attnpack's calibration: text padded to whole blocks, the grid starts a new block) or
+  ``"joint"`` (the official code: blocks run over the raw ``[text, grid]`` sequence);
+- ``schedule``: ``"half"`` (``timestep_buckets`` distinct masks over the first half of the steps, one shared mask
+  after) or ``"uniform"`` (the official code: ``timestep_buckets`` masks, step ``s`` of ``S`` uses mask
+  ``int(s / S * timestep_buckets)``).
 """
 
 from __future__ import annotations
@@ -45,14 +55,17 @@ __all__ = [
     "pack_mask_rows",
     "config_hash",
     "timestep_bucket",
+    "uniform_bucket",
     "schedule_bucket",
+    "SCHEDULES",
     "default_timestep_buckets",
     "pack_codes",
     "unpack_codes",
 ]
 
 FORMAT = "attnpack.paro_plan"
-VERSION = 1
+VERSION = 2  # 2: `tiling` and `schedule` metadata (version 1 plans are "padded" / "half")
+SCHEDULES = ("half", "uniform")
 
 
 def config_hash(model: torch.nn.Module) -> str:
@@ -76,6 +89,17 @@ def timestep_bucket(step_index: int, num_steps: int, buckets: int) -> int:
     if step_index >= half or buckets == 0:
         return buckets
     return min(buckets - 1, max(0, step_index) * buckets // half)
+
+
+def uniform_bucket(step_index: int | None, num_steps: int, buckets: int) -> int:
+    """Mask bucket of a step in the official PAROAtten schedule: ``buckets`` masks spread over the whole schedule.
+
+    Step ``s`` of ``num_steps`` uses ``int(s / num_steps * buckets)`` (in floating point, as the official
+    ``TimestepCallback`` computes it after each step; this differs from the exact ``floor(s * buckets / num_steps)``
+    for a few schedules, e.g. step 29 of 50 with 50 buckets), clamped to ``[0, buckets)``.
+    """
+    step = 0 if step_index is None else max(0, int(step_index))
+    return min(buckets - 1, int(step / num_steps * buckets))
 
 
 def schedule_bucket(step_index: int | None, num_steps: int | None, calibrated_steps: int, buckets: int) -> int:
@@ -169,8 +193,13 @@ _META_FIELDS = {
     "alpha": (_finite, "a finite number"),
     "quant": (_json_check(lambda v: v is None or isinstance(v, str)), "a JSON string or null"),
     "mask_rule": (str, "a rule name"),
+    "tiling": (str, "a tiling name"),
+    "schedule": (str, "a schedule name"),
     "info": (_json_check(lambda v: isinstance(v, dict)), "a JSON object"),
 }
+# metadata entries a file may lack: their value then (format version 1 plans predate tiling and schedule)
+_META_DEFAULTS = {"info": {}, "tiling": "padded", "schedule": "half"}
+_META_SINCE = {"tiling": 2, "schedule": 2}  # entries required from this format version on
 # tensor -> (dtypes it may have, what a plan stores)
 _TENSOR_DTYPES = {
     "orders": ((torch.int8,), "int8"),
@@ -179,10 +208,10 @@ _TENSOR_DTYPES = {
 }
 
 
-def _meta_value(meta: dict[str, str], key: str, parse, what: str, name: str):
+def _meta_value(meta: dict[str, str], key: str, parse, what: str, name: str, version: int = VERSION):
     if key not in meta:
-        if key == "info":
-            return {}
+        if key in _META_DEFAULTS and version < _META_SINCE.get(key, VERSION + 1):
+            return _META_DEFAULTS[key]
         raise ValueError(f"{name} lacks the metadata entry {key!r}: the file is damaged or incomplete.")
     try:
         return parse(meta[key])
@@ -202,17 +231,22 @@ class ParoPlan:
         block_size: tokens per block (the kernel tile).
         densities: stored mask densities (strictly increasing); density 1 (all blocks) is always available.
         density: the default density of :func:`~attnpack.apply_paro`.
-        timestep_buckets: distinct masks over the first half of the steps; the later half shares one more.
+        timestep_buckets: with ``schedule="half"``, distinct masks over the first half of the steps (the later half
+            shares one more); with ``schedule="uniform"``, the number of masks.
         layers: names of the calibrated attention layers, in the order of :attr:`orders`.
         heads: heads per layer.
         orders: ``int8 [L, H]`` axis-order index per layer and head.
-        masks: ``uint8 [timestep_buckets + 1, L, row_bytes]`` bit-packed nested mask codes (:func:`pack_mask_rows`
-            of ``[timestep_buckets + 1, L, H, T, T]`` codes from :func:`~attnpack.kernels.paro.select_block_masks`).
+        masks: ``uint8 [num_buckets, L, row_bytes]`` bit-packed nested mask codes (:func:`pack_mask_rows`
+            of ``[num_buckets, L, H, T, T]`` codes from :func:`~attnpack.kernels.paro.select_block_masks`).
         mask_bits: bits per code (:func:`mask_bits_for` of the number of densities).
         alpha: weight of sparsity vs. incoherence in the order choice.
         quant: default quantization of :func:`~attnpack.apply_paro` (``"int8"``, ``"fp8"``, ``"int4"`` or ``None``).
         mask_rule: ``"threshold"`` (one mass threshold per head) or ``"row"`` (per query-block row).
         order_metrics: optional ``float32 [L, H, n_orders, 2]`` sparsity / incoherence per candidate order.
+        tiling: ``"padded"`` (text blocks padded, the grid starts a new block) or ``"joint"`` (blocks over the raw
+            ``[text, grid]`` sequence, as the official PAROAtten code); see
+            :func:`~attnpack.kernels.paro.paro_token_order`.
+        schedule: ``"half"`` (see ``timestep_buckets``) or ``"uniform"`` (:func:`uniform_bucket`, the official code's).
         info: free-form JSON-serialisable details (prompts, sizes, fidelity, versions).
     """
 
@@ -237,6 +271,8 @@ class ParoPlan:
     mask_rule: str = "threshold"
     order_metrics: torch.Tensor | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tiling: str = "padded"
+    schedule: str = "half"
     _warned_steps: bool = dataclasses.field(default=False, init=False, repr=False)
 
     def __post_init__(self):
@@ -250,11 +286,14 @@ class ParoPlan:
     # ------------------------------------------------------------------------------------------------ shape
     @property
     def num_blocks(self) -> int:
-        """Blocks per side ``T``: text blocks plus grid blocks."""
+        """Blocks per side ``T``: text blocks plus grid blocks (``"joint"`` tiling: blocks of the joint sequence)."""
+        if self.tiling == "joint":
+            return -(-(self.text_len + math.prod(self.grid)) // self.block_size)
         return -(-self.text_len // self.block_size) + -(-math.prod(self.grid) // self.block_size)
 
     @property
     def text_blocks(self) -> range:
+        """The blocks holding text tokens (``"joint"`` tiling: the last one also holds grid tokens)."""
         nt = -(-self.text_len // self.block_size)
         if self.text_first:
             return range(0, nt)
@@ -262,7 +301,16 @@ class ParoPlan:
 
     @property
     def num_buckets(self) -> int:
-        return self.timestep_buckets + 1
+        """Stored masks per layer: ``timestep_buckets + 1`` (``"half"`` schedule) or ``timestep_buckets``."""
+        return self.timestep_buckets if self.schedule == "uniform" else self.timestep_buckets + 1
+
+    def token_order(self, layer: int, device: torch.device | str | None = None):
+        """The block-sparse :class:`~attnpack.kernels.block_sparse.TokenOrder` of ``layer`` (index) in this plan's
+        tiling."""
+        from ..kernels.paro import paro_token_order
+
+        return paro_token_order(self.grid, self.orders[layer], self.block_size, text_len=self.text_len,
+                                text_first=self.text_first, tiling=self.tiling, device=device)  # fmt: skip
 
     def validate(self) -> None:
         """Raise ``ValueError`` if the fields are inconsistent (a damaged or hand-edited plan)."""
@@ -287,6 +335,14 @@ class ParoPlan:
             raise ValueError(f"ParoPlan.quant must be one of {', '.join(QUANT_MODES)} or None, got {self.quant!r}.")
         if self.mask_rule not in MASK_RULES:
             raise ValueError(f"ParoPlan.mask_rule must be one of {', '.join(MASK_RULES)}, got {self.mask_rule!r}.")
+        from ..kernels.paro import TILINGS
+
+        if self.tiling not in TILINGS:
+            raise ValueError(f"ParoPlan.tiling must be one of {', '.join(TILINGS)}, got {self.tiling!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"ParoPlan.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
+        if self.tiling == "joint" and self.text_len and not self.text_first:
+            raise ValueError("ParoPlan.tiling='joint' needs the text tokens before the grid (text_first=True).")
         n_layers, t = len(self.layers), self.num_blocks
         if tuple(self.orders.shape) != (n_layers, self.heads):
             raise ValueError(f"ParoPlan.orders must be [{n_layers}, {self.heads}], got {tuple(self.orders.shape)}.")
@@ -308,7 +364,11 @@ class ParoPlan:
             raise ValueError(f"ParoPlan.densities must be strictly increasing in (0, 1], got {d}.")
         if self.density != 1.0 and not any(math.isclose(self.density, x) for x in d):
             raise ValueError(f"ParoPlan.density={self.density} must be one of the stored densities {d} or 1.0.")
-        if not 0 <= self.timestep_buckets <= max(self.num_inference_steps // 2, 0):
+        if self.schedule == "uniform":
+            if self.timestep_buckets < 1:
+                raise ValueError(f"ParoPlan.timestep_buckets={self.timestep_buckets} must be >= 1 (masks of the "
+                                 "'uniform' schedule).")  # fmt: skip
+        elif not 0 <= self.timestep_buckets <= max(self.num_inference_steps // 2, 0):
             raise ValueError(
                 f"ParoPlan.timestep_buckets={self.timestep_buckets} must be in [0, num_inference_steps // 2 = "
                 f"{self.num_inference_steps // 2}]."
@@ -353,6 +413,8 @@ class ParoPlan:
                 self.num_inference_steps,
                 num_steps,
             )
+        if self.schedule == "uniform":
+            return uniform_bucket(step_index, num_steps or self.num_inference_steps, self.timestep_buckets)
         return schedule_bucket(step_index, num_steps, self.num_inference_steps, self.timestep_buckets)
 
     def mask(self, bucket: int, layer: int, density: float | None = None) -> torch.Tensor:
@@ -405,6 +467,8 @@ class ParoPlan:
             "layers": len(self.layers),
             "heads": self.heads,
             "timestep_buckets": self.timestep_buckets,
+            "tiling": self.tiling,
+            "schedule": self.schedule,
             "densities": {str(d): self.achieved_density(d) for d in self.densities},
             "default_density": self.density,
             "quant": self.quant,
@@ -488,6 +552,8 @@ class ParoPlan:
             "quant": json.dumps(self.quant),
             "mask_rule": self.mask_rule,
             "mask_bits": str(self.mask_bits),
+            "tiling": self.tiling,
+            "schedule": self.schedule,
             "info": json.dumps(self.info, default=str),
         }
         with atomic_path(path) as tmp:
@@ -500,7 +566,15 @@ class ParoPlan:
         from .._io import read_safetensors
 
         path = Path(path)
-        tensors, meta = read_safetensors(path, "PARO plan")
+        try:
+            tensors, meta = read_safetensors(path, "PARO plan")
+        except ValueError as exc:
+            if "pickle" not in str(exc):
+                raise
+            raise ValueError(
+                f"{exc} Official PAROAtten plans (permute_plan.pth, sparse_plan.pth) are converted with "
+                "`attnpack convert-paro-plan` (attnpack.convert_official_paro_plan)."
+            ) from None
         name = f"PARO plan {str(path)!r}"
         if meta.get("format") != FORMAT:
             raise ValueError(f"{name} is not an attnpack PARO plan (no '{FORMAT}' metadata).")
@@ -509,7 +583,9 @@ class ParoPlan:
             raise ValueError(
                 f"{name} is of format version {version}; this attnpack reads up to {VERSION}. Upgrade attnpack."
             )
-        fields = {key: _meta_value(meta, key, parse, what, name) for key, (parse, what) in _META_FIELDS.items()}
+        fields = {
+            key: _meta_value(meta, key, parse, what, name, version) for key, (parse, what) in _META_FIELDS.items()
+        }
         extra = sorted(set(tensors) - set(_TENSOR_DTYPES))
         if extra:
             raise ValueError(f"{name} holds tensors a plan does not have: {', '.join(extra[:4])}.")
@@ -534,5 +610,6 @@ class ParoPlan:
         dens = ", ".join(f"{d:g}" for d in self.densities)
         return (
             f"ParoPlan({self.model_class}, grid={self.grid}, text={self.text_len}, steps={self.num_inference_steps}, "
-            f"block={self.block_size}, layers={len(self.layers)}x{self.heads} heads, densities=({dens}))"
+            f"block={self.block_size}, layers={len(self.layers)}x{self.heads} heads, densities=({dens}), "
+            f"tiling={self.tiling}, schedule={self.schedule})"
         )

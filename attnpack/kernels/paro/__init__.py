@@ -23,6 +23,7 @@ from ..block_sparse import BlockSparseBackend, block_sparse_backends, register_b
 from .metrics import fidelity
 from .orders import (
     AXIS_ORDER_NAMES,
+    TILINGS,
     axis_order,
     axis_order_names,
     inverse_axis_order,
@@ -57,6 +58,7 @@ __all__ = [
     "QUANT_MODES",
     "QUANT_BACKENDS",
     "QuantSpec",
+    "TILINGS",
     "axis_order",
     "axis_order_names",
     "block_statistics",

@@ -9,6 +9,7 @@ videos and ``0 HW, 1 WH`` for images. Index 0 is the identity (diffusers' token 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -24,7 +25,12 @@ __all__ = [
     "permute_grid",
     "unpermute_grid",
     "paro_token_order",
+    "TILINGS",
 ]
+
+# how blocks tile a [text, grid] sequence: "padded" (text padded to whole blocks, the grid starts a new block;
+# attnpack's calibration) or "joint" (blocks run over the raw joint sequence, as the official PAROAtten code does)
+TILINGS = ("padded", "joint")
 
 # official indices (permute_plan['permute'] in jamescsq47/PAROAtten); letters name grid axes slowest first
 AXIS_ORDER_NAMES: dict[int, tuple[str, ...]] = {
@@ -103,6 +109,7 @@ def paro_token_order(
     *,
     text_len: int = 0,
     text_first: bool = True,
+    tiling: str = "padded",
     device: torch.device | str | None = None,
 ) -> TokenOrder:
     """The block-sparse :class:`~attnpack.kernels.block_sparse.TokenOrder` of one PARO layer.
@@ -112,12 +119,30 @@ def paro_token_order(
         orders: one order index per head (``[H]``); a single entry is shared by all heads.
         block_size: tokens per block (64 in the paper).
         text_len: text tokens joined with the grid tokens in the same attention (CogVideoX 226, FLUX 512, Wan 0).
-            They keep their order and fill their own blocks (the last one padded).
         text_first: text precedes the grid (CogVideoX, FLUX); ``False``: it follows.
+        tiling: ``"padded"``: text tokens keep their order and fill their own blocks (the last one padded), the
+            grid starts a new block. ``"joint"`` (the official PAROAtten code's): blocks run over the raw sequence
+            ``[text, reordered grid]``, so the last text block also holds the first grid tokens (CogVideoX: block 3
+            holds 34 text and 30 grid tokens) and only the sequence's last block is padded; needs the text first.
     """
+    if tiling not in TILINGS:
+        raise ValueError(f"`tiling` must be one of {', '.join(TILINGS)}, got {tiling!r}.")
     orders = [int(o) for o in (orders.tolist() if isinstance(orders, torch.Tensor) else orders)]
     if not orders:
         raise ValueError("`orders` needs at least one entry.")
+    if tiling == "joint":
+        if text_len > 0 and not text_first:
+            raise ValueError("`tiling='joint'` needs the text tokens before the grid (text_first=True).")
+        text_len = max(text_len, 0)
+        n = text_len + math.prod(grid)
+        p = -(-n // block_size) * block_size
+        rows = {}
+        for o in set(orders):
+            flat = grid_order(grid, 1, axis_order=axis_order(o, len(grid))).index[0]
+            rows[o] = torch.cat([torch.arange(text_len, dtype=torch.int32), flat + text_len,
+                                 torch.full((p - n,), -1, dtype=torch.int32)])  # fmt: skip
+        index = torch.stack([rows[o] for o in orders]) if len(rows) > 1 else rows[orders[0]][None]
+        return TokenOrder(index.to(device), block_size, n)
     unique = {o: grid_order(grid, block_size, axis_order=axis_order(o, len(grid)), device=device) for o in set(orders)}
     image = unique[orders[0]] if len(unique) == 1 else stack_orders([unique[o] for o in orders])
     if text_len <= 0:
