@@ -195,7 +195,8 @@ def run(args: argparse.Namespace) -> dict:
             runs[method].append(result)
             print(
                 f"[{r + 1}/{args.repeats}] {method:17s} peak {result['peak_mib']:8.1f} MiB  time "
-                f"{result['seconds']:7.2f} s  CPU {result['cpu_seconds']:7.2f} s  UNet forwards {result['unet_forwards']}",
+                f"{result['seconds']:7.2f} s  CPU {result['cpu_seconds']:7.2f} s  "
+                f"UNet forwards {result['unet_forwards']}",
                 file=sys.stderr,
             )
     summary = {
