@@ -32,13 +32,14 @@ def registry():
 
 
 def _registered_names() -> list[str]:
+    saved_path = list(sys.path)
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import _registry
 
         return list(_registry.BENCHMARKS)
     finally:
-        sys.path.remove(str(BENCHMARKS))
+        sys.path[:] = saved_path  # _registry puts this checkout first on sys.path: not for the other tests
 
 
 def _run(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
