@@ -1,6 +1,8 @@
-"""Shared benchmark helpers: timing, torch SDPA's best backend, peak memory in a fresh process, machine report.
+"""Shared benchmark helpers: timing, torch SDPA's best backend, peak memory in a fresh process, machine report, and
+the output policy (``result_path``, ``write_json``) that ``_registry.main`` applies to every benchmark.
 
-Used by the scripts in this folder; every ratio is measured side by side in one run.
+Used by the scripts in this folder; every ratio is measured side by side in one run. Memory is measured in bytes
+(``PeakRSS``, ``child_peak_rss``) and reported in MiB (``mib``; JSON keys end in ``_mib``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,19 @@ import torch
 import torch.nn.functional as F
 
 
-__all__ = ["time_fn", "sdpa_best", "machine_info", "result_path", "write_json", "peak_rss_child", "child_peak_rss"]
+__all__ = [
+    "time_fn",
+    "sdpa_best",
+    "machine_info",
+    "result_path",
+    "write_json",
+    "mib",
+    "rss_bytes",
+    "maxrss_bytes",
+    "PeakRSS",
+    "peak_rss_child",
+    "child_peak_rss",
+]
 
 
 def _sync(device: torch.device) -> None:
@@ -119,6 +133,12 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def mib(n_bytes: float, ndigits: int | None = 1) -> float:
+    """``n_bytes`` in MiB (2**20 bytes), the unit of every memory key (``*_mib``) in the benchmark JSONs."""
+    value = n_bytes / 2**20
+    return value if ndigits is None else round(value, ndigits)
+
+
 def _status_bytes(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -127,6 +147,11 @@ def _status_bytes(field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux ``VmRSS``); ``None`` where ``/proc`` is missing."""
+    return _status_bytes("VmRSS")
 
 
 def _reset_peak_rss() -> bool:
@@ -138,31 +163,79 @@ def _reset_peak_rss() -> bool:
     return True
 
 
-def _maxrss_bytes() -> int:
+def maxrss_bytes() -> int:
+    """Peak resident memory of this process so far (``getrusage(RUSAGE_SELF).ru_maxrss``, in bytes)."""
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
-def peak_rss_child(script: str | os.PathLike, payload: dict[str, Any]) -> dict[str, Any]:
-    """Run ``python <script> --memory-child '<json>'`` in a fresh process and return the JSON it prints last."""
-    env = dict(os.environ)
+class PeakRSS:
+    """Peak resident memory of this process while a ``with`` block runs (run it in a fresh process).
+
+    ``reset=True``: on Linux the kernel's peak counter is reset on entry (``/proc/self/clear_refs``), so
+    ``peak_bytes`` is VmHWM at exit, ``before_bytes`` VmRSS on entry (after ``gc.collect()``) and
+    ``call_peak_bytes = peak - before`` the extra memory the block held at its peak (temporaries), what was resident
+    before excluded. Elsewhere it falls back to the growth of ``ru_maxrss``.
+
+    ``reset=False``: the growth of ``ru_maxrss`` (the process's lifetime peak) over the block: ``before_bytes`` and
+    ``peak_bytes`` are ``ru_maxrss`` on entry and at exit. A lower bound when an earlier phase peaked higher; the
+    semantics of the A-STAR and IR-Diffusion benchmarks.
+
+    ``method`` says which one was used.
+    """
+
+    def __init__(self, reset: bool = True):
+        self.reset = reset
+        self.before_bytes = self.peak_bytes = 0
+        self.method = ""
+
+    def __enter__(self) -> PeakRSS:
+        import gc
+
+        gc.collect()
+        before = rss_bytes() if self.reset else None
+        if before is not None and _reset_peak_rss():
+            self.before_bytes, self.method = before, "VmHWM after reset (clear_refs) - VmRSS before"
+        else:
+            self.before_bytes, self.method = maxrss_bytes(), "ru_maxrss growth (lower bound)"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        peak = _status_bytes("VmHWM") if self.method.startswith("VmHWM") else None
+        self.peak_bytes = maxrss_bytes() if peak is None else peak
+
+    @property
+    def call_peak_bytes(self) -> int:
+        return self.peak_bytes - self.before_bytes
+
+
+def peak_rss_child(
+    script: str | os.PathLike, payload: dict[str, Any], *, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``python <script> --memory-child '<json>'`` in a fresh process and return the JSON it prints last.
+
+    ``env``: extra environment variables for the child (e.g. ``MALLOC_MMAP_THRESHOLD_``). A failing child raises
+    ``RuntimeError`` with the end of its stderr.
+    """
     root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    child_env = {**os.environ, **(env or {})}
+    child_env["PYTHONPATH"] = root + os.pathsep + child_env.get("PYTHONPATH", "")
     out = subprocess.run(
         [sys.executable, str(script), "--memory-child", json.dumps(payload)],
         capture_output=True,
         text=True,
-        env=env,
+        env=child_env,
         cwd=root,
-        check=True,
     )
+    if out.returncode != 0:
+        raise RuntimeError(f"{Path(script).name} --memory-child {json.dumps(payload)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def child_peak_rss(setup: Callable[[], Any], run: Callable[[Any], Any]) -> dict[str, Any]:
-    """In a fresh process: resident memory before ``run(state)`` and the peak during it.
+    """In a fresh process: resident memory before ``run(state)`` and the peak during it (``PeakRSS(reset=True)``).
 
     On Linux the peak-RSS counter is reset right before the call (``/proc/self/clear_refs``), so
     ``call_peak_bytes = VmHWM after the call - VmRSS before it`` is the extra memory the call itself held at its peak
@@ -170,22 +243,11 @@ def child_peak_rss(setup: Callable[[], Any], run: Callable[[Any], Any]) -> dict[
     bound when earlier phases peaked higher).
     """
     state = setup()
-    import gc
-
-    gc.collect()
-    rss_before = _status_bytes("VmRSS")
-    if rss_before is not None and _reset_peak_rss():
+    with PeakRSS(reset=True) as mem:
         run(state)
-        peak = _status_bytes("VmHWM")
-        method = "VmHWM after reset (clear_refs) - VmRSS before"
-    else:
-        rss_before = _maxrss_bytes()
-        run(state)
-        peak = _maxrss_bytes()
-        method = "ru_maxrss growth (lower bound)"
     return {
-        "rss_before_bytes": rss_before,
-        "peak_rss_bytes": peak,
-        "call_peak_bytes": peak - rss_before,
-        "method": method,
+        "rss_before_bytes": mem.before_bytes,
+        "peak_rss_bytes": mem.peak_bytes,
+        "call_peak_bytes": mem.call_peak_bytes,
+        "method": mem.method,
     }

@@ -22,23 +22,20 @@ The denoising loop is measured (``output_type="latent"``: no VAE decode). The nu
 a forward pre-hook. Random weights change how often A&E's iterative refinement runs (it stops once its loss meets a
 threshold), so the script also runs A&E with refinement off (``thresholds={}``) as its lower bound.
 
-Usage::
+Peak memory is reported in MiB (``peak_mib``; results before the benchmark registry had ``peak_bytes`` per run).
+Usage (default output: ``benchmarks/results/astar_<device>_<size>.json``, never overwritten without ``--force``)::
 
-    python benchmarks/astar.py --size 256 --steps 50 --repeats 2 --out benchmarks/results/astar_cpu.json
+    python benchmarks/astar.py --size 256 --steps 50 --repeats 2 --out /tmp/astar_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 
 PROMPT = "a bear and a turtle"  # single tokens in the tiny tokenizer, at positions 2 and 5 (the paper's example pair)
@@ -130,39 +127,42 @@ def generate(pipe, method: str, size: int, steps: int):
     return pipe(PROMPT, **kwargs)
 
 
-def worker(args) -> dict:
-    import torch
+def memory_child(payload: dict) -> dict:
+    """One measured generation, in a fresh process (``_common.peak_rss_child``); ``payload``: the settings."""
+    import contextlib
 
-    device = args.device
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    pipe = build_pipeline(args.method, args.unet, device, dtype)
+    import torch
+    from _common import PeakRSS, mib
+
+    method, size, device = payload["method"], payload["size"], payload["device"]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[payload["dtype"]]
+    pipe = build_pipeline(method, payload["unet"], device, dtype)
     calls = [0]
     pipe.unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    if args.warmup:  # GPUs: load kernels first, then reset the peak counter
-        generate(pipe, args.method, args.size, 2)
+    # CPU: the growth of ru_maxrss over its value after building the pipeline (warm-up included)
+    with contextlib.nullcontext() if cuda else PeakRSS(reset=False) as rss:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-    calls[0] = 0
-    cpu_start, start = _cpu_seconds(), time.perf_counter()
-    generate(pipe, args.method, args.size, args.steps)
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+            base = torch.cuda.memory_allocated()
+        if payload["warmup"]:  # GPUs: load kernels first, then reset the peak counter
+            generate(pipe, method, size, 2)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+        calls[0] = 0
+        cpu_start, start = _cpu_seconds(), time.perf_counter()
+        generate(pipe, method, size, payload["steps"])
+        if cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
     return {
-        "method": args.method,
-        "peak_bytes": int(peak),
-        "seconds": time.perf_counter() - start,
-        "cpu_seconds": _cpu_seconds() - cpu_start,
+        "method": method,
+        "peak_mib": mib(peak if cuda else rss.call_peak_bytes, None),
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "unet_forwards": calls[0],
     }
 
@@ -173,23 +173,7 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_worker(method: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--method", method]
-    for name in ("size", "steps", "unet", "device", "dtype"):
-        cmd += [f"--{name}", str(getattr(args, name))]
-    if args.warmup:
-        cmd.append("--warmup")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"{method} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--method", choices=METHODS, default=None, help=argparse.SUPPRESS)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--unet", choices=list(UNETS), default="sd15-small")
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
@@ -198,28 +182,26 @@ def main() -> None:
     parser.add_argument("--warmup", action="store_true", help="run a 2-step generation before the measured one")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    parser.add_argument("--out", default=None, help="JSON file to write")
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args)))
-        return
 
-    import diffusers
-    import torch
 
+def run(args: argparse.Namespace) -> dict:
+    from _common import peak_rss_child
+
+    settings = {name: getattr(args, name) for name in ("size", "steps", "unet", "device", "dtype", "warmup")}
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
     for r in range(args.repeats):
         for method in args.methods:  # interleaved, so that machine load affects every method alike
-            result = run_worker(method, args)
+            result = peak_rss_child(__file__, {**settings, "method": method})
             runs[method].append(result)
             print(
-                f"[{r + 1}/{args.repeats}] {method:17s} peak {result['peak_bytes'] / 2**20:8.1f} MiB  "
-                f"time {result['seconds']:7.2f} s  CPU {result['cpu_seconds']:7.2f} s  UNet forwards {result['unet_forwards']}",
+                f"[{r + 1}/{args.repeats}] {method:17s} peak {result['peak_mib']:8.1f} MiB  time "
+                f"{result['seconds']:7.2f} s  CPU {result['cpu_seconds']:7.2f} s  "
+                f"UNet forwards {result['unet_forwards']}",
                 file=sys.stderr,
             )
     summary = {
         m: {
-            "peak_mib": statistics.median(r["peak_bytes"] for r in rs) / 2**20,
+            "peak_mib": statistics.median(r["peak_mib"] for r in rs),
             "seconds": statistics.median(r["seconds"] for r in rs),
             "cpu_seconds": statistics.median(r["cpu_seconds"] for r in rs),
             "unet_forwards": rs[0]["unet_forwards"],
@@ -234,7 +216,8 @@ def main() -> None:
                 "time": summary["astar"]["seconds"] / summary[ref]["seconds"],
                 "cpu_time": summary["astar"]["cpu_seconds"] / summary[ref]["cpu_seconds"],
             }
-    report = {
+    print(json.dumps({"summary": summary, "ratios": ratios}, indent=2), file=sys.stderr)
+    return {
         "benchmark": "A-STAR vs diffusers Attend-and-Excite (denoising loop, one image)",
         "settings": {
             "unet": args.unet,
@@ -251,25 +234,10 @@ def main() -> None:
             if args.device.startswith("cuda")
             else "ru_maxrss increase over the value after building the pipeline (fresh process per run)",
         },
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        },
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
         "summary": summary,
         "ratios": ratios,
         "runs": runs,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
 
 
 def _cuda() -> bool:
@@ -282,4 +250,6 @@ def _cuda() -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    from _registry import main
+
+    sys.exit(main("astar", module=sys.modules[__name__]))

@@ -17,16 +17,17 @@ pipeline, perturbing all 24 heads of layer 0 (identity, as diffusers PAG does):
 
 Each (mode, size) runs in a fresh subprocess with glibc's mmap threshold fixed (freed tensors go back to the OS, so
 the resident size follows live memory). After one warm-up step the kernel's peak-RSS counter is reset
-(``/proc/self/clear_refs``) and one step is measured: ``peak_rss_mb`` is the process peak during that step,
-``activation_peak_mb`` the peak minus the resident size before it (weights, inputs), ``peak_over_weights_mb`` the
-peak minus the resident size right after building the model (so the step's inputs count too). Times are the median of
+(``/proc/self/clear_refs``, ``_common.PeakRSS``) and one step is measured: ``peak_rss_mib`` is the process peak
+during that step, ``activation_peak_mib`` the peak minus the resident size before it (weights, inputs),
+``peak_over_weights_mib`` the peak minus the resident size right after building the model (so the step's inputs count
+too); all in MiB (results before the benchmark registry named them ``*_mb``, same unit). Times are the median of
 ``--repeats`` further steps.
 
 A second part times one joint attention layer (batch 3, one perturbed row) with each processor, interleaved in one
 process, as ratios against the stock SDPA processor and the theoretical extra work (``--layer-sizes``).
 
-    python benchmarks/head_guidance.py --sizes 512 1024 --layer-sizes --out benchmarks/results/head_guidance_cpu.json
-    python benchmarks/head_guidance.py --sizes --layer-sizes 512 1024 --out benchmarks/results/head_guidance_layer_cpu.json
+    python benchmarks/head_guidance.py --sizes 512 1024 --layer-sizes --out /tmp/head_guidance_cpu.json
+    python benchmarks/head_guidance.py --sizes --layer-sizes 512 1024 --out /tmp/head_guidance_layer_cpu.json
 """
 
 from __future__ import annotations
@@ -34,11 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -53,24 +50,6 @@ MODES = (
     "explicit_maps",
 )
 TEXT_TOKENS = 333  # SD3: 77 CLIP + 256 T5
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _model(layers: int):
@@ -125,6 +104,7 @@ class _ExplicitMapsCore:
 
 def worker(mode: str, size: int, layers: int, repeats: int) -> dict:
     import torch
+    from _common import PeakRSS, mib, rss_bytes
 
     torch.set_grad_enabled(False)
     import attnpack
@@ -132,7 +112,7 @@ def worker(mode: str, size: int, layers: int, repeats: int) -> dict:
 
     model = _model(layers)
     gc.collect()
-    model_rss = _status_mb("VmRSS")
+    model_rss = rss_bytes()
     batch = 2 if mode in ("stock_cfg", "attnpack", "attnpack_soft", "attnpack_separate") else 3
     inputs = _inputs(model, batch, size)
     handle = None
@@ -166,14 +146,9 @@ def worker(mode: str, size: int, layers: int, repeats: int) -> dict:
     start = time.perf_counter()
     step()  # warm-up: lazy imports and one-time initialisation stay out of the measured peak
     first = time.perf_counter() - start
-    gc.collect()
-    before = _status_mb("VmRSS")
-    if _reset_peak():
+    with PeakRSS(reset=True) as mem:  # VmHWM reset after gc.collect(); without clear_refs: ru_maxrss growth
         out = step()
-        peak = _status_mb("VmHWM")
-    else:  # no clear_refs: the process-lifetime peak (includes the warm-up)
-        out = step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before, peak = mem.before_bytes, mem.peak_bytes
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -188,10 +163,10 @@ def worker(mode: str, size: int, layers: int, repeats: int) -> dict:
         "text_tokens": TEXT_TOKENS,
         "batch_in": batch,
         "out_batch": int(out.shape[0]),
-        "rss_before_step_mb": round(before, 1),
-        "peak_rss_mb": round(peak, 1),
-        "activation_peak_mb": round(peak - before, 1),
-        "peak_over_weights_mb": round(peak - model_rss, 1),
+        "rss_before_step_mib": mib(before),
+        "peak_rss_mib": mib(peak),
+        "activation_peak_mib": mib(peak - before),
+        "peak_over_weights_mib": mib(peak - model_rss),
         "first_step_s": round(first, 3),
         "step_s_median": round(statistics.median(times), 3) if times else None,
     }
@@ -259,43 +234,41 @@ def layer_times(size: int, repeats: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def memory_child(payload: dict) -> dict:
+    """One (mode, size) in a fresh process (``_common.peak_rss_child``)."""
+    import torch
+
+    if payload["threads"]:
+        torch.set_num_threads(payload["threads"])
+    return worker(payload["mode"], payload["size"], payload["layers"], payload["repeats"])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[512], help="image sizes for the step memory / time")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--explicit-max-size", type=int, default=512, help="skip explicit_maps above this size")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the workers")
-    parser.add_argument("--out", default="benchmarks/results/head_guidance_cpu.json")
     parser.add_argument("--layer-sizes", type=int, nargs="*", default=[512], help="image sizes for the layer timing")
     parser.add_argument("--layer-repeats", type=int, default=3)
-    parser.add_argument("--worker", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        import torch
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.layers, args.repeats)))
-        return
 
+# a fixed mmap threshold makes glibc return every freed tensor to the OS, so RSS follows live memory
+CHILD_ENV = {"PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run(args: argparse.Namespace) -> dict:
     import torch
+    from _common import peak_rss_child
 
     results = []
     for size in args.sizes:
         for mode in args.modes:
             if mode == "explicit_maps" and size > args.explicit_max_size:
                 continue
-            cmd = [sys.executable, __file__, "--worker", mode, str(size), "--layers", str(args.layers)]
-            cmd += ["--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
-            # a fixed mmap threshold makes glibc return every freed tensor to the OS, so RSS follows live memory
-            env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                print(proc.stderr[-2000:], file=sys.stderr)
-                raise SystemExit(f"worker {mode} {size} failed")
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            payload = dict(mode=mode, size=size, layers=args.layers, repeats=args.repeats, threads=args.threads)
+            row = peak_rss_child(__file__, payload, env=CHILD_ENV)
             results.append(row)
             print(json.dumps(row), file=sys.stderr)
     for size in args.sizes:
@@ -304,9 +277,11 @@ def main() -> None:
         cfg = rows.get("stock_cfg")
         for r in rows.values():
             if base:
-                r["peak_vs_stock_batch3"] = round(r["peak_rss_mb"] / base["peak_rss_mb"], 3)
-                r["activation_vs_stock_batch3"] = round(r["activation_peak_mb"] / base["activation_peak_mb"], 3)
-                r["over_weights_vs_stock_batch3"] = round(r["peak_over_weights_mb"] / base["peak_over_weights_mb"], 3)
+                r["peak_vs_stock_batch3"] = round(r["peak_rss_mib"] / base["peak_rss_mib"], 3)
+                r["activation_vs_stock_batch3"] = round(r["activation_peak_mib"] / base["activation_peak_mib"], 3)
+                r["over_weights_vs_stock_batch3"] = round(
+                    r["peak_over_weights_mib"] / base["peak_over_weights_mib"], 3
+                )
                 r["time_vs_stock_batch3"] = round(r["step_s_median"] / base["step_s_median"], 3)
             if cfg:
                 r["time_vs_stock_cfg"] = round(r["step_s_median"] / cfg["step_s_median"], 3)
@@ -316,23 +291,16 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         layer += layer_times(size, args.layer_repeats)
         print(json.dumps(layer[-4:]), file=sys.stderr)
-    report = {
-        "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
+    return {
         "threads": args.threads or torch.get_num_threads(),
-        "torch": torch.__version__,
         "layers": args.layers,
         "theoretical_time_vs_stock_cfg": 1.5,  # one extra row in a batch of 2
         "results": results,
         "layer_timing": layer,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    from attnpack._io import atomic_path
-
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    from _registry import main
+
+    sys.exit(main("head_guidance", module=sys.modules[__name__]))

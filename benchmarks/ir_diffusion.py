@@ -7,7 +7,9 @@ elsewhere). It computes the same attention as ours (the max abs difference is re
 attention without IR (what a vanilla run pays).
 
 Every measurement runs in a fresh subprocess: peak RSS (``resource.getrusage(...).ru_maxrss``) after the call minus
-the peak before it (inputs, model and a small warm-up already allocated), plus wall time.
+the peak before it (inputs, model and a small warm-up already allocated; ``_common.PeakRSS(reset=False)``), plus wall
+time. Memory is in MiB (``peak_mib``, ``baseline_mib``, ``dense_score_mib``, ``ours_mask_mib_max``; results before
+the benchmark registry named them ``*_mb``, same unit).
 
 Cases:
 - ``layer-24x40``: one IR self-attention call at SDXL / Playground v2.5 shapes for 1280x768 (``up_blocks.0``: 960
@@ -17,7 +19,8 @@ Cases:
   SDXL at 1024x1024 (attention grid 64x64 = 4096 tokens, 4 heads x 16), fp32; ``sdpa`` = the plain SDXL pipeline on
   the scene prompt.
 
-Usage: ``python benchmarks/ir_diffusion.py [--cases ...] [--out benchmarks/results/ir_diffusion.json]``.
+Usage: ``python benchmarks/ir_diffusion.py [--cases ...] [--out FILE]`` (default
+``benchmarks/results/ir_diffusion.json``, never overwritten without ``--force``).
 """
 
 from __future__ import annotations
@@ -25,16 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 
-ROOT = Path(__file__).resolve().parents[1]
 LAYER_CASES = {
     "layer-24x40": dict(grid=(24, 40), heads=20, head_dim=64, dtype="float32"),
     "layer-48x80": dict(grid=(48, 80), heads=10, head_dim=64, dtype="bfloat16"),
@@ -42,10 +41,6 @@ LAYER_CASES = {
 CASES = [*LAYER_CASES, "pipeline-1024"]
 VARIANTS = ("sdpa", "ours", "dense")
 N_SUBJECTS = 2
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
 # ------------------------------------------------------------------------------------------------- dense baseline
@@ -214,20 +209,24 @@ def pipeline_run(variant: str, size: int = 1024):
 # ------------------------------------------------------------------------------------------------- driver
 def child(case: str, variant: str, repeats: int) -> dict:
     import torch
+    from _common import PeakRSS, mib
 
     torch.set_grad_enabled(False)
     fn = pipeline_run(variant) if case == "pipeline-1024" else layer_run(case, variant)
-    before = _maxrss_mb()
-    start = time.perf_counter()
-    result = fn()
-    first = time.perf_counter() - start
-    peak = _maxrss_mb() - before
+    with PeakRSS(reset=False) as rss:  # ru_maxrss growth over the first call
+        start = time.perf_counter()
+        result = fn()
+        first = time.perf_counter() - start
     times = [first]
     for _ in range(repeats - 1):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    out = {"peak_mb": round(peak, 1), "baseline_mb": round(before, 1), "seconds": round(statistics.median(times), 4)}
+    out = {
+        "peak_mib": mib(rss.call_peak_bytes),
+        "baseline_mib": mib(rss.before_bytes),
+        "seconds": round(statistics.median(times), 4),
+    }
     if case != "pipeline-1024":
         import numpy as np
 
@@ -251,55 +250,41 @@ def theoretical(case: str) -> dict:
     return {
         "tokens": n_tok,
         "heads": heads,
-        "dense_score_mb": round(dense / 2**20, 1),
-        "ours_mask_mb_max": round(ours / 2**20, 1),
+        "dense_score_mib": round(dense / 2**20, 1),
+        "ours_mask_mib_max": round(ours / 2**20, 1),
     }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def memory_child(payload: dict) -> dict:
+    """One (case, variant) in a fresh process (``_common.peak_rss_child``)."""
+    return child(payload["case"], payload["variant"], payload["repeats"])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", nargs="*", default=CASES, choices=CASES)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ir_diffusion.json"))
-    parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(*args.child, args.repeats)))
-        return 0
 
+
+def run(args: argparse.Namespace) -> dict:
     import numpy as np
-    import torch
+    from _common import peak_rss_child
     from tqdm import tqdm
 
-    from attnpack._utils import package_versions
-
     report = {
-        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "torch_threads": torch.get_num_threads(),
-        "versions": package_versions(),
-        "note": "peak = ru_maxrss after the call minus before it, fresh subprocess per measurement",
+        "note": "peak_mib = ru_maxrss after the call minus before it, fresh subprocess per measurement",
         "cases": [],
     }
     jobs = [(c, v) for c in args.cases for v in args.variants]
     results: dict = {}
     for case, variant in tqdm(jobs, desc="IR-Diffusion benchmark"):
         repeats = 1 if (variant == "dense" and case != "layer-24x40") else args.repeats
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", case, variant, "--repeats", str(repeats)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{case}/{variant} failed:\n{proc.stderr[-3000:]}")
-        results[(case, variant)] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[(case, variant)] = peak_rss_child(__file__, dict(case=case, variant=variant, repeats=repeats))
     for case in args.cases:
         entry = {"case": case, **theoretical(case), "variants": {v: results[(case, v)] for v in args.variants}}
         if {"ours", "dense"} <= set(args.variants):
             ours, dense = results[(case, "ours")], results[(case, "dense")]
-            entry["dense_over_ours_peak"] = round(dense["peak_mb"] / max(ours["peak_mb"], 0.1), 1)
+            entry["dense_over_ours_peak"] = round(dense["peak_mib"] / max(ours["peak_mib"], 0.1), 1)
             entry["dense_over_ours_time"] = round(dense["seconds"] / ours["seconds"], 2)
             if "output" in ours:
                 a, b = np.load(ours.pop("output")), np.load(dense.pop("output"))
@@ -311,14 +296,11 @@ def main(argv=None) -> int:
         for v in entry["variants"].values():
             v.pop("output", None)
         report["cases"].append(entry)
-    from attnpack._io import atomic_path
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    return 0
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _registry import main
+
+    sys.exit(main("ir_diffusion", module=sys.modules[__name__]))

@@ -8,26 +8,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--maps", type=int, default=20, help="random maps per grid")
 
 
-def main(argv=None) -> int:
+def run(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
-    from _common import result_path, write_json
 
     from attnpack.pipelines.masks import binarize
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--maps", type=int, default=20, help="random maps per grid")
-    parser.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results" / "otsu_variants.json"))
-    parser.add_argument("--force", action="store_true", help="overwrite an existing result file")
-    args = parser.parse_args(argv)
-    out = result_path(parser, args.out, args.force)
     torch.manual_seed(0)
     rows = {}
     for grid in [(8, 12), (16, 16), (32, 32), (24, 40)]:
@@ -40,9 +32,10 @@ def main(argv=None) -> int:
             total += m.numel()
         rows[f"{grid[0]}x{grid[1]}"] = {"tokens": total, "differ": differ, "share": round(differ / total, 3)}
         print(f"{grid}: {differ / total:.1%} of tokens differ", file=sys.stderr)
-    write_json(out, {"maps_per_grid": args.maps, "grids": rows})
-    return 0
+    return {"maps_per_grid": args.maps, "grids": rows}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _registry import main
+
+    sys.exit(main("otsu_variants", module=sys.modules[__name__]))

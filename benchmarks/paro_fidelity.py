@@ -11,7 +11,6 @@ generation, PARO vs dense with the same seed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -117,25 +116,21 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-pipelines", action="store_true")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "paro_fidelity.json"))
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     rows = planted_rows()
     if not args.skip_pipelines:
         for name in PIPELINES:
             rows += pipeline_rows(name)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"benchmark": "paro_fidelity", "torch": torch.__version__, "rows": rows}, indent=2))
-    tmp.replace(out)
     print(markdown(rows))
-    print(f"wrote {out}")
-    return 0
+    return {"benchmark": "paro_fidelity", "rows": rows}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _registry import main
+
+    sys.exit(main("paro_fidelity", module=sys.modules[__name__]))

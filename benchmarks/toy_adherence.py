@@ -4,7 +4,7 @@ Evaluator: ``scene_accuracy`` on procedural scenes of seed 5000 (no training run
 reconstructions through each shipped VAE (the best a generator with that VAE can do). Adherence:
 ``prompt_adherence`` (prompt seed 1234, image seeds 0..n-1) for 1-, 2- and 3-object prompts with each toy model's
 call defaults. Writes one JSON file (default benchmarks/results/toy_adherence.json) with parameter counts, timings,
-threads and package versions.
+threads and the machine (package versions).
 
     python benchmarks/toy_adherence.py                                   # 100 prompts per count, 512 scenes
     python benchmarks/toy_adherence.py --num-prompts 20 --scenes 64 --out /tmp/toy.json
@@ -69,10 +69,11 @@ def _evaluator_accuracy(args: argparse.Namespace, evaluator, pipes: dict) -> dic
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from attnpack._utils import package_versions
-    from attnpack.toy.adherence import prompt_adherence
+    from attnpack.toy.adherence import EVAL_PROMPT_SEED, prompt_adherence
     from attnpack.toy.loader import load_evaluator, load_toy_pipeline
 
+    if args.prompt_seed is None:
+        args.prompt_seed = EVAL_PROMPT_SEED
     torch.set_num_threads(args.threads)
     evaluator = load_evaluator()
     pipes = {}
@@ -81,7 +82,6 @@ def run(args: argparse.Namespace) -> dict:
         pipes[name] = load_toy_pipeline(stage, path=Path(path) if path else None)
     result: dict = {
         "threads": args.threads,
-        "versions": package_versions(),
         "parameters": {"evaluator": _params(evaluator)},
         "adherence": {
             "prompt_seed": args.prompt_seed,
@@ -114,8 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models",
         nargs="+",
@@ -132,20 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         "--call", action="append", type=json.loads, default=[], help="JSON of pipeline arguments: one more run each"
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_adherence.json"))
-    args = parser.parse_args(argv)
-    if args.prompt_seed is None:
-        from attnpack.toy.adherence import EVAL_PROMPT_SEED
-
-        args.prompt_seed = EVAL_PROMPT_SEED
-    result = run(args)
-    from attnpack._io import atomic_path
-
-    with atomic_path(args.out) as tmp:
-        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
-    print("wrote", args.out)
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from _registry import main
+
+    sys.exit(main("toy_adherence", module=sys.modules[__name__]))

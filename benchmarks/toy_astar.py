@@ -40,7 +40,6 @@ def _overlap(maps):
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from attnpack._utils import package_versions
     from attnpack.pipelines.astar import AStarPipeline
     from attnpack.toy.adherence import EVAL_PROMPT_SEED, toy_call_defaults
     from attnpack.toy.data import parse_prompt, prompt_set
@@ -56,7 +55,6 @@ def run(args: argparse.Namespace) -> dict:
     result: dict = {
         "model": "toy-sd",
         "threads": args.threads,
-        "versions": package_versions(),
         "prompt_seed": EVAL_PROMPT_SEED,
         "num_prompts": args.num_prompts,
         "call": call,
@@ -93,23 +91,14 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--counts", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_astar.json"))
-    args = parser.parse_args()
-    result = run(args)
-    from attnpack._io import atomic_path
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    from _registry import main
+
+    sys.exit(main("toy_astar", module=sys.modules[__name__]))

@@ -54,7 +54,6 @@ def _prompts(num_prompts: int, seed: int) -> list[str]:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from attnpack._utils import package_versions
     from attnpack.attn_processors._apply import apply_processors
     from attnpack.techniques import apply_techniques, available_techniques
     from attnpack.toy.adherence import generate_images
@@ -140,7 +139,6 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "meta": {
             "benchmark": "toy_fidelity",
-            "versions": package_versions(),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "models": args.models,
             "num_images": len(prompts),
@@ -153,8 +151,7 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["toy-flux", "toy-sd"], choices=["toy-flux", "toy-sd"])
     parser.add_argument("--techniques", nargs="+", default=None, help="default: every registered technique")
     parser.add_argument("--options", default=None, help="JSON: technique -> options dict or list of dicts")
@@ -164,18 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_fidelity.json"))
-    args = parser.parse_args(argv)
-    report = run(args)
-    from attnpack._io import atomic_path
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _registry import main
+
+    sys.exit(main("toy_fidelity", module=sys.modules[__name__]))

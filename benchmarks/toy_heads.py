@@ -15,16 +15,19 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--search-prompts", type=int, default=8)
+    parser.add_argument("--eval-prompts", type=int, default=100, help="per object count (1 and 2)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--scale", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=2)
 
 
-def main(argv=None) -> int:
+def run(args: argparse.Namespace) -> dict:
     import torch
-    from _common import machine_info, result_path, write_json
 
     from attnpack import apply_head_perturbation, search_heads
     from attnpack.pipelines import load_pipeline
@@ -32,17 +35,6 @@ def main(argv=None) -> int:
     from attnpack.toy.adherence import generate_images, toy_call_defaults
     from attnpack.toy.data import prompt_set
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--search-prompts", type=int, default=8)
-    parser.add_argument("--eval-prompts", type=int, default=100, help="per object count (1 and 2)")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--scale", type=float, default=3.0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results" / "toy_heads.json"))
-    parser.add_argument("--force", action="store_true", help="overwrite an existing result file")
-    args = parser.parse_args(argv)
-    out = result_path(parser, args.out, args.force)
     torch.set_num_threads(args.threads)
 
     pipe = load_pipeline("toy-flux", device="cpu")
@@ -89,27 +81,23 @@ def main(argv=None) -> int:
         }
         print(f"{count} object(s): stock {arms['stock']['mean_score']:.3f} -> guided "
               f"{arms['guided']['mean_score']:.3f} ({wins} better, {losses} worse)", file=sys.stderr)  # fmt: skip
-    write_json(
-        out,
-        {
-            "heads": result.heads,
-            "search": {
-                "prompts": prompts,
-                "seeds": [0, 1],
-                "rounds": args.rounds,
-                "top_k": args.top_k,
-                "scale": args.scale,
-                "steps": steps,
-                "rounds_report": [dataclasses.asdict(r) for r in result.rounds],
-                "seconds": round(search_seconds, 1),
-            },
-            "held_out": evaluation,
-            "machine": machine_info(torch.device("cpu")),
+    return {
+        "heads": result.heads,
+        "search": {
+            "prompts": prompts,
+            "seeds": [0, 1],
+            "rounds": args.rounds,
+            "top_k": args.top_k,
+            "scale": args.scale,
+            "steps": steps,
+            "rounds_report": [dataclasses.asdict(r) for r in result.rounds],
+            "seconds": round(search_seconds, 1),
         },
-    )
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
+        "held_out": evaluation,
+    }
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _registry import main
+
+    sys.exit(main("toy_heads", module=sys.modules[__name__]))

@@ -17,10 +17,6 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def subject_pairs(n: int, seed: int) -> list[tuple[tuple[str, str], tuple[str, str]]]:
@@ -48,7 +44,6 @@ def judge(evaluator, image, a: tuple[str, str], b: tuple[str, str]) -> dict[str,
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from attnpack._utils import package_versions
     from attnpack.pipelines.ir_diffusion import IRDiffusionSDPipeline
     from attnpack.toy.adherence import generate_images, toy_call_defaults
     from attnpack.toy.loader import load_evaluator, load_toy_pipeline
@@ -85,9 +80,9 @@ def run(args: argparse.Namespace) -> dict:
         }
         for arm in ("stock", "ir")
     }
+    print(json.dumps(summary))
     return {
         "threads": args.threads,
-        "versions": package_versions(),
         "num_pairs": n,
         "prompt_seed": args.prompt_seed,
         "call": call,
@@ -98,23 +93,14 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-pairs", type=int, default=100)
     parser.add_argument("--prompt-seed", type=int, default=0)
     parser.add_argument("--max-layout-attempts", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_ir.json"))
-    args = parser.parse_args(argv)
-    result = run(args)
-    print(json.dumps(result["summary"]))
-    from attnpack._io import atomic_path
-
-    with atomic_path(args.out) as tmp:
-        Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
-    print("wrote", args.out)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _registry import main
+
+    sys.exit(main("toy_ir", module=sys.modules[__name__]))

@@ -15,11 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # each tab's first request: what a newcomer types (the tab's example), everything else left at its default
 REQUESTS = {
@@ -37,17 +33,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv=None) -> int:
-    import torch
-    from _common import machine_info, result_path, write_json
-    from gradio_client import Client
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results" / "ui_first_run.json"))
-    parser.add_argument("--force", action="store_true", help="overwrite an existing result file")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the UI to answer")
-    args = parser.parse_args(argv)
-    out = result_path(parser, args.out, args.force)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from gradio_client import Client
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -92,11 +83,15 @@ def main(argv=None) -> int:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    results["machine"] = machine_info(torch.device("cpu"))
-    write_json(out, results)
-    print(f"wrote {out}", file=sys.stderr)
-    return 0 if all(t["ok"] for t in results["first_generation"].values()) else 1
+    return results
+
+
+def exit_status(result: dict) -> int:
+    """1 when a tab failed (the JSON is written all the same: a failing tab is a finding)."""
+    return 0 if all(t["ok"] for t in result["first_generation"].values()) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _registry import main
+
+    sys.exit(main("ui_first_run", module=sys.modules[__name__]))
