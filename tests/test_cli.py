@@ -98,7 +98,7 @@ def test_mp4_output(tmp_path):
         (["--dtype", "fp8"], "`dtype` must be one of"),
         (["--attention-backend", "warp"], "must be one of"),
         (["--steps", "0"], "`steps` must be an integer"),
-        (["--guidance", "nan"], "`guidance` must be a finite number, got nan"),
+        (["--guidance", "nan"], "`guidance` must be a finite number in 0..100, got guidance=nan"),
         (["-o", "out.jpg"], "must end with .png"),
         (["-m", "tiny-wan", "-o", "OUT.png"], "must end with .gif or .mp4"),
     ],

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .._io import atomic_path
+from .._utils import check_number
 from ..attn_processors._apply import AttnPackProcessor, apply_processors, list_layers, resolve_denoisers, select_layers
 from ..attn_processors._families import family_of_model
 from ..attn_processors.paro import PARO_FAMILIES, PARO_KINDS, normalize_quant, split_layout
@@ -299,39 +300,14 @@ def calibrate_paro(
     Returns:
         the :class:`~attnpack.ParoPlan`.
     """
-    from tqdm.auto import tqdm
-
-    from .._version import __version__
-
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"`prompts` must be a non-empty string or list of strings, got {prompts!r}.")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+    check_number("num_inference_steps", num_inference_steps, 1, integer=True)
     densities, default_density = _densities(density)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"`block_size` must be a positive integer (64 in the paper), got {block_size!r}.")
-    if tiling not in TILINGS:
-        raise ValueError(f"`tiling` must be one of {', '.join(TILINGS)}, got {tiling!r}.")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {schedule!r}.")
-    half = default_timestep_buckets(num_inference_steps)
-    if schedule == "uniform":
-        buckets = num_inference_steps if timestep_buckets is None else timestep_buckets
-        if isinstance(buckets, bool) or not isinstance(buckets, int) or not 1 <= buckets <= num_inference_steps:
-            raise ValueError(
-                f"`timestep_buckets` must be an integer in [1, num_inference_steps = {num_inference_steps}] with "
-                f"schedule='uniform', got {timestep_buckets!r}."
-            )
-    else:
-        buckets = half if timestep_buckets is None else timestep_buckets
-        if isinstance(buckets, bool) or not isinstance(buckets, int) or not 0 <= buckets <= half:
-            raise ValueError(
-                f"`timestep_buckets` must be an integer in [0, num_inference_steps // 2 = {half}], got "
-                f"{timestep_buckets!r}."
-            )
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
+    check_number("block_size", block_size, 1, integer=True, note=" (64 in the paper)")
+    buckets = _timestep_buckets(tiling, schedule, timestep_buckets, num_inference_steps)
+    check_number("alpha", alpha, 0.0, 1.0)
     if mask_rule not in MASK_RULES:
         raise ValueError(f"`mask_rule` must be one of {', '.join(MASK_RULES)}, got {mask_rule!r}.")
     quant = normalize_quant(quant)
@@ -344,25 +320,12 @@ def calibrate_paro(
         raise ValueError(f"PARO supports {', '.join(PARO_FAMILIES)} models, got a {family} model.")
     infos = select_layers([i for i in list_layers(model) if i.kind in PARO_KINDS], layers)
     call_kwargs = _call_kwargs(pipe, pipeline_kwargs)
+    settings = {"prompts": prompts, "steps": num_inference_steps, "block_size": block_size, "buckets": buckets,
+                "tiling": tiling, "schedule": schedule, "seed": seed, "reorder": reorder, "alpha": alpha,
+                "layers": [i.name for i in infos], "eps": sparsity_eps, "sigma": sparsity_sigma,
+                "kwargs": call_kwargs}  # fmt: skip
     fingerprint = json.dumps(
-        {
-            "model": [type(model).__name__, config_hash(model)],
-            "prompts": prompts,
-            "steps": num_inference_steps,
-            "block_size": block_size,
-            "buckets": buckets,
-            "tiling": tiling,
-            "schedule": schedule,
-            "seed": seed,
-            "reorder": reorder,
-            "alpha": alpha,
-            "layers": [i.name for i in infos],
-            "eps": sparsity_eps,
-            "sigma": sparsity_sigma,
-            "kwargs": call_kwargs,
-        },
-        sort_keys=True,
-        default=str,
+        {"model": [type(model).__name__, config_hash(model)], **settings}, sort_keys=True, default=str
     )
     state = _Calibration(
         layers=[i.name for i in infos],
@@ -376,6 +339,74 @@ def calibrate_paro(
         sigma=sparsity_sigma,
         chunk_elements=chunk_elements,
     )
+    start = time.perf_counter()
+    _observe(pipe, state, prompts, num_inference_steps, call_kwargs, seed=seed, alpha=alpha, reorder=reorder,
+             checkpoint=checkpoint, fingerprint=fingerprint, progress=progress)  # fmt: skip
+    if state.bucket_calls is None or bool((state.bucket_calls == 0).any()):
+        raise RuntimeError("some timestep bucket saw no attention call; check `num_inference_steps`.")
+    from .._version import __version__
+
+    info = {
+        "prompts": prompts,
+        "seed": seed,
+        "pipeline_kwargs": dict(call_kwargs),
+        "reorder": reorder,
+        "sparsity_eps": sparsity_eps,
+        "sparsity_sigma": sparsity_sigma,
+        "order_names": list(axis_order_names(len(state.layout[0]))),
+        "calibration_seconds": round(time.perf_counter() - start, 2),
+        "attnpack": __version__,
+    }
+    grid, text_len, text_first = state.layout
+    bits = mask_bits_for(len(densities))
+    return ParoPlan(
+        model_class=type(model).__name__,
+        config_hash=config_hash(model),
+        family=family,
+        grid=grid,
+        text_len=text_len,
+        text_first=text_first,
+        num_inference_steps=num_inference_steps,
+        block_size=block_size,
+        densities=densities,
+        density=default_density,
+        timestep_buckets=buckets,
+        layers=tuple(state.layers),
+        heads=state.heads,
+        orders=state.orders,
+        masks=_block_masks(state, densities, mask_rule, bits),
+        mask_bits=bits,
+        alpha=alpha,
+        quant=quant,
+        mask_rule=mask_rule,
+        order_metrics=state.order_metrics(),
+        info=json.loads(json.dumps(info, default=str)),
+        tiling=tiling,
+        schedule=schedule,
+    )
+
+
+def _timestep_buckets(tiling: str, schedule: str, timestep_buckets: int | None, steps: int) -> int:
+    """The number of distinct masks for ``schedule`` (checked with ``tiling``, before any model work)."""
+    if tiling not in TILINGS:
+        raise ValueError(f"`tiling` must be one of {', '.join(TILINGS)}, got {tiling!r}.")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {schedule!r}.")
+    if schedule == "uniform":
+        buckets = steps if timestep_buckets is None else timestep_buckets
+        return check_number("timestep_buckets", buckets, 1, steps, integer=True,
+                            note=" (1..num_inference_steps with schedule='uniform')")  # fmt: skip
+    half = default_timestep_buckets(steps)
+    buckets = half if timestep_buckets is None else timestep_buckets
+    return check_number("timestep_buckets", buckets, 0, half, integer=True, note=" (0..num_inference_steps // 2)")
+
+
+def _observe(pipe, state: _Calibration, prompts: list[str], steps: int, call_kwargs: dict, *, seed: int,
+             alpha: float, reorder: bool, checkpoint, fingerprint: str, progress: bool) -> None:  # fmt: skip
+    """Generate every prompt once per phase (orders, then masks) with the calibration cores installed, saving progress
+    to ``checkpoint`` after each prompt and resuming from it."""
+    from tqdm.auto import tqdm
+
     phases = (["orders"] if reorder else []) + ["masks"]
     done = {phase: 0 for phase in phases}
     checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -383,10 +414,8 @@ def calibrate_paro(
         done.update(state.restore(checkpoint, fingerprint))
         logger.info("PARO calibration resumed from %s: %s", checkpoint, done)
     slots = {name: i for i, name in enumerate(state.layers)}
-
-    start = time.perf_counter()
-    bar = tqdm(total=len(phases) * len(prompts) * num_inference_steps, desc="PARO calibration", disable=not progress)
-    bar.update(sum(done.values()) * num_inference_steps)
+    bar = tqdm(total=len(phases) * len(prompts) * steps, desc="PARO calibration", disable=not progress)
+    bar.update(sum(done.values()) * steps)
     previous_bar = getattr(pipe, "_progress_bar_config", None)
     pipe.set_progress_bar_config(disable=True)
 
@@ -412,7 +441,7 @@ def calibrate_paro(
                 with torch.no_grad():
                     pipe(
                         prompt=prompt,
-                        num_inference_steps=num_inference_steps,
+                        num_inference_steps=steps,
                         generator=torch.Generator("cpu").manual_seed(seed + i),
                         output_type="latent",
                         callback_on_step_end=on_step_end,
@@ -429,59 +458,23 @@ def calibrate_paro(
         else:
             pipe._progress_bar_config = previous_bar
 
-    if state.bucket_calls is None or bool((state.bucket_calls == 0).any()):
-        raise RuntimeError("some timestep bucket saw no attention call; check `num_inference_steps`.")
+
+def _block_masks(state: _Calibration, densities: tuple[float, ...], mask_rule: str, bits: int) -> torch.Tensor:
+    """The packed nested masks ``[bucket, layer, head, T, T']`` from the observed block mass; text blocks forced on."""
     grid, text_len, text_first = state.layout
-    n_text = -(-text_len // block_size)
+    n_text = -(-text_len // state.block_size)
     n_tiles = state.mass.shape[-1]  # T of the plan's tiling
     forced = forced_blocks(n_tiles, range(0, n_text) if text_first else range(n_tiles - n_text, n_tiles))
-    bits = mask_bits_for(len(densities))
-    masks = torch.stack(
+    return torch.stack(
         [
             torch.stack(
                 [
                     pack_codes(select_block_masks(state.mass[b, s], densities, forced, rule=mask_rule).cpu(), bits)
-                    for s in slots.values()
+                    for s in range(len(state.layers))
                 ]
             )
             for b in range(state.mass.shape[0])
         ]
-    )
-    info = {
-        "prompts": prompts,
-        "seed": seed,
-        "pipeline_kwargs": {k: v for k, v in call_kwargs.items()},
-        "reorder": reorder,
-        "sparsity_eps": sparsity_eps,
-        "sparsity_sigma": sparsity_sigma,
-        "order_names": list(axis_order_names(len(grid))),
-        "calibration_seconds": round(time.perf_counter() - start, 2),
-        "attnpack": __version__,
-    }
-    return ParoPlan(
-        model_class=type(model).__name__,
-        config_hash=config_hash(model),
-        family=family,
-        grid=grid,
-        text_len=text_len,
-        text_first=text_first,
-        num_inference_steps=num_inference_steps,
-        block_size=block_size,
-        densities=densities,
-        density=default_density,
-        timestep_buckets=buckets,
-        layers=tuple(state.layers),
-        heads=state.heads,
-        orders=state.orders,
-        masks=masks,
-        mask_bits=bits,
-        alpha=alpha,
-        quant=quant,
-        mask_rule=mask_rule,
-        order_metrics=state.order_metrics(),
-        info=json.loads(json.dumps(info, default=str)),
-        tiling=tiling,
-        schedule=schedule,
     )
 
 
