@@ -96,6 +96,8 @@ register(
               "ir_diffusion.json"),
     Benchmark("otsu_variants", "textbook Otsu vs the official IR-Diffusion variant: tokens put on opposite sides",
               "otsu_variants.json"),
+    Benchmark("paro", "PARO block-sparse and INT8 / FP8 attention vs torch SDPA at CogVideoX and Wan 2.1 shapes",
+              "paro-{device}.json"),
     Benchmark("paro_fidelity", "PARO fidelity vs dense attention: sparse, quantized, combined; with / without reorder",
               "paro_fidelity.json"),
     Benchmark("toy_adherence", "toy models: evaluator accuracy on held-out scenes and prompt adherence",

@@ -2,7 +2,7 @@
 
 One command on a GPU machine::
 
-    python benchmarks/paro.py                 # writes benchmarks/results/paro-cuda.json (paro-cpu.json on CPU)
+    python benchmarks/paro.py                 # writes results/paro-cuda.json (paro-cpu.json on CPU; never overwrites: --force)
     python benchmarks/paro.py --list
 
 Built on the shared harness of ``benchmarks/attention.py`` (its ``Case`` / ``Workload`` / ``run_case``: our time,
@@ -29,7 +29,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import machine_info, write_json  # noqa: E402
 from attention import Case, Workload, _rand, run_case  # noqa: E402
 
 
@@ -95,8 +94,19 @@ def paro_case(shape: str, density: float, quant: str | None, block: int) -> Case
     return Case(name, description, devices, build)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+class _ListShapes(argparse.Action):
+    """``--list``: print the shapes and exit while parsing (before the runner's output check)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for name, (grid, text, heads, dim, devices) in SHAPES.items():
+            print(f"{name:14s} [{', '.join(devices)}] grid {grid} + {text} text, {heads} heads x {dim}")
+        parser.exit()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--shapes", nargs="*", default=None, help="default: every shape for the device")
@@ -106,13 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--block-size", type=int, default=None, help="default: 64 (32 for the CPU shapes)")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/paro-<device>.json)")
-    parser.add_argument("--list", action="store_true", help="list the shapes and exit")
-    args = parser.parse_args(argv)
-    if args.list:
-        for name, (grid, text, heads, dim, devices) in SHAPES.items():
-            print(f"{name:14s} [{', '.join(devices)}] grid {grid} + {text} text, {heads} heads x {dim}")
-        return 0
+    parser.add_argument("--list", action=_ListShapes, help="list the shapes and exit")
+
+
+def run(args: argparse.Namespace) -> dict:
     from attnpack._utils import parse_dtype
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -147,11 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                     + (f"  gain over sparse {r['gain_over_sparse']:5.2f}x" if "gain_over_sparse" in r else ""),
                     flush=True,
                 )
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"paro-{device.type}.json")
-    write_json(out, {"machine": machine_info(device), "cases": results})
-    print(f"wrote {out}")
-    return 0
+    return {"cases": results}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _registry import main
+
+    sys.exit(main("paro", module=sys.modules[__name__]))
