@@ -219,3 +219,46 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu(tmp_path):
     for r in rows:
         assert r["HGMMA"] > 0 and r["HMMA"] == 0
         assert 0 < r["registers"] <= 255 and r["stack_bytes"] is not None
+
+
+@pytest.mark.parametrize("options", [{"permute": False}, {"tma": False}], ids=["fused-gather", "no-tma"])
+def test_triton_load_variants_against_reference(options):
+    """The same patterns with the gathers fused into the kernel's loads, and with plain pointer loads of the permuted
+    rows (the default, tensor descriptors on permuted rows, is what the tests above run)."""
+    pattern = _clear_pattern()
+    q = _rand(2, 2, pattern.num_queries, 16, seed=1)
+    k, v = (_rand(2, 2, pattern.num_keys, 16, seed=s) for s in (2, 3))
+    out, lse = block_sparse_attention(q, k, v, pattern, backend="triton", return_lse=True, backend_options=options)
+    ref, ref_lse = masked_attention(q.cpu(), k.cpu(), v.cpu(), _dense_mask(pattern, 1, 1), return_lse=True)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-4, rtol=0)
+    grid, heads = (2, 4, 8), 3
+    order = stack_orders([grid_order(grid, 16, axis_order=p) for p in [(0, 1, 2), (2, 0, 1), (1, 2, 0)]])
+    visited = (torch.rand(1, heads, 4, 4, generator=torch.Generator().manual_seed(3)) < 0.5) | torch.eye(4).bool()
+    paro = BlockSparsePattern(tile_table_from_dense(visited), order, order, name="paro")
+    q, k, v = (_rand(2, heads, 64, 16, seed=s) for s in range(3))
+    out = block_sparse_attention(q, k, v, paro, backend="triton", backend_options=options)
+    ref = masked_attention(q.cpu(), k.cpu(), v.cpu(), _dense_mask(paro, 1, heads))
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=0)
+
+
+def test_triton_descriptors_on_strided_inputs_and_tail_padding():
+    """Identity orders read the caller's tensors through tensor descriptors directly: a [B, N, H, D] layout seen as
+    [B, H, N, D] (diffusers' layout), a padded last tile (rows past N read as zeros, stores clipped), and a head dim
+    that is not a power of two; descriptors are refused with a message where strides are not 16-byte aligned."""
+    order = flat_order(40, 16)
+    visited = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    full = visited.clone()
+    full[..., 2] = False
+    pattern = BlockSparsePattern(tile_table_from_dense(visited, full), order, order)
+    q, k, v = (_rand(2, 40, 3, 24, seed=s).transpose(1, 2) for s in range(3))
+    assert not q.is_contiguous()
+    out = block_sparse_attention(q, k, v, pattern, backend="triton", backend_options={"tma": True})
+    ref = masked_attention(q.cpu(), k.cpu(), v.cpu(), _dense_mask(pattern, 1, 1))
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=0)
+    odd = _rand(1, 1, 40, 6, dtype=torch.float16)  # 12-byte rows: no descriptors, pointer loads instead
+    out = block_sparse_attention(odd, odd, odd, pattern, backend="triton")
+    ref = masked_attention(odd.cpu(), odd.cpu(), odd.cpu(), _dense_mask(pattern, 1, 1))
+    torch.testing.assert_close(out.cpu().double(), ref, atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="tma=True"):
+        block_sparse_attention(odd, odd, odd, pattern, backend="triton", backend_options={"tma": True})
