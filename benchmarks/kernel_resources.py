@@ -10,7 +10,8 @@ registers, stack frame (spills), and counts of telling SASS instructions (``LDL`
 Variants: how K / V rows arrive (``gathered``: through the key order inside the kernel, ``contiguous``: rows already in
 tile-major order, plain pointer loads, ``tma``: the same rows through tensor descriptors) x the in-tile mask (``none``,
 ``gna-index``: the GNA rule on original key indices, ``gna-tile``: the tile-local separable GNA rule the kernel uses,
-``clear-index`` / ``clear-tile``: the same two for CLEAR's circle).
+``clear-none`` / ``clear-index`` / ``clear-tile``: no mask and the same two for CLEAR's circle, at CLEAR's 64-token key
+tiles).
 
 Read with care: these are compiler facts, not timings (a kernel without spills is not necessarily faster).
 """
@@ -35,8 +36,9 @@ ROWS = ("gathered", "contiguous", "tma")
 
 
 def masks() -> dict:
-    """``name -> (mask_fn, rows_fn, tile-local?, tile args)`` for a 2-D GNA pattern in (16, 8) key tiles and a CLEAR
-    pattern in (8, 16) key tiles (128 tokens each, NATTEN's / attnpack's CUDA defaults)."""
+    """``name -> (mask_fn, rows_fn, tile-local?, tile args, key tile)`` for a 2-D GNA pattern in (16, 8) key tiles
+    (NATTEN's Hopper tiles, 128 tokens; ``key tile`` ``None``: ``--tile``) and CLEAR in its default (8, 8) key boxes
+    (64 tokens; query tiles stay ``--tile``)."""
     from attnpack.kernels._clear_triton import clear_mask_triton, clear_rows_triton, clear_tile_triton
     from attnpack.kernels.neighborhood.triton import (
         neighborhood_keys_triton,
@@ -45,15 +47,18 @@ def masks() -> dict:
     )
 
     return {
-        "none": (None, None, False, None),
-        "gna-index": (neighborhood_keys_triton, neighborhood_rows_triton, False, None),
-        "gna-tile": (neighborhood_tile_triton, neighborhood_rows_triton, True, (1, 16, 8)),
-        "clear-index": (clear_mask_triton, None, False, None),
-        "clear-tile": (clear_tile_triton, clear_rows_triton, True, (8, 16)),
+        "none": (None, None, False, None, None),
+        "gna-index": (neighborhood_keys_triton, neighborhood_rows_triton, False, None, None),
+        "gna-tile": (neighborhood_tile_triton, neighborhood_rows_triton, True, (1, 16, 8), None),
+        "clear-none": (None, None, False, None, 64),
+        "clear-index": (clear_mask_triton, None, False, None, 64),
+        "clear-tile": (clear_tile_triton, clear_rows_triton, True, (8, 8), 64),
     }
 
 
-def compile_variant(arch: int, tile: int, blocks: tuple[int, int, int, int], head_dim: int, rows: str, mask) -> dict:
+def compile_variant(
+    arch: int, tile: int, kv_tile: int, blocks: tuple[int, int, int, int], head_dim: int, rows: str, mask
+) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -61,10 +66,10 @@ def compile_variant(arch: int, tile: int, blocks: tuple[int, int, int, int], hea
     from attnpack.kernels.block_sparse.triton import _block_sparse_fwd
 
     bm, bn, warps, stages = blocks
-    mask_fn, rows_fn, local, args = mask
+    mask_fn, rows_fn, local, args, _ = mask
     gather, tma = rows == "gathered", rows == "tma"
     constexprs = dict(
-        Q_TILE=tile, KV_TILE=tile, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=head_dim,
+        Q_TILE=tile, KV_TILE=kv_tile, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=head_dim,
         BLOCK_DV=head_dim, Q_GATHER=gather, KV_GATHER=gather, USE_TMA=tma, MASK_FN=mask_fn, MASK_ROWS_FN=rows_fn,
         MASK_LOCAL=local, MASK_ARGS=args, HAS_LSE=False, DOT_F32=False,
     )  # fmt: skip
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "--out", "-o", default=None, help="JSON file (default: results/kernel-resources-sm<arch>.json)"
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    parser.add_argument("--blocks", type=int, nargs=4, default=None, metavar=("M", "N", "WARPS", "STAGES"),
+                        help="blocks to compile (default: default_blocks for bf16 at this tile and head dim)")  # fmt: skip
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import result_path, write_json
@@ -119,13 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     out = result_path(
         parser, args.out or Path(__file__).parent / "results" / f"kernel-resources-sm{args.arch}.json", args.force
     )
-    blocks = default_blocks(args.tile, args.tile, args.head_dim, cuda=True)
     variants = masks()
     rows = []
     for how in args.rows:
         for mask_name in args.masks or variants:
-            r = compile_variant(args.arch, args.tile, blocks, args.head_dim, how, variants[mask_name])
-            rows.append(dict(blocks=list(blocks), rows=how, gather=how == "gathered", mask=mask_name, **r))
+            kv_tile = variants[mask_name][4] or args.tile
+            blocks = (
+                tuple(args.blocks) if args.blocks else default_blocks(args.tile, kv_tile, args.head_dim, cuda=True)
+            )
+            r = compile_variant(args.arch, args.tile, kv_tile, blocks, args.head_dim, how, variants[mask_name])
+            rows.append(dict(blocks=list(blocks), kv_tile=kv_tile, rows=how, gather=how == "gathered", mask=mask_name,
+                             **r))  # fmt: skip
             print(f"blocks {blocks} {how:10s} rows, mask {mask_name:11s}: "
                   + ", ".join(f"{k} {v}" for k, v in r.items()), flush=True)  # fmt: skip
     import triton

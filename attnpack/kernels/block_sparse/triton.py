@@ -13,6 +13,7 @@ operands are upcast to fp32 before ``tl.dot`` (bf16 dots are wrong in the interp
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 
@@ -25,7 +26,12 @@ from .pattern import BlockSparsePattern
 
 __all__ = ["block_sparse_triton", "triton_unusable", "interpreting"]
 
+logger = logging.getLogger(__name__)
+
 MAX_HEAD_DIM = 256
+# tensor descriptors up to head_dim 128: at 256 the staged Q / K / V / O tiles need more than the 227 KiB of shared
+# memory a Hopper block can have (328 KiB at blocks (128, 64), 2 stages: benchmarks/kernel_resources.py)
+MAX_TMA_HEAD_DIM = 128
 
 
 def interpreting() -> bool:
@@ -268,17 +274,19 @@ def _configs():
 
 
 def default_blocks(
-    q_tile: int, kv_tile: int, head_dim: int, cuda: bool, itemsize: int = 2
+    q_tile: int, kv_tile: int, head_dim: int, cuda: bool, itemsize: int = 2, masked: bool = False
 ) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` used without tuning. On CUDA: FlashAttention-style blocks of at
     most 128 query x 128 key rows (64 key rows below head_dim 128 and for fp32), 8 warps for 128-row blocks at
     head_dim >= 128, 3 pipeline stages for 16-bit inputs (the best of 8 configs on an H200 for GNA at head_dim 128:
-    docs/benchmarks.md); in the interpreter: whole tiles."""
+    docs/benchmarks.md); in the interpreter: whole tiles. ``masked`` (the pattern has an in-tile mask): 8 warps for
+    128-row blocks at every head dim (compiled for sm_90 at head_dim 64, 4 warps spill in the masked loop, 8 do not:
+    ``benchmarks/kernel_resources.py``)."""
     if not cuda:
         return q_tile, kv_tile, 4, 2
     wide = head_dim >= 128 and itemsize <= 2
     bm, bn = min(q_tile, 128), min(kv_tile, 128 if wide else 64)
-    return bm, bn, (8 if bm >= 128 and head_dim >= 128 else 4), (3 if itemsize <= 2 else 2)
+    return bm, bn, (8 if bm >= 128 and (head_dim >= 128 or masked) else 4), (3 if itemsize <= 2 else 2)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -404,7 +412,8 @@ def block_sparse_triton(
     rows_q, rows_k = query.shape[2], key.shape[2]
     out = torch.empty(bsz, heads, rows_q, dv, device=query.device, dtype=query.dtype)
     lse = torch.empty(bsz, heads, rows_q, device=query.device, dtype=torch.float32) if return_lse else out
-    use_tma = not (q_gather or kv_gather) and (tma is not False) and _tma_ok(query, key, value, out)
+    use_tma = not (q_gather or kv_gather) and (tma is not False) and max(dim, dv) <= MAX_TMA_HEAD_DIM
+    use_tma = use_tma and _tma_ok(query, key, value, out)
     if tma and not use_tma:
         raise ValueError(
             "`tma=True` needs contiguous rows (identity orders or `permute`), a Hopper-class GPU or the interpreter, "
@@ -427,7 +436,7 @@ def block_sparse_triton(
         kernel, extra = _tuned_kernel(), {}
     else:
         dbm, dbn, warps, stages = default_blocks(
-            q_tile, kv_tile, max(dim, dv), query.device.type == "cuda" and not interp, query.element_size()
+            q_tile, kv_tile, max(dim, dv), query.device.type == "cuda" and not interp, query.element_size(), local
         )
         bm, bn = block_m or dbm, block_n or dbn
         if q_tile % bm or kv_tile % bn or not (_is_pow2(bm) and _is_pow2(bn)) or min(bm, bn) < 16:
@@ -442,7 +451,10 @@ def block_sparse_triton(
     def grid(meta):
         return (table.num_q_tiles * (q_tile // meta["BLOCK_M"]), bsz * heads)
 
-    kernel[grid](
+    def launch(**extra):
+        kernel[grid](*args, **kw, **extra)
+
+    args = (
         query, key, value, out, lse, *descs, qi, ki, tiles, nkv, nfull, params,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
@@ -452,6 +464,8 @@ def block_sparse_triton(
         tiles.stride(0), tiles.stride(1), tiles.stride(2),
         nkv.stride(0), nkv.stride(1),
         heads, rows_q, rows_k, pattern.q_order.num_tokens, pattern.kv_order.num_tokens, scale * math.log2(math.e),
+    )  # fmt: skip
+    kw = dict(
         Q_TILE=q_tile, KV_TILE=kv_tile,
         HEAD_DIM=dim, HEAD_DIM_V=dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         Q_GATHER=q_gather, KV_GATHER=kv_gather, USE_TMA=use_tma,
@@ -459,8 +473,17 @@ def block_sparse_triton(
         MASK_ROWS_FN=mask.triton_rows_fn if mask is not None else None,
         MASK_LOCAL=local, MASK_ARGS=mask.tile_args if local else None,
         HAS_LSE=return_lse, DOT_F32=interp or query.dtype == torch.float32,
-        **extra,
     )  # fmt: skip
+    try:
+        launch(**extra)
+    except triton.runtime.errors.OutOfResources:
+        if use_tuning or extra["num_stages"] <= 1:
+            raise
+        # a deeper software pipeline than the shared memory holds (e.g. large head dims with descriptors): one
+        # stage less, said at DEBUG level
+        logger.debug("block_sparse_triton: out of shared memory with %d stages; retrying with %d", extra["num_stages"],
+                     extra["num_stages"] - 1)  # fmt: skip
+        launch(**{**extra, "num_stages": extra["num_stages"] - 1})
     if q_permuted:
         out = pattern.q_order.unpermute(out)
         lse = pattern.q_order.unpermute(lse[..., None])[..., 0] if return_lse else lse
