@@ -181,6 +181,10 @@ def test_default_blocks_split_large_tiles_on_cuda_only():
             assert bn <= (128 if dim >= 128 and itemsize == 2 else 64)
             assert warps in (4, 8) and stages == (3 if itemsize == 2 else 2)
     assert default_blocks(128, 128, 128, cuda=True) == (128, 128, 8, 3)  # the H200 sweep's best (docs/benchmarks.md)
+    # masked patterns: 8 warps for 128-row blocks at head_dim 64 too (4 spill in the masked loop when compiled for
+    # sm_90: docs/benchmarks.md); unmasked ones (PARO sparse-only) keep 4
+    assert default_blocks(128, 128, 64, cuda=True, masked=True)[2] == 8
+    assert default_blocks(128, 128, 64, cuda=True)[2] == 4
 
 
 def test_triton_block_sizes_are_checked():
