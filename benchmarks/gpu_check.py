@@ -17,8 +17,8 @@ Steps:
    the same queries and all keys. Ratios: ``speedup`` = SDPA / ours, ``fraction_of_tile_bound`` = speedup / tile
    bound.
 
-The JSON (``results/gpu-check-<device>.json``, kept if it exists unless ``--force``) is rewritten after every case, so a
-run cut short keeps what it measured; cases not reached within ``--budget-s`` are listed as such. Records the
+The JSON (``results/gpu-check-<device>.json``, kept if it exists unless ``--force``) is rewritten after every case,
+so a run cut short keeps what it measured; cases not reached within ``--budget-s`` are listed as such. Records the
 device, torch / triton / diffusers versions and every setting.
 """
 
@@ -67,8 +67,9 @@ def run_tests(budget_s: float) -> dict:
         output = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         rc = None
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output)}
-    return dict(command=" ".join(cmd[1:]), returncode=rc, timed_out=rc is None, seconds=round(time.perf_counter() - t0, 1),
-                counts=counts, tail=output[-3000:])  # fmt: skip
+    seconds = round(time.perf_counter() - t0, 1)
+    return dict(command=" ".join(cmd[1:]), returncode=rc, timed_out=rc is None, seconds=seconds, counts=counts,
+                tail=output[-3000:])  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -205,9 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"{name:22s} ERROR {r['error'][:200]}", flush=True)
         else:
-            print(f"{name:22s} sdpa[{r['sdpa_backend']}] {r['sdpa_ms']:9.3f} ms | "
-                  + " | ".join(f"{k} {r[k]['time_ms']:9.3f} ms {r[k]['speedup']:6.2f}x ({r[k]['fraction_of_tile_bound']:.0%}"
-                               f" of {r['tile_bound']}x)" for k in ["default", *VARIANTS]), flush=True)  # fmt: skip
+            cols = [
+                f"{k} {r[k]['time_ms']:9.3f} ms {r[k]['speedup']:6.2f}x ({r[k]['fraction_of_tile_bound']:.0%} of "
+                f"{r['tile_bound']}x)"
+                for k in ["default", *VARIANTS]
+            ]
+            print(f"{name:22s} sdpa[{r['sdpa_backend']}] {r['sdpa_ms']:9.3f} ms | " + " | ".join(cols), flush=True)
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     write_json(out, report)
     print(f"wrote {out} ({report['seconds']} s)")

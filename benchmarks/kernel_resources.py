@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     parser.add_argument("--blocks", type=int, nargs=4, default=None, metavar=("M", "N", "WARPS", "STAGES"),
-                        help="blocks to compile (default: default_blocks for bf16 at this tile and head dim)")  # fmt: skip
+                        help="blocks to compile (default: default_blocks, bf16, this tile and head dim)")  # fmt: skip
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import result_path, write_json

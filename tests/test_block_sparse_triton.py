@@ -233,7 +233,9 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu(tmp_path):
         assert rows["tma", mask]["UTMALDG"] > 0
 
 
-@pytest.mark.parametrize("options", [{"permute": False}, {"tma": False}], ids=["fused-gather", "no-tma"])
+@pytest.mark.parametrize(
+    "options", [{"permute": False}, {"permute": True, "tma": False}], ids=["fused-gather", "no-tma"]
+)
 def test_triton_load_variants_against_reference(options):
     """The same patterns with the gathers fused into the kernel's loads, and with plain pointer loads of the permuted
     rows (the default, tensor descriptors on permuted rows, is what the tests above run)."""

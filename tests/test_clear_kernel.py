@@ -185,8 +185,12 @@ def test_clear_attention_against_dense_oracle(case, backend):
 
 # what the kernel is run with: the default (tokens permuted into tile-major order, tensor descriptors, the tile-local
 # mask), gathers fused into the loads, pointer loads, and the index mask on original indices (the rule written twice)
-KERNEL_VARIANTS = [("default", {}, False), ("fused-gather", {"permute": False}, False), ("no-tma", {"tma": False}, False),
-                   ("index-mask", {}, True)]  # fmt: skip
+KERNEL_VARIANTS = [
+    ("default", {}, False),
+    ("fused-gather", {"permute": False}, False),
+    ("no-tma", {"permute": True, "tma": False}, False),
+    ("index-mask", {}, True),
+]
 
 
 @pytest.mark.parametrize("variant", KERNEL_VARIANTS, ids=lambda v: v[0])

@@ -156,7 +156,7 @@ def test_gpu_automatic_choice_is_triton_for_inference(caplog):
 KERNEL_VARIANTS = [
     ("default", {}, False),
     ("fused-gather", {"permute": False}, False),
-    ("no-tma", {"tma": False}, False),
+    ("no-tma", {"permute": True, "tma": False}, False),
     ("index-mask", {}, True),
     ("index-mask-fused-gather", {"permute": False}, True),
 ]

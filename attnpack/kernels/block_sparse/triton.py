@@ -344,14 +344,21 @@ def _order_gathers(pattern: BlockSparsePattern) -> tuple[bool, bool]:
     return pattern._cache[key]
 
 
-def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether tensor descriptors (TMA) can address these ``[B, H, N, D]`` tensors: a Hopper-class GPU (or the
-    interpreter), 16-byte aligned base addresses and strides, unit stride along ``D``."""
-    t0 = tensors[0]
-    if t0.device.type == "cuda":
-        if torch.cuda.get_device_capability(t0.device)[0] < 9:
+def _tma_device(t: torch.Tensor, *dims: int) -> bool:
+    """Whether tensor descriptors can serve ``t``'s device at these head dims: a Hopper-class GPU (or the
+    interpreter), head dims up to :data:`MAX_TMA_HEAD_DIM` with 16-byte rows."""
+    if t.device.type == "cuda":
+        if torch.cuda.get_device_capability(t.device)[0] < 9:
             return False
     elif not interpreting():
+        return False
+    return all(d <= MAX_TMA_HEAD_DIM and (d * t.element_size()) % 16 == 0 for d in dims)
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether tensor descriptors (TMA) can address these ``[B, H, N, D]`` tensors: :func:`_tma_device`, 16-byte
+    aligned base addresses and strides, unit stride along ``D``."""
+    if not _tma_device(tensors[0], *(t.shape[-1] for t in tensors)):
         return False
     for t in tensors:
         size = t.element_size()
@@ -389,9 +396,10 @@ def block_sparse_triton(
     tuning, ``block_m`` / ``block_n`` (default: :func:`default_blocks`).
     ``permute``: copy Q / K / V into tile-major order first (one gather pass each, and one for the output) so that
     every tile is a run of contiguous rows the kernel loads with tensor descriptors; ``False`` fuses the gathers into
-    the kernel's loads instead (no copies, plain gathered loads). Default: permute whenever an order is not the
-    identity. ``tma``: load contiguous rows through tensor descriptors (default: where possible: Hopper-class GPUs
-    and the interpreter, 16-byte aligned strides).
+    the kernel's loads instead (no copies, plain gathered loads). Default: permute when an order is not the identity
+    and the permuted rows can be read through tensor descriptors. ``tma``: load contiguous rows through tensor
+    descriptors (default: where possible: Hopper-class GPUs and the interpreter, head dims up to 128, 16-byte aligned
+    rows and strides); ``False`` also keeps the gathers fused unless ``permute=True``.
     """
     bsz, heads, nq, dim = query.shape
     dv = value.shape[-1]
@@ -399,7 +407,9 @@ def block_sparse_triton(
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     table = pattern.table
     q_gather, kv_gather = _order_gathers(pattern)
-    permute = (q_gather or kv_gather) if permute is None else bool(permute)
+    if permute is None:  # permuting pays where it makes the rows descriptor loads; else the gathers stay fused
+        permute = (q_gather or kv_gather) and tma is not False and _tma_device(query, dim, dv)
+    permute = bool(permute)
     qi = pattern.q_order.index.expand(heads, -1) if q_gather else None
     ki = pattern.kv_order.index.expand(heads, -1) if kv_gather else None
     q_permuted = permute and q_gather
@@ -412,8 +422,7 @@ def block_sparse_triton(
     rows_q, rows_k = query.shape[2], key.shape[2]
     out = torch.empty(bsz, heads, rows_q, dv, device=query.device, dtype=query.dtype)
     lse = torch.empty(bsz, heads, rows_q, device=query.device, dtype=torch.float32) if return_lse else out
-    use_tma = not (q_gather or kv_gather) and (tma is not False) and max(dim, dv) <= MAX_TMA_HEAD_DIM
-    use_tma = use_tma and _tma_ok(query, key, value, out)
+    use_tma = not (q_gather or kv_gather) and (tma is not False) and _tma_ok(query, key, value, out)
     if tma and not use_tma:
         raise ValueError(
             "`tma=True` needs contiguous rows (identity orders or `permute`), a Hopper-class GPU or the interpreter, "
