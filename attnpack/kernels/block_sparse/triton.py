@@ -1,10 +1,19 @@
 """Fused block-sparse attention forward kernel in Triton.
 
-One program per (query tile, batch x head). It gathers its query rows through the query order (the token
-permutation is fused: rows are loaded from, and stored to, their original positions, so no permuted copy of Q, K, V
-or O is ever written), then walks the tile table: first the *full* key tiles with no mask at all, then the
-*partial* ones, where padding and the pattern's in-tile mask (a ``@triton.jit`` function) are applied. Softmax is
-the usual online (flash) softmax in fp32 with ``exp2``.
+One program per (query block, batch x head). Its rows arrive in one of two ways:
+
+- **permuted** (where tensor descriptors apply: Hopper-class GPUs, head dims up to 128): the wrapper copies Q, K, V
+  once into tile-major order (every tile a run of contiguous rows) and the kernel reads them, and writes O, through
+  tensor descriptors (TMA), the output being permuted back afterwards (issue 22: the gathered loads below compile to
+  plain ``LDG``, the descriptor loads to ``UTMALDG``);
+- **gathered** (elsewhere, or ``permute=False``): the token permutation is fused into the loads and stores, rows are
+  read from and written to their original positions through the orders, no copy is made.
+
+It then walks the tile table: first the *full* key tiles with no mask code at all, then, in a second loop, the
+*partial* ones, where padding and the pattern's in-tile mask are applied: a tile-local mask (``TileMask.
+triton_tile_fn``: key coordinates from the tile id and compile-time in-tile positions, what GNA and CLEAR use) or an
+index mask on original key indices (``TileMask.triton_fn``). Softmax is the usual online (flash) softmax in fp32
+with ``exp2``.
 
 Runs on CUDA, and on CPU in the Triton interpreter (``TRITON_INTERPRET=1``, set before importing triton), where
 operands are upcast to fp32 before ``tl.dot`` (bf16 dots are wrong in the interpreter). Forward only.
