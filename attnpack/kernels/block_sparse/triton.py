@@ -376,6 +376,24 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _to_tile_major(order, x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, D]`` -> ``[B, H, P, D]`` in tile-major order, one gather pass. Padding positions get a copy of
+    token 0 (finite; the kernel masks them) instead of zeros: :meth:`TokenOrder.permute` would add a pass."""
+    idx = order.index.clamp(min=0).long()
+    if order.num_heads == 1:
+        return x.index_select(2, idx[0])
+    b, h, _, d = x.shape
+    return torch.gather(x, 2, idx[None, :, :, None].expand(b, h, -1, d))
+
+
+def _from_tile_major(inv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[B, H, P, D]`` (tile-major) -> ``[B, H, N, D]`` through the inverse order ``inv`` ``[Hi, N]``."""
+    if inv.shape[0] == 1:
+        return y.index_select(2, inv[0])
+    b, h, _, d = y.shape
+    return torch.gather(y, 2, inv[None, :, :, None].expand(b, h, -1, d))
+
+
 def _descriptor(t: torch.Tensor):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -424,9 +442,9 @@ def block_sparse_triton(
     q_permuted = permute and q_gather
     if permute:
         if q_gather:
-            query = pattern.q_order.permute(query)
+            query = _to_tile_major(pattern.q_order, query)
         if kv_gather:
-            key, value = pattern.kv_order.permute(key), pattern.kv_order.permute(value)
+            key, value = _to_tile_major(pattern.kv_order, key), _to_tile_major(pattern.kv_order, value)
         q_gather = kv_gather = False  # data rows are now positions; qi / ki still give the original indices
     rows_q, rows_k = query.shape[2], key.shape[2]
     out = torch.empty(bsz, heads, rows_q, dv, device=query.device, dtype=query.dtype)
@@ -502,7 +520,10 @@ def block_sparse_triton(
         logger.debug("block_sparse_triton: out of shared memory with %d stages; retrying with %d", extra["num_stages"],
                      extra["num_stages"] - 1)  # fmt: skip
         launch(**{**extra, "num_stages": extra["num_stages"] - 1})
-    if q_permuted:
-        out = pattern.q_order.unpermute(out)
-        lse = pattern.q_order.unpermute(lse[..., None])[..., 0] if return_lse else lse
+    if q_permuted:  # back to the caller's order (the inverse permutation cached with the pattern)
+        if "q_inverse" not in pattern._cache:
+            pattern._cache["q_inverse"] = pattern.q_order.inverse()
+        inv = pattern._cache["q_inverse"]
+        out = _from_tile_major(inv, out)
+        lse = _from_tile_major(inv, lse[..., None])[..., 0] if return_lse else lse
     return (out, lse) if return_lse else out
