@@ -1,10 +1,17 @@
 """Compile the block-sparse Triton kernel for a GPU target **without a GPU** and report what the compiler made of it:
 registers, stack frame (spills), and counts of telling SASS instructions (``LDL``/``STL``: local-memory spills,
-``LDG``: plain global loads, ``LDGSTS``: asynchronous copies the software pipeline issues, ``HGMMA``: Hopper
-tensor-core instructions). Costs no device time; uses the ``cuobjdump`` shipped with Triton. Writes
-``results/kernel-resources-sm90.json``.
+``LDG``: plain global loads, ``LDGSTS``: asynchronous copies the software pipeline issues, ``UTMALDG``: tensor-memory
+(TMA) loads through tensor descriptors, ``HGMMA``: Hopper tensor-core instructions). Costs no device time; uses the
+``cuobjdump`` shipped with Triton. Writes ``results/kernel-resources-sm<arch>.json`` (an existing file is kept unless
+``--force``; ``--out`` another path).
 
-    python benchmarks/kernel_resources.py            # the default blocks, gathered vs contiguous, with / without mask
+    python benchmarks/kernel_resources.py --out /tmp/kr.json   # every variant below at the default blocks
+
+Variants: how K / V rows arrive (``gathered``: through the key order inside the kernel, ``contiguous``: rows already in
+tile-major order, plain pointer loads, ``tma``: the same rows through tensor descriptors) x the in-tile mask (``none``,
+``gna-index``: the GNA rule on original key indices, ``gna-tile``: the tile-local separable GNA rule the kernel uses,
+``clear-none`` / ``clear-index`` / ``clear-tile``: no mask and the same two for CLEAR's circle, at CLEAR's 64-token key
+tiles).
 
 Read with care: these are compiler facts, not timings (a kernel without spills is not necessarily faster).
 """
@@ -25,10 +32,32 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interp
 OPS = ("HGMMA", "HMMA", "LDL", "STL", "LDG", "LDGSTS", "UTMALDG")
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "LSE": "*fp32", "QI": "*i32", "KI": "*i32",
             "TBL": "*i32", "NKV": "*i32", "NFULL": "*i32", "MP": "*i32"}  # fmt: skip
+ROWS = ("gathered", "contiguous", "tma")
+
+
+def masks() -> dict:
+    """``name -> (mask_fn, rows_fn, tile-local?, tile args, key tile)`` for a 2-D GNA pattern in (16, 8) key tiles
+    (NATTEN's Hopper tiles, 128 tokens; ``key tile`` ``None``: ``--tile``) and CLEAR in its default (8, 8) key boxes
+    (64 tokens; query tiles stay ``--tile``)."""
+    from attnpack.kernels._clear_triton import clear_mask_triton, clear_rows_triton, clear_tile_triton
+    from attnpack.kernels.neighborhood.triton import (
+        neighborhood_keys_triton,
+        neighborhood_rows_triton,
+        neighborhood_tile_triton,
+    )
+
+    return {
+        "none": (None, None, False, None, None),
+        "gna-index": (neighborhood_keys_triton, neighborhood_rows_triton, False, None, None),
+        "gna-tile": (neighborhood_tile_triton, neighborhood_rows_triton, True, (1, 16, 8), None),
+        "clear-none": (None, None, False, None, 64),
+        "clear-index": (clear_mask_triton, None, False, None, 64),
+        "clear-tile": (clear_tile_triton, clear_rows_triton, True, (8, 8), 64),
+    }
 
 
 def compile_variant(
-    arch: int, tile: int, blocks: tuple[int, int, int, int], head_dim: int, gather: bool, mask
+    arch: int, tile: int, kv_tile: int, blocks: tuple[int, int, int, int], head_dim: int, rows: str, mask
 ) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -37,16 +66,25 @@ def compile_variant(
     from attnpack.kernels.block_sparse.triton import _block_sparse_fwd
 
     bm, bn, warps, stages = blocks
-    mask_fn, rows_fn = mask
+    mask_fn, rows_fn, local, args, _ = mask
+    gather, tma = rows == "gathered", rows == "tma"
     constexprs = dict(
-        Q_TILE=tile, KV_TILE=tile, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=head_dim,
-        BLOCK_DV=head_dim, Q_GATHER=gather, KV_GATHER=gather, MASK_FN=mask_fn, MASK_ROWS_FN=rows_fn, HAS_LSE=False,
-        DOT_F32=False,
+        Q_TILE=tile, KV_TILE=kv_tile, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=head_dim,
+        BLOCK_DV=head_dim, Q_GATHER=gather, KV_GATHER=gather, USE_TMA=tma, MASK_FN=mask_fn, MASK_ROWS_FN=rows_fn,
+        MASK_LOCAL=local, MASK_ARGS=args, HAS_LSE=False, DOT_F32=False,
     )  # fmt: skip
+    descs = {"QD": bm, "KD": bn, "VD": bn, "OD": bm}
+    if not tma:
+        constexprs.update(dict.fromkeys(descs))  # None: no descriptors
     names = list(_block_sparse_fwd.arg_names)
     signature = {}
     for n in names:
-        signature[n] = "constexpr" if n in constexprs else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32")
+        if n in constexprs:
+            signature[n] = "constexpr"
+        elif n in descs:
+            signature[n] = f"tensordesc<bf16[1, 1, {descs[n]}, {head_dim}]>"
+        else:
+            signature[n] = POINTERS.get(n, "fp32" if n == "qk_scale" else "i32")
     src = ASTSource(_block_sparse_fwd, signature, {(names.index(k),): v for k, v in constexprs.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -71,26 +109,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: Hopper)")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--tile", type=int, default=128, help="tokens per query / key tile")
-    parser.add_argument("--out", default=None, help="JSON file (default: results/kernel-resources-sm<arch>.json)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="how K / V rows arrive")
+    parser.add_argument("--masks", nargs="+", default=None, help="mask variants (default: all)")
+    parser.add_argument(
+        "--out", "-o", default=None, help="JSON file (default: results/kernel-resources-sm<arch>.json)"
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    parser.add_argument("--blocks", type=int, nargs=4, default=None, metavar=("M", "N", "WARPS", "STAGES"),
+                        help="blocks to compile (default: default_blocks, bf16, this tile and head dim)")  # fmt: skip
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
-    from _common import write_json
+    from _common import result_path, write_json
 
     from attnpack.kernels.block_sparse.triton import default_blocks
-    from attnpack.kernels.neighborhood.triton import neighborhood_keys_triton, neighborhood_rows_triton
 
-    blocks = default_blocks(args.tile, args.tile, args.head_dim, cuda=True)
-    masks = {"none": (None, None), "gna": (neighborhood_keys_triton, neighborhood_rows_triton)}
+    out = result_path(
+        parser, args.out or Path(__file__).parent / "results" / f"kernel-resources-sm{args.arch}.json", args.force
+    )
+    variants = masks()
     rows = []
-    for gather in (True, False):
-        for mask_name, mask in masks.items():
-            r = compile_variant(args.arch, args.tile, blocks, args.head_dim, gather, mask)
-            rows.append(dict(blocks=list(blocks), gather=gather, mask=mask_name, **r))
-            print(f"blocks {blocks} {'gathered' if gather else 'contiguous'} rows, mask {mask_name:4s}: "
+    for how in args.rows:
+        for mask_name in args.masks or variants:
+            kv_tile = variants[mask_name][4] or args.tile
+            blocks = (
+                tuple(args.blocks) if args.blocks else default_blocks(args.tile, kv_tile, args.head_dim, cuda=True)
+            )
+            r = compile_variant(args.arch, args.tile, kv_tile, blocks, args.head_dim, how, variants[mask_name])
+            rows.append(dict(blocks=list(blocks), kv_tile=kv_tile, rows=how, gather=how == "gathered", mask=mask_name,
+                             **r))  # fmt: skip
+            print(f"blocks {blocks} {how:10s} rows, mask {mask_name:11s}: "
                   + ", ".join(f"{k} {v}" for k, v in r.items()), flush=True)  # fmt: skip
     import triton
 
-    out = Path(args.out or Path(__file__).parent / "results" / f"kernel-resources-sm{args.arch}.json")
     write_json(out, {"triton": triton.__version__, "arch": args.arch, "head_dim": args.head_dim, "tile": args.tile,
                      "rows": rows})  # fmt: skip
     print("wrote", out)

@@ -181,6 +181,10 @@ def test_default_blocks_split_large_tiles_on_cuda_only():
             assert bn <= (128 if dim >= 128 and itemsize == 2 else 64)
             assert warps in (4, 8) and stages == (3 if itemsize == 2 else 2)
     assert default_blocks(128, 128, 128, cuda=True) == (128, 128, 8, 3)  # the H200 sweep's best (docs/benchmarks.md)
+    # masked patterns: 8 warps for 128-row blocks at head_dim 64 too (4 spill in the masked loop when compiled for
+    # sm_90: docs/benchmarks.md); unmasked ones (PARO sparse-only) keep 4
+    assert default_blocks(128, 128, 64, cuda=True, masked=True)[2] == 8
+    assert default_blocks(128, 128, 64, cuda=True)[2] == 4
 
 
 def test_triton_block_sizes_are_checked():
@@ -200,8 +204,10 @@ def _causal_triton(b, h, q_idx, kv_idx, P):
 @pytest.mark.slow
 def test_kernel_resources_compiles_for_hopper_without_a_gpu(tmp_path):
     """benchmarks/kernel_resources.py: the kernel compiles for sm_90 on any machine (in a fresh process: the tests
-    import Triton in interpreter mode), and the compiled code uses Hopper's tensor-core instructions (HGMMA) rather
-    than the older HMMA path. Up to a few minutes (Triton caches compilations)."""
+    import Triton in interpreter mode) with Hopper's tensor-core instructions (HGMMA, not HMMA), and issue 22's
+    compiler facts hold: the tile-local GNA and CLEAR masks spill no more than the unmasked kernel (+16 local
+    accesses) on gathered rows and through tensor descriptors, and contiguous rows load K / V with TMA (UTMALDG).
+    Up to a few minutes (Triton caches compilations)."""
     import json
     import os
     import subprocess
@@ -211,11 +217,62 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "resources.json"
-    subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "kernel_resources.py"), "--out", str(out)], env=env, check=True
-    )
-    rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 4
-    for r in rows:
+    cmd = [sys.executable, str(root / "benchmarks" / "kernel_resources.py"), "--out", str(out), "--rows", "gathered",
+           "tma", "--masks", "none", "gna-tile", "clear-none", "clear-tile"]  # fmt: skip
+    subprocess.run(cmd, env=env, check=True)
+    rows = {(r["rows"], r["mask"]): r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 8
+    for r in rows.values():
         assert r["HGMMA"] > 0 and r["HMMA"] == 0
         assert 0 < r["registers"] <= 255 and r["stack_bytes"] is not None
+    for how in ("gathered", "tma"):
+        for plain, mask in (("none", "gna-tile"), ("clear-none", "clear-tile")):
+            local = rows[how, plain]["LDL"] + rows[how, plain]["STL"]
+            assert rows[how, mask]["LDL"] + rows[how, mask]["STL"] <= local + 16, (how, mask)
+    for mask in ("none", "gna-tile", "clear-tile"):
+        assert rows["tma", mask]["UTMALDG"] > 0
+
+
+@pytest.mark.parametrize(
+    "options", [{"permute": False}, {"permute": True, "tma": False}], ids=["fused-gather", "no-tma"]
+)
+def test_triton_load_variants_against_reference(options):
+    """The same patterns with the gathers fused into the kernel's loads, and with plain pointer loads of the permuted
+    rows (the default, tensor descriptors on permuted rows, is what the tests above run)."""
+    pattern = _clear_pattern()
+    q = _rand(2, 2, pattern.num_queries, 16, seed=1)
+    k, v = (_rand(2, 2, pattern.num_keys, 16, seed=s) for s in (2, 3))
+    out, lse = block_sparse_attention(q, k, v, pattern, backend="triton", return_lse=True, backend_options=options)
+    ref, ref_lse = masked_attention(q.cpu(), k.cpu(), v.cpu(), _dense_mask(pattern, 1, 1), return_lse=True)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-4, rtol=0)
+    grid, heads = (2, 4, 8), 3
+    order = stack_orders([grid_order(grid, 16, axis_order=p) for p in [(0, 1, 2), (2, 0, 1), (1, 2, 0)]])
+    visited = (torch.rand(1, heads, 4, 4, generator=torch.Generator().manual_seed(3)) < 0.5) | torch.eye(4).bool()
+    paro = BlockSparsePattern(tile_table_from_dense(visited), order, order, name="paro")
+    q, k, v = (_rand(2, heads, 64, 16, seed=s) for s in range(3))
+    out = block_sparse_attention(q, k, v, paro, backend="triton", backend_options=options)
+    ref = masked_attention(q.cpu(), k.cpu(), v.cpu(), _dense_mask(paro, 1, heads))
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=0)
+
+
+def test_triton_descriptors_on_strided_inputs_and_tail_padding():
+    """Identity orders read the caller's tensors through tensor descriptors directly: a [B, N, H, D] layout seen as
+    [B, H, N, D] (diffusers' layout), a padded last tile (rows past N read as zeros, stores clipped), and a head dim
+    that is not a power of two; descriptors are refused with a message where strides are not 16-byte aligned."""
+    order = flat_order(40, 16)
+    visited = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    full = visited.clone()
+    full[..., 2] = False
+    pattern = BlockSparsePattern(tile_table_from_dense(visited, full), order, order)
+    q, k, v = (_rand(2, 40, 3, 24, seed=s).transpose(1, 2) for s in range(3))
+    assert not q.is_contiguous()
+    out = block_sparse_attention(q, k, v, pattern, backend="triton", backend_options={"tma": True})
+    ref = masked_attention(q.cpu(), k.cpu(), v.cpu(), _dense_mask(pattern, 1, 1))
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=0)
+    odd = _rand(1, 1, 40, 6, dtype=torch.float16)  # 12-byte rows: no descriptors, pointer loads instead
+    out = block_sparse_attention(odd, odd, odd, pattern, backend="triton")
+    ref = masked_attention(odd.cpu(), odd.cpu(), odd.cpu(), _dense_mask(pattern, 1, 1))
+    torch.testing.assert_close(out.cpu().double(), ref, atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="tma=True"):
+        block_sparse_attention(odd, odd, odd, pattern, backend="triton", backend_options={"tma": True})

@@ -183,6 +183,46 @@ def test_clear_attention_against_dense_oracle(case, backend):
     torch.testing.assert_close(out, ref.float(), atol=2e-5, rtol=0)
 
 
+# what the kernel is run with: the default (tokens permuted into tile-major order, tensor descriptors, the tile-local
+# mask), gathers fused into the loads, pointer loads, and the index mask on original indices (the rule written twice)
+KERNEL_VARIANTS = [
+    ("default", {}, False),
+    ("fused-gather", {"permute": False}, False),
+    ("no-tma", {"permute": True, "tma": False}, False),
+    ("index-mask", {}, True),
+]
+
+
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS, ids=lambda v: v[0])
+@pytest.mark.parametrize(
+    "case,dtype",
+    [(c, torch.float32) for c in TRITON_CASES]
+    + [(dict(grid=(6, 12), text_len=20, radius=3, d=2, q_tile=(4, 4), kv_tile=(2, 8)), torch.bfloat16)],
+    ids=lambda x: _case_id(x) if isinstance(x, dict) else str(x).split(".")[-1],
+)
+def test_triton_kernel_variants_against_dense_oracle(case, dtype, variant):
+    import dataclasses
+
+    from attnpack.kernels.block_sparse import block_sparse_attention
+
+    grid, t, r, d = case["grid"], case["text_len"], case["radius"], case["d"]
+    spec = ClearSpec(grid, t, r, d)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    pattern = clear_pattern(spec, q_tile=case["q_tile"], kv_tile=case["kv_tile"])
+    assert pattern.mask.triton_tile_fn is not None
+    if variant[2]:
+        mask = dataclasses.replace(pattern.mask, triton_tile_fn=None, triton_rows_fn=None)
+        pattern = dataclasses.replace(pattern, mask=mask, _cache={})
+    q = _rand(2, 3, spec.num_queries, 16, seed=1)
+    k, v = (_rand(2, 3, spec.num_keys, 16, seed=s) for s in (2, 3))
+    out = block_sparse_attention(
+        *(x.to(dtype).to(dev) for x in (q, k, v)), pattern, backend="triton", backend_options=variant[1]
+    )
+    ref = masked_attention(*(x.to(dtype).double() for x in (q, k, v)), oracle_mask(grid, t, r, d))
+    atol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.cpu().double(), ref, atol=atol, rtol=0)
+
+
 def test_pooling_matches_loops_and_defaults_to_average():
     grid, d = (4, 6), 2
     x = _rand(1, 2, 24, 3)

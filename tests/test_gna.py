@@ -332,8 +332,22 @@ def test_automatic_choice_logged(caplog):
     with caplog.at_level("DEBUG", logger="attnpack.kernels.neighborhood"):
         neighborhood_attention(q, q, q, grid_shape=(6, 7), window_size=3)
         neighborhood_attention(q, q, q, grid_shape=(6, 7), window_size=-1)
-    assert "picked 'tiled' on cpu" in caplog.text
+    assert "picked 'reference' on cpu" in caplog.text or "picked 'tiled' on cpu" in caplog.text
     assert "full window on every axis" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "grid,window,extra,expect",
+    [((8, 32, 32), (3, 7, 7), 0, "reference"), ((64, 64), 7, 0, "reference"), ((32, 32), 9, 64, "reference"),
+     ((128, 128), 13, 0, "tiled")],
+)  # fmt: skip
+def test_cpu_choice_follows_the_measured_cost_rule(grid, window, extra, expect):
+    """On the CPU the automatic choice takes the reference path where the tiled one would compute over 4x the keys a
+    query needs (the cases measured by benchmarks/cpu_dispatch.py and benchmarks/attention.py)."""
+    from attnpack.kernels.neighborhood import cpu_backend_choice
+
+    spec = normalize_neighborhood_args(grid, window)
+    assert cpu_backend_choice(spec, extra)[0] == expect
 
 
 def test_sparse_window_differs_from_dense():

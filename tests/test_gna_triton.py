@@ -148,3 +148,60 @@ def test_gpu_automatic_choice_is_triton_for_inference(caplog):
     with caplog.at_level("DEBUG", logger="attnpack.kernels.neighborhood"), torch.no_grad():
         neighborhood_attention(q, q, q, grid_shape=(64, 64), window_size=17)
     assert "picked 'triton'" in caplog.text
+
+
+# how the kernel reads K / V and evaluates the mask: the default (tokens permuted into tile-major order, tensor
+# descriptors, tile-local mask), gathers fused into the loads, plain pointer loads of the permuted rows, and the
+# index mask on original key indices (the rule written a second way)
+KERNEL_VARIANTS = [
+    ("default", {}, False),
+    ("fused-gather", {"permute": False}, False),
+    ("no-tma", {"permute": True, "tma": False}, False),
+    ("index-mask", {}, True),
+    ("index-mask-fused-gather", {"permute": False}, True),
+]
+
+
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS, ids=lambda v: v[0])
+@pytest.mark.parametrize("case", TINY, ids=lambda c: "g{}-w{}-s{}-d{}-c{}-x{}".format(*c).replace(" ", ""))
+def test_triton_kernel_variants_against_reference(case, variant):
+    import dataclasses
+
+    from attnpack.kernels.block_sparse import block_sparse_attention
+    from attnpack.kernels.neighborhood import cached_neighborhood_pattern
+
+    grid, window, stride, dilation, causal, extra = case
+    _, options, index_mask = variant
+    spec = normalize_neighborhood_args(grid, window, stride, dilation, causal)
+    pattern = cached_neighborhood_pattern(spec, num_extra=extra, device=DEVICE)
+    assert pattern.mask.triton_tile_fn is not None
+    if index_mask:
+        pattern = dataclasses.replace(pattern, mask=dataclasses.replace(pattern.mask, triton_tile_fn=None), _cache={})
+    n = spec.num_tokens
+    q = _rand(2, 2, n, 16, seed=1)
+    k, v = (_rand(2, 2, n + extra, 16, seed=s) for s in (2, 3))
+    out, lse = block_sparse_attention(q, k, v, pattern, backend="triton", return_lse=True, backend_options=options)
+    ek, ev = (k[:, :, n:], v[:, :, n:]) if extra else (None, None)
+    ref = _oracle(q, k[:, :, :n], v[:, :, :n], spec, ek, ev)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=0)
+    # the log-sum-exp comes back in the caller's order too
+    mask = neighborhood_mask(spec.grid, spec.window, spec.stride, spec.dilation, spec.causal)
+    mask = torch.cat([mask, torch.ones(n, extra, dtype=torch.bool)], dim=1)
+    s = torch.einsum("bhqd,bhkd->bhqk", q.cpu().double(), k.cpu().double()) * 16**-0.5
+    ref_lse = torch.logsumexp(s.masked_fill(~mask, float("-inf")), dim=-1)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS[:3], ids=lambda v: v[0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_kernel_variants_half_precision(dtype, variant):
+    from attnpack.kernels.block_sparse import block_sparse_attention
+    from attnpack.kernels.neighborhood import cached_neighborhood_pattern
+
+    grid, window = (8, 12), (3, 5)
+    spec = normalize_neighborhood_args(grid, window, dilation=(1, 2))
+    q, k, v = (_rand(1, 2, 96, 32, dtype=dtype, seed=s) for s in range(3))
+    pattern = cached_neighborhood_pattern(spec, q_tile=(4, 4), device=DEVICE)
+    out = block_sparse_attention(q, k, v, pattern, backend="triton", backend_options=variant[1])
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.cpu().double(), _oracle(q, k, v, spec), atol=1e-2, rtol=0)

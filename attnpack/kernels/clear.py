@@ -220,17 +220,27 @@ def _tile_size(tile) -> int:
 
 
 def _triton_mask():
-    """The Triton version of the mask, or ``None`` without triton (the Triton backend then declines the pattern)."""
+    """The Triton versions of the mask ``(index fn, rows fn, tile-local fn)``, or ``None``s without triton (the
+    Triton backend then declines the pattern)."""
     import importlib.util
 
     if importlib.util.find_spec("triton") is None:
-        return None
-    return importlib.import_module(f"{__package__}._clear_triton").clear_mask_triton
+        return None, None, None
+    mod = importlib.import_module(f"{__package__}._clear_triton")
+    return mod.clear_mask_triton, mod.clear_rows_triton, mod.clear_tile_triton
 
 
-def clear_mask_params(spec: ClearSpec) -> torch.Tensor:
-    """``int32`` parameters of the Triton in-tile mask: ``[T, W, T + H*W, r**2]``."""
-    return torch.tensor([spec.text_len, spec.grid[1], spec.num_queries, spec.radius**2], dtype=torch.int32)
+def clear_mask_params(spec: ClearSpec, kv_tile=None) -> torch.Tensor:
+    """``int32`` parameters of the Triton in-tile masks: ``[T, W, T + H*W, r**2, H, text key tiles, key tiles per
+    image row, image key tiles, pooled keys]`` (the tile counts of 2-D ``kv_tile`` boxes; zeros without)."""
+    h, w = spec.grid
+    tiles = [0, 0, 0]
+    if kv_tile is not None and not isinstance(kv_tile, int):
+        size = _tile_size(kv_tile)
+        per_row = -(-w // kv_tile[1])
+        tiles = [-(-spec.text_len // size), per_row, -(-h // kv_tile[0]) * per_row]
+    vals = [spec.text_len, w, spec.num_queries, spec.radius**2, h, *tiles, spec.num_pooled]
+    return torch.tensor(vals, dtype=torch.int32)
 
 
 def clear_pattern(
@@ -264,7 +274,17 @@ def clear_pattern(
         rules[(qi, qi + 1)] = "all"
     table = tile_table_from_dense(*segment_tile_masks(q_order, kv_order, rules))
     label = f"clear(r={spec.radius}, d={spec.down_factor}, text={t}, grid={spec.grid})"
-    mask = TileMask(clear_mask_mod(spec), _triton_mask(), clear_mask_params(spec), label)
+    index_fn, rows_fn, tile_fn = _triton_mask()
+    boxes = not isinstance(kv_tile, int)  # the tile-local mask needs 2-D key boxes
+    mask = TileMask(
+        clear_mask_mod(spec),
+        index_fn,
+        clear_mask_params(spec, kv_tile),
+        label,
+        triton_rows_fn=rows_fn if boxes else None,
+        triton_tile_fn=tile_fn if boxes else None,
+        tile_args=tuple(kv_tile) if boxes else (),
+    )
     pattern = BlockSparsePattern(table, q_order, kv_order, mask, name="clear")
     return pattern if device is None else pattern.to(device)
 

@@ -212,22 +212,31 @@ def default_tile_shape(grid: Sequence[int], device_type: str = "cuda") -> tuple[
 
 
 def _triton_mask() -> tuple:
-    """``(triton_fn, triton_rows_fn)`` of the GNA mask (``None``s without Triton)."""
+    """``(triton_fn, triton_rows_fn, triton_tile_fn)`` of the GNA mask (``None``s without Triton)."""
     try:
-        from .neighborhood.triton import neighborhood_keys_triton, neighborhood_rows_triton
+        from .neighborhood.triton import neighborhood_keys_triton, neighborhood_rows_triton, neighborhood_tile_triton
     except ImportError:  # triton not installed
-        return None, None
-    return neighborhood_keys_triton, neighborhood_rows_triton
+        return None, None, None
+    return neighborhood_keys_triton, neighborhood_rows_triton, neighborhood_tile_triton
 
 
-def neighborhood_params(spec: NeighborhoodSpec) -> torch.Tensor:
-    """``int32`` parameters of the Triton in-tile mask: ``[N, ndim, n*3, k*3, s*3, d*3, causal*3]`` (axes padded
-    to 3 with a trivial axis of length 1)."""
+def neighborhood_params(
+    spec: NeighborhoodSpec, kv_tile: Sequence[int] | None = None, num_extra: int = 0
+) -> torch.Tensor:
+    """``int32`` parameters of the Triton in-tile masks: ``[N, ndim, n*3, k*3, s*3, d*3, causal*3, R*3,
+    num_extra]`` (axes padded to 3 with a trivial axis of length 1; ``R``: key tiles per axis and dilation group of
+    ``grid_order(grid, kv_tile, dilation=dilation)``, ones without ``kv_tile``)."""
     pad = 3 - spec.ndim
     vals = [spec.num_tokens, spec.ndim]
     for field in (spec.grid, spec.window, spec.stride, spec.dilation):
         vals += [1] * pad + list(field)
     vals += [0] * pad + [int(c) for c in spec.causal]
+    tiles = (
+        (1,) * spec.ndim
+        if kv_tile is None
+        else tuple(-(-n // (t * d)) for n, t, d in zip(spec.grid, kv_tile, spec.dilation))
+    )
+    vals += [1] * pad + list(tiles) + [num_extra]
     return torch.tensor(vals, dtype=torch.int32)
 
 
@@ -256,13 +265,15 @@ def neighborhood_pattern(
         visited, full = segment_tile_masks(q_order, kv_order, {(0, 0): (visited, full), (0, 1): "all"})
     else:
         kv_order = kv_grid
-    keys_fn, rows_fn = _triton_mask()
+    keys_fn, rows_fn, tile_fn = _triton_mask()
     mask = TileMask(
         neighborhood_mask_mod(spec),
         triton_fn=keys_fn,
-        params=neighborhood_params(spec),
+        params=neighborhood_params(spec, kv_tile, num_extra),
         name=f"gna(window={spec.window}, stride={spec.stride}, dilation={spec.dilation}, causal={spec.causal})",
         triton_rows_fn=rows_fn,
+        triton_tile_fn=tile_fn,
+        tile_args=(1,) * (3 - spec.ndim) + kv_tile,
     )
     pattern = BlockSparsePattern(tile_table_from_dense(visited, full), q_order, kv_order, mask, name="gna")
     return pattern.to(device) if device is not None else pattern

@@ -577,6 +577,13 @@ class TileMask:
             that the Triton kernel calls once per block of query rows (``q_idx`` ``[BLOCK_M, 1]``); ``triton_fn``
             then receives its result in place of ``q_idx``. Use it to move per-query work (integer divisions,
             window bounds) out of the loop over key tiles.
+        triton_tile_fn: optional *tile-local* ``@triton.jit`` function ``fn(b, h, rows, kv_tile, offs, params_ptr,
+            ARGS) -> bool [BLOCK_M, BLOCK_N]`` used by the Triton kernel in place of ``triton_fn``: ``kv_tile`` is the
+            key tile's id (scalar), ``offs`` the in-tile positions ``[BLOCK_N]`` (``tl.arange``-based, so that
+            in-tile coordinates are compile-time constants), ``rows`` what ``triton_rows_fn`` made of the query
+            indices and ``ARGS`` the constexpr :attr:`tile_args`. It never sees original key indices, so the kernel
+            reads none, and it must mask padding keys itself. It is only valid for the key order it was built for.
+        tile_args: a tuple of ints passed to ``triton_tile_fn`` as a compile-time constant (e.g. the key tile shape).
     """
 
     mask_mod: MaskMod
@@ -584,6 +591,8 @@ class TileMask:
     params: torch.Tensor | None = None
     name: str = "mask"
     triton_rows_fn: Any = None
+    triton_tile_fn: Any = None
+    tile_args: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -24,7 +24,13 @@ from .reference import neighborhood_reference
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["neighborhood_attention", "normalize_neighborhood_args", "cached_neighborhood_pattern", "BACKENDS"]
+__all__ = [
+    "neighborhood_attention",
+    "normalize_neighborhood_args",
+    "cached_neighborhood_pattern",
+    "cpu_backend_choice",
+    "BACKENDS",
+]
 
 BACKENDS = ("reference", "tiled", "flex", "triton")
 
@@ -120,6 +126,28 @@ def cached_neighborhood_pattern(
     return _pattern_cached(spec, q_tile, kv_tile, num_extra, str(device))
 
 
+# CPU choice between the two PyTorch paths: the tiled one computes every key of the (padded) key-tile list of a query
+# tile, the reference one gathers exactly the keys each query needs, at a higher cost per key. Measured on 2 shared
+# CPU cores, fp32 (benchmarks/cpu_dispatch.py, docs/benchmarks.md): the reference path was faster where the tiles hold
+# 4.4x (32x32 w9 + 64 text), 11.8x (64x64 w7; 8x32x32 w(3,7,7)) the needed keys, the tiled one at 3.4x (128x128 w13)
+CPU_REFERENCE_ABOVE = 4.0
+
+
+def cpu_backend_choice(
+    spec: NeighborhoodSpec,
+    num_extra: int = 0,
+    q_tile: Sequence[int] | None = None,
+    kv_tile: Sequence[int] | None = None,
+) -> tuple[str, float]:
+    """``("reference" | "tiled", ratio)``: the automatic CPU backend and the ratio it is decided on, keys computed per
+    query by the tiled path (the longest key-tile list, as the tiled path pads every list to it) over the keys a
+    query needs (window plus additional keys); above :data:`CPU_REFERENCE_ABOVE` the reference path is chosen."""
+    pattern = cached_neighborhood_pattern(spec, q_tile=q_tile, kv_tile=kv_tile, num_extra=num_extra, device="cpu")
+    tiled = pattern.table.kv_tiles.shape[-1] * pattern.kv_tile
+    ratio = tiled / (math.prod(spec.window) + num_extra)
+    return ("reference" if ratio > CPU_REFERENCE_ABOVE else "tiled"), ratio
+
+
 def _check_tensors(query, key, value, additional_keys, additional_values, grid) -> None:
     check_qkv(query, key, value, n_hint="N = prod(grid_shape)")
     n = math.prod(grid)
@@ -199,8 +227,9 @@ def neighborhood_attention(
             differentiable), ``"tiled"`` (pure PyTorch on the block-sparse tiles: faster on CPU, memory
             ``O(N x keys visited per tile)``, differentiable), ``"flex"`` (FlexAttention; backward on CUDA),
             ``"triton"`` (fused forward kernel; CUDA, or ``TRITON_INTERPRET=1``), or ``None``: full windows run
-            dense SDPA, otherwise Triton on CUDA when no gradient is needed, flex on CUDA, ``"tiled"`` elsewhere.
-            The choice is logged at DEBUG level.
+            dense SDPA, otherwise Triton on CUDA when no gradient is needed, flex on CUDA; elsewhere ``"tiled"``,
+            or ``"reference"`` where the tiles would compute over 4x the keys a query needs
+            (:func:`cpu_backend_choice`). The choice is logged at DEBUG level.
         q_tile_shape, kv_tile_shape: N-D tile shapes of the tiled / flex / Triton backends (default on CUDA:
             NATTEN's 128-token tiles, 1-D ``(128,)``, 2-D ``(16, 8)``, 3-D ``(2, 8, 8)``; elsewhere 64-token tiles;
             shrunk on small axes).
@@ -224,8 +253,18 @@ def neighborhood_attention(
             query, key, value, spec, additional_keys=additional_keys, additional_values=additional_values, scale=scale
         )
     if backend is None and query.device.type != "cuda":
-        logger.debug("neighborhood_attention: backend not set; picked 'tiled' on %s", query.device.type)
-        backend = "tiled"
+        backend, ratio = cpu_backend_choice(spec, num_extra, q_tile_shape, kv_tile_shape)
+        logger.debug(
+            "neighborhood_attention: backend not set; picked %r on %s (tiles hold %.1fx the keys a query needs)",
+            backend,
+            query.device.type,
+            ratio,
+        )
+        if backend == "reference":
+            return neighborhood_reference(
+                query, key, value, spec, additional_keys=additional_keys, additional_values=additional_values,
+                scale=scale,
+            )  # fmt: skip
     pattern = cached_neighborhood_pattern(
         spec, q_tile=q_tile_shape, kv_tile=kv_tile_shape, num_extra=num_extra, device=query.device
     )
