@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
-__all__ = ["check_qkv"]
+__all__ = ["check_qkv", "per_axis"]
+
+
+def per_axis(name: str, value, ndim: int, *, kind: type = int, where: str = "") -> tuple:
+    """The one per-axis normaliser of the kernels and the processors: ``value`` (one ``kind`` for every axis, or a
+    sequence of ``ndim`` of them) as a tuple of ``ndim``; else a ``ValueError`` naming the argument, the value and
+    ``where`` (e.g. ``" of grid_shape=(8, 8)"``). Bools are never ints here (``True`` is not a window of 1)."""
+    if kind is bool:
+        ok = lambda v: isinstance(v, bool)  # noqa: E731
+        expected = "a bool or a tuple of bools"
+    else:
+        ok = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        expected = "an int or a tuple of ints"
+    if ok(value):
+        return (value,) * ndim
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == ndim and all(map(ok, value)):
+        return tuple(value)
+    where = where or f" ({ndim} here)"
+    raise ValueError(f"`{name}` must be {expected}, one per axis{where}, got {name}={value!r}.")
 
 
 def check_qkv(query, key, value, *, n_hint: str = "N") -> None:

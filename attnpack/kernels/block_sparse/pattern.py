@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .._checks import per_axis
+
 
 __all__ = [
     "TokenOrder",
@@ -43,17 +45,6 @@ __all__ = [
 ]
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _as_tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an int or a tuple of {n} ints, got {value!r}.")
-    if isinstance(value, int):
-        return (value,) * n
-    out = tuple(value)
-    if len(out) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
-        raise ValueError(f"`{name}` must be an int or a tuple of {n} ints, got {value!r}.")
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- token orders
@@ -202,8 +193,8 @@ def grid_order(
         index = torch.full((p,), -1, dtype=torch.int32)
         index[:n_tokens] = flat.to(torch.int32)
         return TokenOrder(index[None].to(device), tile, n_tokens)
-    tile = _as_tuple(tile, k, "tile")
-    dilation = _as_tuple(dilation, k, "dilation")
+    tile = per_axis("tile", tile, k)
+    dilation = per_axis("dilation", dilation, k)
     if any(t < 1 for t in tile) or any(d < 1 for d in dilation):
         raise ValueError(f"`tile` and `dilation` must be >= 1, got tile={tile}, dilation={dilation}.")
     tiles, _ = _grid_layout(grid, tile, dilation)
@@ -240,8 +231,8 @@ def grid_tile_index(
     """
     grid = tuple(grid)
     k = len(grid)
-    tile = _as_tuple(tile, k, "tile")
-    dilation = _as_tuple(dilation, k, "dilation")
+    tile = per_axis("tile", tile, k)
+    dilation = per_axis("dilation", dilation, k)
     order = tuple(range(k)) if axis_order is None else tuple(axis_order)
     tiles, _ = _grid_layout(grid, tile, dilation)
     perm_shape = [dilation[a] for a in order] + [tiles[a] for a in order]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_qkv
+from .._checks import check_qkv, per_axis
 from ..block_sparse import BlockSparsePattern, block_sparse_attention, choose_backend
 from ..masks import NeighborhoodSpec, default_tile_shape, neighborhood_pattern
 from .reference import neighborhood_reference
@@ -36,22 +36,6 @@ BACKENDS = ("reference", "tiled", "flex", "triton")
 
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
-
-
-def _per_axis(name: str, value, ndim: int, grid, kind=int) -> tuple:
-    if kind is bool:
-        ok_scalar = isinstance(value, bool)
-        ok_item = lambda v: isinstance(v, bool)  # noqa: E731
-        expected = "a bool or a tuple of bools"
-    else:
-        ok_scalar = isinstance(value, int) and not isinstance(value, bool)
-        ok_item = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-        expected = "an int or a tuple of ints"
-    if ok_scalar:
-        return (value,) * ndim
-    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == ndim and all(map(ok_item, value)):
-        return tuple(value)
-    raise ValueError(f"`{name}` must be {expected}, one per axis of grid_shape={tuple(grid)}, got {name}={value!r}.")
 
 
 def normalize_neighborhood_args(
@@ -75,11 +59,12 @@ def normalize_neighborhood_args(
         raise ValueError(f"`grid_shape` must be a tuple of 1, 2 or 3 positive ints, got grid_shape={grid_shape!r}.")
     grid = tuple(grid_shape)
     ndim = len(grid)
-    window = _per_axis("window_size", window_size, ndim, grid)
+    where = f" of grid_shape={grid}"
+    window = per_axis("window_size", window_size, ndim, where=where)
     window = tuple(n if k == -1 else k for k, n in zip(window, grid))
-    stride = _per_axis("stride", stride, ndim, grid)
-    dilation = _per_axis("dilation", dilation, ndim, grid)
-    causal = _per_axis("is_causal", is_causal, ndim, grid, kind=bool)
+    stride = per_axis("stride", stride, ndim, where=where)
+    dilation = per_axis("dilation", dilation, ndim, where=where)
+    causal = per_axis("is_causal", is_causal, ndim, kind=bool, where=where)
     if any(k < 2 for k in window):
         raise ValueError(
             f"`window_size` must be >= 2 (or -1 for the full axis) along every axis, got window_size={window} for "
