@@ -26,6 +26,7 @@ and CogVideoX layers too (their stock processors call ``F.scaled_dot_product_att
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -273,6 +274,57 @@ class UNetAdapter(FamilyAdapter):
 
 
 # ------------------------------------------------------------------------------------------------- SD3 / SD3.5
+_UNET_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
+
+
+def unet_stage(name: str) -> str | None:
+    """``"down"``, ``"mid"`` or ``"up"``: the part of a ``UNet2DConditionModel`` an attention layer (module name as in
+    :func:`attnpack.list_layers`) sits in; ``None`` for other names."""
+    match = _UNET_BLOCK.match(name)
+    if match is None:
+        return None
+    return "mid" if match.group(3) else ("down" if match.group(1) == "down_blocks" else "up")
+
+
+def _halve(grid: tuple[int, int]) -> tuple[int, int]:
+    # diffusers' Downsample2D: conv 3x3, stride 2, padding 1 -> ceil(n / 2)
+    return tuple((n + 1) // 2 for n in grid)  # type: ignore[return-value]
+
+
+def unet_layer_grids(unet: torch.nn.Module, latent_size: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """Token grid ``(h, w)`` of every attention layer of a ``UNet2DConditionModel`` for a latent of ``latent_size``.
+
+    Down block ``i`` runs at the latent size halved (ceil) once per downsampler before it, the mid block at the lowest
+    level, and up block ``j`` at the level of down block ``n - 1 - j`` (diffusers upsamples to the skip connection's
+    size). Keys are the layer names (module paths without ``.processor``).
+    """
+    down_blocks = getattr(unet, "down_blocks", None)
+    up_blocks = getattr(unet, "up_blocks", None)
+    if down_blocks is None or up_blocks is None or len(down_blocks) != len(up_blocks):
+        raise TypeError(
+            f"needs a UNet2DConditionModel (SD 1.x/2.x, SDXL) with matching down/up blocks, got {type(unet).__name__}."
+        )
+    levels: list[tuple[int, int]] = []
+    grid = (int(latent_size[0]), int(latent_size[1]))
+    for block in down_blocks:
+        levels.append(grid)
+        if getattr(block, "downsamplers", None):
+            grid = _halve(grid)
+    out: dict[str, tuple[int, int]] = {}
+    for key in unet.attn_processors:
+        name = key[: -len(".processor")]
+        match = _UNET_BLOCK.match(name)
+        if match is None:
+            continue
+        if match.group(3):
+            out[name] = grid
+        elif match.group(1) == "down_blocks":
+            out[name] = levels[int(match.group(2))]
+        else:
+            out[name] = levels[len(levels) - 1 - int(match.group(2))]
+    return out
+
+
 class SD3Adapter(FamilyAdapter):
     """``JointAttnProcessor2_0`` / ``FusedJointAttnProcessor2_0``: image first, then text; qk-norm (SD3.5) applied in
     both paths (the stock fused processor skips it); SD3.5 ``attn2`` is image self-attention; the last block has

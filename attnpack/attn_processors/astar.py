@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -34,6 +33,7 @@ from ._apply import (
     resolve_denoisers,
 )
 from ._context import ROLE_COND
+from ._families import unet_layer_grids
 
 
 logger = logging.getLogger(__name__)
@@ -165,50 +165,14 @@ class CrossAttentionStoreCore(ObserverCore):
 
 
 # ------------------------------------------------------------------------------------------------- layer grids
-_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
-
-
-def _halve(grid: tuple[int, int]) -> tuple[int, int]:
-    # diffusers' Downsample2D: conv 3x3, stride 2, padding 1 -> ceil(n / 2)
-    return tuple((n + 1) // 2 for n in grid)  # type: ignore[return-value]
-
-
 def unet_cross_attention_grids(unet: torch.nn.Module, latent_size: tuple[int, int]) -> dict[str, tuple[int, int]]:
-    """Grid ``(h, w)`` of every cross-attention layer of a ``UNet2DConditionModel`` for a latent of ``latent_size``.
-
-    Down block ``i`` runs at the latent size halved (ceil) once per downsampler before it, the mid block at the lowest
-    level, and up block ``j`` at the level of down block ``n - 1 - j`` (diffusers upsamples to the skip connection's
-    size). Keys are layer names as in :func:`attnpack.list_layers`.
-    """
-    down_blocks = getattr(unet, "down_blocks", None)
-    up_blocks = getattr(unet, "up_blocks", None)
-    if down_blocks is None or up_blocks is None or len(down_blocks) != len(up_blocks):
-        raise TypeError(
-            f"A-STAR needs a UNet2DConditionModel (SD 1.x/2.x, SDXL) with matching down/up blocks, "
-            f"got {type(unet).__name__}."
-        )
-    levels: list[tuple[int, int]] = []
-    grid = (int(latent_size[0]), int(latent_size[1]))
-    for block in down_blocks:
-        levels.append(grid)
-        if getattr(block, "downsamplers", None):
-            grid = _halve(grid)
-    mid = grid
-    n = len(levels)
-    out: dict[str, tuple[int, int]] = {}
-    for info in list_layers(unet):
-        if info.kind != "cross":
-            continue
-        match = _BLOCK.match(info.name)
-        if match is None:
-            continue
-        if match.group(3):
-            out[info.name] = mid
-        elif match.group(1) == "down_blocks":
-            out[info.name] = levels[int(match.group(2))]
-        else:
-            out[info.name] = levels[n - 1 - int(match.group(2))]
-    return out
+    """Grid ``(h, w)`` of every cross-attention layer of a ``UNet2DConditionModel`` for a latent of ``latent_size``
+    (:func:`~attnpack.attn_processors._families.unet_layer_grids`, the UNet adapter's knowledge of its levels)."""
+    try:
+        grids = unet_layer_grids(unet, latent_size)
+    except TypeError as exc:
+        raise TypeError(f"A-STAR {exc}") from None
+    return {info.name: grids[info.name] for info in list_layers(unet) if info.kind == "cross" and info.name in grids}
 
 
 def default_attn_res(grids: Mapping[str, tuple[int, int]], image_size: tuple[int, int]) -> tuple[int, int]:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ._apply import AttentionCall, AttnPackProcessor, ProcessorHandle, apply_processors, list_layers, select_layers
 from ._context import ROLE_REFERENCE, ROLE_TARGET
-from ._families import LayerInfo, family_of_model
+from ._families import LayerInfo, family_of_model, unet_stage
 
 
 __all__ = [
@@ -458,7 +458,7 @@ def default_ir_layers(unet: torch.nn.Module) -> list[str]:
     on SDXL this is exactly the official set, on smaller UNets (e.g. the tiny test UNet, 4 decoder layers) it is the
     whole decoder.
     """
-    decoder = [info.name for info in _self_layers(unet) if info.name.startswith("up_blocks.")]
+    decoder = [info.name for info in _self_layers(unet) if unet_stage(info.name) == "up"]
     return decoder[len(decoder) // 18 :]
 
 
