@@ -128,7 +128,7 @@ def test_dense_layers_keep_their_stock_processor():
 
 def _sparse_steps(monkeypatch, pipe, **kwargs):
     import attnpack.attn_processors.neighborhood as mod
-    from attnpack.kernels.neighborhood import neighborhood_attention as original
+    from attnpack.kernels.neighborhood import neighborhood_attention_spec as original
 
     steps = []
 
@@ -136,7 +136,7 @@ def _sparse_steps(monkeypatch, pipe, **kwargs):
         steps.append(attnpack.current_run().step_index)
         return original(*args, **kw)
 
-    monkeypatch.setattr(mod, "neighborhood_attention", spy)
+    monkeypatch.setattr(mod, "neighborhood_attention_spec", spy)
     with apply_gna(pipe, window_size=3, **kwargs):
         pipe("a cat", num_inference_steps=4, height=64, width=64, max_sequence_length=32, output_type="np")
     return sorted(set(steps))
@@ -179,7 +179,7 @@ def test_errors():
     flux = build_tiny_denoiser("flux")
     with pytest.raises(ValueError, match="GNA supports the families"):
         apply_gna(build_tiny_denoiser("unet-sd15"), window_size=3)
-    with pytest.raises(ValueError, match=r"`window_size` must have one entry per grid axis \(2 here\)"):
+    with pytest.raises(ValueError, match=r"`window_size` must be an int or a tuple of ints, one per axis of the model.s token grid \(2 here\)"):
         apply_gna(flux, window_size=(3, 3, 3))
     with pytest.raises(ValueError, match=r"`window_size` must be >= 2 \(or -1 for the full axis\)"):
         apply_gna(flux, window_size=1)

@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from ..kernels.neighborhood import BACKENDS, neighborhood_attention, normalize_neighborhood_args
+from ..kernels._checks import per_axis
+from ..kernels.neighborhood import (
+    BACKENDS,
+    check_backend,
+    neighborhood_attention_spec,
+    normalize_neighborhood_args,
+)
 from ..techniques import Option, Technique, register_technique
 from ._apply import (
     AttentionCall,
@@ -46,16 +52,6 @@ class GNAAttnProcessor(AttnPackProcessor):
     adapter computes q, k, v exactly as the stock processor, :class:`GNACore` restricts the image queries."""
 
     technique = "gna"
-
-
-def _tuple(value, n: int, name: str, *, allow_bool: bool = False) -> tuple:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"`{name}` must have one entry per grid axis ({n} here), got {name}={tuple(value)}.")
-        return tuple(value)
-    if isinstance(value, bool) and not allow_bool:
-        raise TypeError(f"`{name}` must be an int or a tuple of ints, got {value!r}.")
-    return (value,) * n
 
 
 def rescale_window(
@@ -202,28 +198,22 @@ class GNACore:
         q_img, k_img, v_img = query[:, :, image], key[:, :, key_image], value[:, :, key_image]
         k_txt = None if key_text is None else key[:, :, key_text]
         v_txt = None if key_text is None else value[:, :, key_text]
-        kwargs = dict(
-            grid_shape=spec.grid,
-            window_size=spec.window,
-            stride=spec.stride,
-            dilation=spec.dilation,
-            is_causal=spec.causal,
-            backend=self.config.backend,
-        )
+        kwargs = dict(backend=self.config.backend)  # spec and backend checked once, when applied / per grid
         text_keep = _text_keys_kept(call.mask, layout, query.shape[0])
         if text_keep is None or k_txt is None:
-            out_img = neighborhood_attention(
-                q_img, k_img, v_img, additional_keys=k_txt, additional_values=v_txt, **kwargs
+            out_img = neighborhood_attention_spec(
+                q_img, k_img, v_img, spec, additional_keys=k_txt, additional_values=v_txt, **kwargs
             )
         else:  # padded text keys (HunyuanVideo): per batch row, only its real text tokens
             rows = []
             for b in range(query.shape[0]):
                 keep = text_keep[b]
                 rows.append(
-                    neighborhood_attention(
+                    neighborhood_attention_spec(
                         q_img[b : b + 1],
                         k_img[b : b + 1],
                         v_img[b : b + 1],
+                        spec,
                         additional_keys=k_txt[b : b + 1, :, keep] if keep.any() else None,
                         additional_values=v_txt[b : b + 1, :, keep] if keep.any() else None,
                         **kwargs,
@@ -269,23 +259,20 @@ def auto_window(length: int) -> int:
 
 def _check_config(window_size, stride, dilation, is_causal, base_size, n_axes: int) -> GNAConfig:
     auto = window_size is None
-    window = _tuple(AUTO_WINDOW if auto else window_size, n_axes, "window_size")
-    stride_t = _tuple(stride, n_axes, "stride")
-    dilation_t = _tuple(dilation, n_axes, "dilation")
-    causal = _tuple(is_causal, n_axes, "is_causal", allow_bool=True)
+    where = f" of the model's token grid ({n_axes} here)"
+    window = per_axis("window_size", AUTO_WINDOW if auto else window_size, n_axes, where=where)
+    stride_t = per_axis("stride", stride, n_axes, where=where)
+    dilation_t = per_axis("dilation", dilation, n_axes, where=where)
+    causal = per_axis("is_causal", is_causal, n_axes, kind=bool, where=where)
     for name, values, low in (("window_size", window, 2), ("stride", stride_t, 1), ("dilation", dilation_t, 1)):
         for v in values:
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"`{name}` must hold ints, got {name}={values}.")
             if v < low and not (name == "window_size" and (v == -1 or (auto and v == AUTO_WINDOW))):
                 extra = " (or -1 for the full axis)" if name == "window_size" else ""
                 raise ValueError(f"`{name}` must be >= {low}{extra} on every axis, got {name}={values}.")
-    if not all(isinstance(c, bool) for c in causal):
-        raise TypeError(f"`is_causal` must be a bool or a tuple of bools, got is_causal={causal}.")
     base = None
     if base_size is not None:
-        base = _tuple(base_size, n_axes, "base_size")
-        if any(not isinstance(b, int) or isinstance(b, bool) or (b < 1 and b != -1) for b in base):
+        base = per_axis("base_size", base_size, n_axes, where=where)
+        if any(b < 1 and b != -1 for b in base):
             raise ValueError(f"`base_size` must hold positive ints (or -1: no rescaling), got base_size={base}.")
     return GNAConfig(window, stride_t, dilation_t, causal, base)
 
@@ -358,9 +345,7 @@ def apply_gna(
         )
     n_axes = {SUPPORTED_FAMILIES[f] for f in families}.pop()
     config = _check_config(window_size, stride, dilation, is_causal, base_size, n_axes)
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {', '.join(map(repr, BACKENDS))} or None, got {backend!r}.")
-    config = dataclasses.replace(config, backend=backend)
+    config = dataclasses.replace(config, backend=check_backend(backend))
     dense_steps = _check_dense_steps(dense_steps)
     core = GNACore(config, dense_steps)
     kinds = ("self", "joint", "single")

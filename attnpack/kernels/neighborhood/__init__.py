@@ -224,8 +224,35 @@ def neighborhood_attention(
     """
     spec = normalize_neighborhood_args(grid_shape, window_size, stride, dilation, is_causal)
     _check_tensors(query, key, value, additional_keys, additional_values, spec.grid)
+    return neighborhood_attention_spec(
+        query, key, value, spec, additional_keys=additional_keys, additional_values=additional_values, scale=scale,
+        backend=check_backend(backend), q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape,
+    )  # fmt: skip
+
+
+def check_backend(backend: str | None) -> str | None:
+    """``backend`` if it names a GNA backend (:data:`BACKENDS`) or is ``None``; else an error listing them."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {', '.join(map(repr, BACKENDS))} or None, got {backend!r}.")
+    return backend
+
+
+def neighborhood_attention_spec(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    spec: NeighborhoodSpec,
+    *,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+    q_tile_shape: Sequence[int] | None = None,
+    kv_tile_shape: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """:func:`neighborhood_attention` for callers that already hold checked inputs: a :class:`NeighborhoodSpec`
+    from :func:`normalize_neighborhood_args`, tensors of the right shapes, a backend from :func:`check_backend`
+    (the GNA processor normalises once per grid and calls this on every layer and step)."""
     num_extra = 0 if additional_keys is None else additional_keys.shape[2]
     if backend is None and (spec.is_full() or (spec.is_plain_causal() and num_extra == 0)):
         logger.debug("neighborhood_attention: full window on every axis of %s; using dense SDPA", spec.grid)
