@@ -14,6 +14,7 @@ import torch
 
 from ._context import RunState, current_run, install_run_context, release_run_context
 from ._families import LayerInfo, Prepared, TokenLayout, dense_attention, family_of_model, get_adapter
+from ._parallel import needs_exchange, ulysses_call
 
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ class AttentionCall:
         mask: the model's own attention mask, ready for SDPA (``None`` for most models).
         run: the :class:`RunState` of the denoiser call (grid, step, batch roles), ``None`` outside a hooked call.
         processor: the processor running this call (holds ``_attention_backend`` / ``_parallel_config``).
+        parallel: whether dense attention goes through the processor's context-parallel config (``False`` for
+            layers diffusers runs unparallelised, and inside the Ulysses exchange of ``_parallel.ulysses_call``).
+        heads: the layer's heads (global indices) that ``q``, ``k``, ``v`` hold: all of them on one process, this
+            rank's share under Ulysses context parallelism (cores selecting heads by index map through it).
     """
 
     attn: torch.nn.Module
@@ -61,6 +66,17 @@ class AttentionCall:
     run: RunState | None
     processor: AttnPackProcessor
     parallel: bool = True
+    heads: slice | None = None
+
+    @property
+    def head_slice(self) -> slice:
+        """:attr:`heads`, or all of the layer's heads."""
+        return self.heads if self.heads is not None else slice(0, self.layer.heads)
+
+    def local_heads(self, heads) -> list[int]:
+        """The positions in this call's ``q``/``k``/``v`` of the layer heads ``heads`` (global indices) held here."""
+        s = self.head_slice
+        return [h - s.start for h in heads if s.start <= h < s.stop]
 
     @property
     def backend(self):
@@ -222,7 +238,11 @@ class AttnPackProcessor:
             attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, temb, run, self
         )
         call = AttentionCall(attn, self.layer, prep.layout, prep.mask, run, self, prep.parallel)
-        out = self.core(prep.query, prep.key, prep.value, call)
+        parallel = None if run is None else run.parallel
+        if parallel is not None and needs_exchange(self.core):
+            out = ulysses_call(self.core, prep.query, prep.key, prep.value, call, parallel)
+        else:
+            out = self.core(prep.query, prep.key, prep.value, call)
         return self._adapter.finish(attn, out, prep)
 
     def __repr__(self) -> str:

@@ -357,7 +357,8 @@ class HeadPerturbationCore(ModifierCore):
         """Blend the perturbed rows' selected heads of ``out`` (the layer's attention, whatever pattern computed it:
         dense alone, or GNA / CLEAR / PARO composed with this core) towards the perturbation target."""
         rows = self._rows(call, query.shape[0])
-        if not rows or not self.heads or self.softness == 0.0:
+        heads = call.local_heads(self.heads)  # under context parallelism: the selected heads this rank holds
+        if not rows or not heads or self.softness == 0.0:
             return out
         if torch.is_grad_enabled() and out.requires_grad:
             out = out.clone()  # autograd: blend into a copy, never into the attention kernel's saved output
@@ -366,7 +367,7 @@ class HeadPerturbationCore(ModifierCore):
             return call.dense(q, k, v, mask=mask, scale=scale)
 
         for r in _runs(rows):
-            for h in _runs(self.heads):
+            for h in _runs(heads):
                 _blend_(
                     out[r, h],
                     query[r, h],
