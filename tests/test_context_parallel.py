@@ -208,3 +208,62 @@ def test_global_layout_regroups_flux_streams():
     assert layout.text == slice(0, 4) and layout.image == slice(4, 10) and layout.grid == (2, 3)
     # gathered: [t0 t1 i0 i1 i2 | t2 t3 i3 i4 i5] -> global [t0..t3, i0..i5]
     assert perm.tolist() == [0, 1, 5, 6, 2, 3, 4, 7, 8, 9]
+
+
+# ------------------------------------------------------------------------------------------------- the command line
+def test_generate_command_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m attnpack generate ... --ulysses-degree 2` writes the image of one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import free_port
+    from PIL import Image
+
+    from attnpack import read_parameters
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["generate", "-m", "tiny-flux", "-p", "a red cat", "--steps", "3", "--height", "128", "--width", "128"]
+    args += ["-t", "gna", "--opt", "window_size=3"]
+    one = subprocess.run(
+        [sys.executable, "-m", "attnpack", *args, "-o", str(tmp_path / "one.png")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    two = subprocess.run(
+        [*launcher, "-m", "attnpack", *args, "--ulysses-degree", "2", "-o", str(tmp_path / "two.png")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("wrote ") == 1  # written once, by the first process
+    a = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "two.png"), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1  # 8-bit images: float-order differences may move a value by one grey level
+    assert read_parameters(tmp_path / "two.png")["context_parallel"] == {"ring": 1, "ulysses": 2}
+
+
+def test_generate_command_needs_torchrun(tmp_path, monkeypatch, capsys):
+    from attnpack.cli import main
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    args = ["generate", "-m", "tiny-flux", "-p", "a cat", "--ulysses-degree", "2", "-o", str(tmp_path / "x.png")]
+    with pytest.raises(RuntimeError, match="launch with `torchrun --nproc-per-node N"):
+        main(args)

@@ -450,6 +450,11 @@ def extract_call_info(family: str, model: torch.nn.Module, arguments: dict[str, 
     return info
 
 
+def _wait(tensor: torch.Tensor) -> torch.Tensor:
+    wait = getattr(tensor, "wait", None)  # functional collectives return AsyncCollectiveTensor
+    return wait() if callable(wait) else tensor
+
+
 def _unshard_arguments(model: torch.nn.Module, arguments: dict[str, Any], parallel: ParallelLayout) -> dict:
     """The denoiser arguments that diffusers' context-parallel plan split at the model's input, gathered back (so the
     run context sees the whole grid, not this rank's shard). Hidden states are only read for their shape: they are
@@ -467,7 +472,7 @@ def _unshard_arguments(model: torch.nn.Module, arguments: dict[str, Any], parall
                 shape[spec.split_dim] *= parallel.world
                 out[name] = torch.empty(shape, dtype=value.dtype, device="meta")
             else:
-                out[name] = EquipartitionSharder.unshard(value, spec.split_dim, mesh)
+                out[name] = _wait(EquipartitionSharder.unshard(value, spec.split_dim, mesh))
     return out
 
 
