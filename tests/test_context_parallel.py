@@ -76,16 +76,35 @@ TECHNIQUES = {
 }
 
 
-def _generate(name: str, technique: str, parallel: dict | None, apply_first: bool = True) -> np.ndarray:
-    from attnpack.pipelines.parallel import enable_context_parallel
+def _enable(pipe, parallel: dict) -> None:
+    """`enable_context_parallel`, or (``direct=True``) diffusers' `enable_parallelism` without attnpack's checks."""
+    from diffusers import ContextParallelConfig
 
+    from attnpack.pipelines.parallel import cpu_device_count_patch, enable_context_parallel
+
+    parallel = dict(parallel)
+    if parallel.pop("direct", False):
+        with cpu_device_count_patch():
+            pipe.transformer.enable_parallelism(config=ContextParallelConfig(**parallel))
+    else:
+        enable_context_parallel(pipe, **parallel)
+
+
+def _generate(name: str, technique: str, parallel: dict | None, apply_first: bool = True) -> np.ndarray:
     pipe = build_tiny_pipeline(name)
     apply = TECHNIQUES[technique][1]
     if parallel is not None and not apply_first:
-        enable_context_parallel(pipe, **parallel)
-    apply(pipe, name)
+        _enable(pipe, parallel)
+        stock = dict(pipe.transformer.attn_processors)
+        try:
+            apply(pipe, name)
+        except ValueError:  # refused at apply time: the model is left as it was
+            assert pipe.transformer.attn_processors == stock
+            raise
+    else:
+        apply(pipe, name)
     if parallel is not None and apply_first:
-        enable_context_parallel(pipe, **parallel)
+        _enable(pipe, parallel)
     out = pipe(**CALLS[name], generator=torch.Generator().manual_seed(0), output_type="np")
     return np.asarray(out.frames if hasattr(out, "frames") else out.images, dtype=np.float32)
 
@@ -103,13 +122,14 @@ def _worker(rank: int, name: str, cases: list[tuple[str, dict, bool]]) -> dict:
 
 ULYSSES = dict(ulysses_degree=2)
 RING = dict(ulysses_degree=1, ring_degree=2)
+RING_DIRECT = dict(ring_degree=2, direct=True)  # diffusers' enable_parallelism: attnpack refuses at the first step
 
 
 def _cases(name):
     cases = [(t, ULYSSES, True) for t, (models, _) in TECHNIQUES.items() if name in models]
     cases.append(("gna", ULYSSES, False))  # parallelism enabled before the technique: same result
     # dense attention under ring attention is diffusers' own (it needs a CUDA backend returning the log-sum-exp)
-    cases += [("gna", RING, True), ("head-guidance", RING, True)]
+    cases += [("gna", RING, True), ("head-guidance", RING, True), ("gna", RING, False), ("gna", RING_DIRECT, True)]
     return cases
 
 
@@ -167,9 +187,10 @@ def test_parallelism_enabled_before_the_technique(launches, references, name):
 
 @pytest.mark.parametrize("name", list(CALLS))
 def test_ring_attention_is_refused_before_any_work(launches, name):
+    cases = [("gna", RING, True), ("head-guidance", RING, True), ("gna", RING, False), ("gna", RING_DIRECT, True)]
     for results in launches(name):
-        for technique in ("gna", "head-guidance"):
-            message = results[_key(technique, RING)]
+        for technique, parallel, apply_first in cases:
+            message = results[_key(technique, parallel, apply_first)]
             assert isinstance(message, str) and "does not support ring attention (ring_degree=2)" in message, message
             assert "ulysses_degree=N" in message
 
@@ -195,6 +216,22 @@ def test_heads_not_divisible_and_uneven_shards_are_refused():
     with pytest.raises(ValueError, match="does not support `ulysses_anything`"):
         check_parallel_support(pipe.transformer, _layout(anything=True))
     check_parallel_support(pipe.transformer, _layout())  # supported
+
+
+def test_unified_degrees_and_observers_are_refused():
+    from attnpack import ObserverCore, apply_processors
+
+    class Recorder(ObserverCore):
+        def observe(self, query, key, value, call, out):
+            pass
+
+    pipe = build_tiny_pipeline("tiny-flux")
+    with attnpack.apply_gna(pipe, window_size=3):
+        with pytest.raises(ValueError, match="does not support ring attention \\(ring_degree=2\\)"):
+            check_parallel_support(pipe.transformer, _layout(ulysses=2, ring=2))  # unified (ring x Ulysses)
+    apply_processors(pipe, Recorder(), technique="recorder")
+    with pytest.raises(ValueError, match="`Recorder` on layer .* records attention maps"):
+        check_parallel_support(pipe.transformer, _layout())
 
 
 def test_global_layout_regroups_flux_streams():

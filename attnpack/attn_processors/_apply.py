@@ -12,9 +12,9 @@ from typing import Any, Protocol, Union
 
 import torch
 
-from ._context import RunState, current_run, install_run_context, release_run_context
+from ._context import ParallelLayout, RunState, current_run, install_run_context, release_run_context
 from ._families import LayerInfo, Prepared, TokenLayout, dense_attention, family_of_model, get_adapter
-from ._parallel import needs_exchange, ulysses_call
+from ._parallel import check_parallel_support, needs_exchange, ulysses_call
 
 
 logger = logging.getLogger(__name__)
@@ -647,6 +647,14 @@ def apply_processors(
         handle._layers.append((model, list(plan), "" if len(models) == 1 else f"{type(model).__name__}:"))
         install_run_context(model, pipeline)
         handle._models_with_context.append(model)
+    for model, _ in plans:
+        parallel = ParallelLayout.of_model(model)
+        if parallel is not None:  # the model runs under context parallelism already: refuse now, not at the first step
+            try:
+                check_parallel_support(model, parallel)
+            except ValueError:
+                handle.remove()
+                raise
     logger.debug("installed %s on %d layers", name, sum(len(plan) for _, plan in plans))
     return handle
 
