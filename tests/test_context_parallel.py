@@ -304,3 +304,69 @@ def test_generate_command_needs_torchrun(tmp_path, monkeypatch, capsys):
     args = ["generate", "-m", "tiny-flux", "-p", "a cat", "--ulysses-degree", "2", "-o", str(tmp_path / "x.png")]
     with pytest.raises(RuntimeError, match="launch with `torchrun --nproc-per-node N"):
         main(args)
+
+
+def test_batch_command_under_torchrun(tmp_path):
+    """`torchrun ... attnpack batch --ulysses-degree 2`: every output made by both processes, written once by the
+    first, with the pixels of a one-process batch."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import free_port
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    args = ["batch", "-m", "tiny-flux", "--prompts", str(prompts), "--steps", "3", "--height", "128", "--width", "128"]
+    args += ["-t", "clear", "--opt", "radius=2"]
+    one = subprocess.run(
+        [sys.executable, "-m", "attnpack", *args, "--outdir", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    two = subprocess.run(
+        [*launcher, "-m", "attnpack", *args, "--ulysses-degree", "2", "--outdir", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("attnpack batch: 2 written") == 1
+    names = ["00000_0.png", "00001_0.png"]
+    assert sorted(os.listdir(tmp_path / "two")) == sorted([*names, "metadata.jsonl"])
+    for name in names:
+        a = np.asarray(Image.open(tmp_path / "one" / name), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "two" / name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, name
+    records = [json.loads(line) for line in (tmp_path / "two" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == names and {r["process"] for r in records} == {0}
+    assert all(r["context_parallel"] == {"ring": 1, "ulysses": 2} for r in records)
+
+
+def test_batch_context_parallel_needs_several_processes(tmp_path, capsys):
+    from attnpack.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    args = ["batch", "-m", "tiny-flux", "--prompts", str(prompts), "--outdir", str(tmp_path / "o"), "--steps", "1"]
+    assert main([*args, "--ulysses-degree", "2"]) == 2
+    assert "launch with `torchrun --nproc-per-node N -m attnpack batch" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.png"))
