@@ -75,7 +75,9 @@ class AttentionCall:
 
     def local_heads(self, heads) -> list[int]:
         """The positions in this call's ``q``/``k``/``v`` of the layer heads ``heads`` (global indices) held here."""
-        s = self.head_slice
+        if self.heads is None:  # one process: every head is here, at its own index
+            return list(heads)
+        s = self.heads
         return [h - s.start for h in heads if s.start <= h < s.stop]
 
     @property
