@@ -234,6 +234,13 @@ def test_unified_degrees_and_observers_are_refused():
         check_parallel_support(pipe.transformer, _layout())
 
 
+def test_parallel_layout_shards_and_heads():
+    """Wan2.1-14B at 720p under Ulysses 8: rank 3 holds tokens 28,350..37,799 and heads 15..19 (docs/architecture.md)."""
+    layout = ParallelLayout(ulysses_degree=8, ring_degree=1, rank=3, ulysses_rank=3, ring_rank=0)
+    assert layout.world == 8 and layout.local_len(75_600) == 9_450
+    assert layout.shard(75_600) == slice(28_350, 37_800) and layout.heads(40) == slice(15, 20)
+
+
 def test_global_layout_regroups_flux_streams():
     """FLUX ranks hold [text shard, image shard]; after the all-to-all the streams are regrouped in rank order."""
     from attnpack.attn_processors._context import RunState

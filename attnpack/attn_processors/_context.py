@@ -102,6 +102,11 @@ class ParallelLayout:
         """Tokens of a stream of ``num_tokens`` held by each rank (diffusers shards evenly)."""
         return num_tokens // self.world
 
+    def shard(self, num_tokens: int) -> slice:
+        """The tokens (global indices) of a stream of ``num_tokens`` that this rank holds between attention layers."""
+        n = self.local_len(num_tokens)
+        return slice(self.rank * n, (self.rank + 1) * n)
+
     @property
     def ulysses_group(self):
         return self.config.context_parallel_config._ulysses_mesh.get_group()
