@@ -68,11 +68,6 @@ class AttentionCall:
     parallel: bool = True
     heads: slice | None = None
 
-    @property
-    def head_slice(self) -> slice:
-        """:attr:`heads`, or all of the layer's heads."""
-        return self.heads if self.heads is not None else slice(0, self.layer.heads)
-
     def local_heads(self, heads) -> list[int]:
         """The positions in this call's ``q``/``k``/``v`` of the layer heads ``heads`` (global indices) held here."""
         if self.heads is None:  # one process: every head is here, at its own index
