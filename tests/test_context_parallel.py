@@ -368,6 +368,32 @@ def test_batch_command_under_torchrun(tmp_path):
     assert all(r["context_parallel"] == {"ring": 1, "ulysses": 2} for r in records)
 
 
+def test_ring_degree_with_techniques_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    from attnpack.cli import main
+
+    monkeypatch.setattr("attnpack.pipelines.loading.load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    gen = [
+        "generate",
+        "-m",
+        "tiny-flux",
+        "-p",
+        "a cat",
+        "-t",
+        "gna",
+        "--ring-degree",
+        "2",
+        "-o",
+        str(tmp_path / "x.png"),
+    ]
+    batch = ["batch", "-m", "tiny-flux", "--prompts", str(prompts), "--outdir", str(tmp_path / "o"), "-t", "clear"]
+    assert main(gen) == 2
+    assert "gna cannot run under ring attention (--ring-degree=2)" in capsys.readouterr().err
+    assert main([*batch, "--ring-degree", "2"]) == 2
+    assert "clear cannot run under ring attention (ring_degree=2)" in capsys.readouterr().err
+
+
 def test_batch_context_parallel_needs_several_processes(tmp_path, capsys):
     from attnpack.cli import main
 

@@ -80,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(args.out, IMAGE_SUFFIXES + VIDEO_SUFFIXES)
     parallel = args.ulysses_degree is not None or args.ring_degree is not None
     if parallel:
-        from ..pipelines.parallel import init_distributed, is_main_process
+        from ..pipelines.parallel import check_ring_techniques, init_distributed, is_main_process
 
+        check_ring_techniques(specs, args.ring_degree)
         init_distributed()  # before loading: each process then loads onto its own GPU
     pipe = load_from_args(args)
     video = is_video_pipeline(pipe)

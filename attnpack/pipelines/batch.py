@@ -354,6 +354,10 @@ def run_batch(config: BatchConfig, *, pipe=None) -> BatchSummary:
     start = time.perf_counter()
     config.validate()
     rows, bad = read_rows(config.prompts, config)
+    if config.context_parallel:
+        from .parallel import check_ring_techniques
+
+        check_ring_techniques([t for row in rows for t in row.techniques], config.ring_degree, "ring_degree")
     cpu = (config.device or "").startswith("cpu") or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
     if pipe is not None and state.num_processes > 1:

@@ -16,7 +16,13 @@ from unittest import mock
 import torch
 
 
-__all__ = ["enable_context_parallel", "cpu_device_count_patch", "init_distributed", "is_main_process"]
+__all__ = [
+    "enable_context_parallel",
+    "check_ring_techniques",
+    "cpu_device_count_patch",
+    "init_distributed",
+    "is_main_process",
+]
 
 
 @contextlib.contextmanager
@@ -51,6 +57,19 @@ def is_main_process() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_ring_techniques(specs, ring_degree: int | None, argument: str = "--ring-degree") -> None:
+    """Refuse, before any model is loaded, techniques that cannot run under ring attention (every one but dense:
+    docs/multi-gpu.md). ``specs``: ``[(name, options), ...]``."""
+    if ring_degree is None or ring_degree <= 1:
+        return
+    names = sorted({name for name, _ in specs if name != "dense"})
+    if names:
+        raise ValueError(
+            f"{', '.join(names)} cannot run under ring attention ({argument}={ring_degree}): only dense attention "
+            "does. Use Ulysses alone (--ulysses-degree N, no ring degree) for attnpack techniques."
+        )
 
 
 def _check_degree(name: str, value) -> int:
