@@ -81,8 +81,11 @@ def check_parallel_support(model: torch.nn.Module, parallel: ParallelLayout) -> 
             )
 
 
-def global_layout(local: TokenLayout, parallel: ParallelLayout, run: RunState) -> tuple[TokenLayout, torch.Tensor]:
-    """The layout of the whole sequence and the permutation ``perm`` with ``global = gathered[..., perm, :]``.
+def global_layout(
+    local: TokenLayout, parallel: ParallelLayout, run: RunState
+) -> tuple[TokenLayout, torch.Tensor | None]:
+    """The layout of the whole sequence and the permutation ``perm`` with ``global = gathered[..., perm, :]`` (``None``
+    when the gathered order is the global order already).
 
     After the all-to-all, the sequence is the ranks' local sequences one after the other (rank-major). Each stream
     (text, image) is sharded in order, so a stream's global order is its shards in rank order; for FLUX, whose ranks
@@ -91,11 +94,10 @@ def global_layout(local: TokenLayout, parallel: ParallelLayout, run: RunState) -
     p = parallel.ulysses_degree
     n_local = local.num_queries
     n = n_local * p
-    identity = torch.arange(n)
     if local.is_cross:
-        return TokenLayout.cross_attention(n, local.num_keys, run.grid_for(n)), identity
+        return TokenLayout.cross_attention(n, local.num_keys, run.grid_for(n)), None
     if local.num_text == 0:
-        return TokenLayout.self_attention(n, run.grid_for(n)), identity
+        return TokenLayout.self_attention(n, run.grid_for(n)), None
     n_text, n_image = local.num_text * p, local.num_image * p
     grid = run.grid if run.grid is not None and run.image_len == n_image else None
     layout = TokenLayout.joint(n_image, n_text, grid, text_first=local.text_first)
@@ -136,14 +138,20 @@ def ulysses_call(core, query, key, value, call, parallel: ParallelLayout) -> tor
     group = parallel.ulysses_group
     heads = parallel.heads(query.shape[1])
     layout, perm = global_layout(call.layout, parallel, call.run)
-    perm = perm.to(query.device)
-    q = _seq_to_heads(query, group).index_select(2, perm)
+    if perm is not None:
+        perm = perm.to(query.device)
+
+    def to_global(x):
+        x = _seq_to_heads(x, group)
+        return x if perm is None else x.index_select(2, perm)
+
+    q = to_global(query)
     if call.layout.is_cross:
         k, v = key[:, heads], value[:, heads]
     else:
-        k = _seq_to_heads(key, group).index_select(2, perm)
-        v = _seq_to_heads(value, group).index_select(2, perm)
+        k, v = to_global(key), to_global(value)
     local = dataclasses.replace(call, layout=layout, parallel=False, heads=heads)
     out = core(q, k, v, local)
-    out = out.index_select(2, torch.argsort(perm))
+    if perm is not None:
+        out = out.index_select(2, torch.argsort(perm))
     return _heads_to_seq(out.contiguous(), group)
