@@ -102,15 +102,26 @@ def _distributed_entry(rank, fn, world_size, port, outdir, args):
         torch.distributed.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, tmp_path) -> list:
+def run_distributed(fn, world_size: int, *args, tmp_path, timeout: float = 600) -> list:
     """Run ``fn(rank, *args)`` in ``world_size`` fresh processes joined by a gloo process group on CPU (what
     ``torchrun`` sets up: MASTER_ADDR/PORT, RANK, WORLD_SIZE) and return each rank's result (``torch.save``-able).
 
-    ``fn`` must be importable by the children (a module-level function). A failing rank fails the call.
+    ``fn`` must be importable by the children (a module-level function). A failing rank fails the call; ranks that
+    wait for each other forever (a collective one of them never reached) are killed after ``timeout`` seconds.
     """
+    import time
+
     import torch.multiprocessing as mp
 
     outdir = tmp_path / f"ranks-{free_port()}"
     outdir.mkdir(parents=True)
-    mp.spawn(_distributed_entry, args=(fn, world_size, free_port(), str(outdir), args), nprocs=world_size, join=True)
+    context = mp.spawn(
+        _distributed_entry, args=(fn, world_size, free_port(), str(outdir), args), nprocs=world_size, join=False
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{world_size} processes still running after {timeout} s: ranks out of step (deadlock)")
     return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -33,6 +33,15 @@ CALLS = {
 GRIDS = {"tiny-flux": ((8, 8), 32), "tiny-wan": ((3, 4, 4), 0)}  # grid at the attention layers, joint text tokens
 
 
+class HeadScaledCore:
+    """Dense attention with head ``h`` scaled by ``1 + h / 4``: a pattern that works on cross-attention and depends
+    on which heads a rank holds (``call.heads``)."""
+
+    def __call__(self, query, key, value, call):
+        held = torch.arange(call.layer.heads)[call.heads if call.heads is not None else slice(None)]
+        return call.dense(query, key, value) * (1 + held.to(query.dtype) / 4)[None, :, None, None]
+
+
 def _paro_plan(name, pipe):
     grid, text = GRIDS[name]
     model = pipe.transformer
@@ -65,6 +74,10 @@ TECHNIQUES = {
     "head-guidance": (
         ("tiny-flux", "tiny-wan"),
         lambda pipe, name: attnpack.apply_head_perturbation(pipe, heads="L0H1,L1H0", scale=2.0, softness=0.7),
+    ),
+    "cross-attention": (  # Wan text cross-attention: queries exchanged, the replicated text keys sliced per rank
+        ("tiny-wan",),
+        lambda pipe, name: attnpack.apply_processors(pipe, HeadScaledCore(), kinds=["cross"], technique="scaled"),
     ),
     "gna+head-guidance": (
         ("tiny-flux",),

@@ -357,8 +357,13 @@ class HeadPerturbationCore(ModifierCore):
         """Blend the perturbed rows' selected heads of ``out`` (the layer's attention, whatever pattern computed it:
         dense alone, or GNA / CLEAR / PARO composed with this core) towards the perturbation target."""
         rows = self._rows(call, query.shape[0])
+        if not rows or not self.heads or self.softness == 0.0:
+            return out
+        # checked whatever heads this rank holds: under context parallelism every rank must fail alike (a rank that
+        # skipped the check would wait forever for the others in the next collective)
+        _check_layout(query, key, call.layout, self.token_scope)
         heads = call.local_heads(self.heads)  # under context parallelism: the selected heads this rank holds
-        if not rows or not heads or self.softness == 0.0:
+        if not heads:
             return out
         if torch.is_grad_enabled() and out.requires_grad:
             out = out.clone()  # autograd: blend into a copy, never into the attention kernel's saved output
