@@ -74,3 +74,54 @@ def plant_pickle(path, marker):
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"step": 5, "payload": _Planted(marker)}, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------- multi-process
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_entry(rank, fn, world_size, port, outdir, args):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        from attnpack.pipelines.parallel import cpu_device_count_patch
+
+        with cpu_device_count_patch():
+            result = fn(rank, *args)
+        torch.save(result, f"{outdir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, tmp_path, timeout: float = 600) -> list:
+    """Run ``fn(rank, *args)`` in ``world_size`` fresh processes joined by a gloo process group on CPU (what
+    ``torchrun`` sets up: MASTER_ADDR/PORT, RANK, WORLD_SIZE) and return each rank's result (``torch.save``-able).
+
+    ``fn`` must be importable by the children (a module-level function). A failing rank fails the call; ranks that
+    wait for each other forever (a collective one of them never reached) are killed after ``timeout`` seconds.
+    """
+    import time
+
+    import torch.multiprocessing as mp
+
+    outdir = tmp_path / f"ranks-{free_port()}"
+    outdir.mkdir(parents=True)
+    context = mp.spawn(
+        _distributed_entry, args=(fn, world_size, free_port(), str(outdir), args), nprocs=world_size, join=False
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{world_size} processes still running after {timeout} s: ranks out of step (deadlock)")
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

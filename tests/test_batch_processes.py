@@ -136,20 +136,22 @@ def test_one_batch_per_output_folder(tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["00000_0.png", METADATA_FILE]  # the killed run's temporary file is cleaned up
 
 
-def _launch_two_processes(args: list[str], port: int) -> list[str]:
-    """`accelerate launch` with two processes on this CPU-only machine.
+def _launch_two_processes(args: list[str], port: int, processes: int = 2) -> list[str]:
+    """`accelerate launch` with two (or ``processes``) processes on this CPU-only machine.
 
     `accelerate launch --cpu --num_processes 2` starts a single process (several CPU processes need MPI there), so the
     test uses the torchrun path (`--multi_gpu`), which gives each process RANK/WORLD_SIZE; with no GPU accelerate's
     PartialState then runs the gloo backend on CPU.
     """
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
     launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [*launcher, "--main_process_port", str(port), *args]
 
 
-def test_two_processes_make_the_same_files_as_one(tmp_path):
-    """Byte-identical PNGs and the same metadata (timing aside) from `accelerate launch` with 2 processes as from one.
+@pytest.mark.parametrize("processes", [2, 3])
+def test_two_processes_make_the_same_files_as_one(tmp_path, processes):
+    """Byte-identical PNGs and the same metadata (timing aside) from `accelerate launch` with 2 or 3 processes as from
+    one (3 processes: 7 outputs do not split evenly).
 
     Both runs use one CPU thread per process (see `_env`): on CPU, the number of threads can change the last bits of
     float results (and so, rarely, a pixel value by 1); accelerate gives each process cores / processes threads
@@ -169,14 +171,17 @@ def test_two_processes_make_the_same_files_as_one(tmp_path):
     )
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        _launch_two_processes(["-m", "attnpack", "batch", *common, "--outdir", str(tmp_path / "two")], _free_port()),
+        _launch_two_processes(
+            ["-m", "attnpack", "batch", *common, "--outdir", str(tmp_path / "two")], _free_port(), processes
+        ),
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
     )
     assert two.returncode == 0, two.stderr
-    assert "on 2 processes" in two.stderr and "batch 0" in two.stderr and "batch 1" in two.stderr
+    assert f"on {processes} processes" in two.stderr
+    assert all(f"batch {i}" in two.stderr for i in range(processes))
     assert two.stderr.count("attnpack batch: 7 written") == 1  # one summary, from the main process
 
     names = sorted(os.listdir(tmp_path / "one"))
@@ -191,7 +196,7 @@ def test_two_processes_make_the_same_files_as_one(tmp_path):
     single, split = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert strip(single) == strip(split)
     assert [r["file"] for r in split] == [n for n in names if n != METADATA_FILE]
-    assert {r["process"] for r in split} == {0, 1}  # both processes did part of the work
+    assert {r["process"] for r in split} == set(range(processes))  # every process did part of the work
 
 
 @pytest.mark.slow

@@ -179,7 +179,10 @@ def test_errors():
     flux = build_tiny_denoiser("flux")
     with pytest.raises(ValueError, match="GNA supports the families"):
         apply_gna(build_tiny_denoiser("unet-sd15"), window_size=3)
-    with pytest.raises(ValueError, match=r"`window_size` must be an int or a tuple of ints, one per axis of the model.s token grid \(2 here\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`window_size` must be an int or a tuple of ints, one per axis of the model.s token grid \(2 here\)",
+    ):
         apply_gna(flux, window_size=(3, 3, 3))
     with pytest.raises(ValueError, match=r"`window_size` must be >= 2 \(or -1 for the full axis\)"):
         apply_gna(flux, window_size=1)

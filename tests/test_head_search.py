@@ -128,6 +128,9 @@ def test_distributed_slices_are_merged_on_resume(pipe, planted, tmp_path, monkey
         def gather(self, obj):
             raise _Stop  # the other process never arrives: the run is stopped here
 
+        def barrier(self):
+            pass  # the start-up barrier: the other process is simulated as having read the state too
+
     monkeypatch.setattr(head_search, "_Processes", SecondOfTwo)
     state = tmp_path / "state.json"
     rank1 = planted()
@@ -145,35 +148,48 @@ def test_distributed_slices_are_merged_on_resume(pipe, planted, tmp_path, monkey
     assert not (tmp_path / "state.json.rank1.json").exists()  # cleaned up after the round
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_match_one(tmp_path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("processes", [pytest.param(2, marks=pytest.mark.slow), 3])
+def test_torchrun_processes_match_one(tmp_path, processes):
+    """The distributed search (2 or 3 processes over gloo, `torchrun`) writes the files of a one-process search: the
+    same file names, the same rounds, scores and selected heads (timings aside)."""
     args = ["-m", "tiny-sd3", "-p", "a red cat", "--seeds", "0,1", "--objective", "brightness", "--rounds", "2"]
     args += ["--top-k", "1", "--candidates", "L1", "--steps", "1", "--guidance", "1", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    subprocess.run(
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
         [
             sys.executable,
             "-m",
             "torch.distributed.run",
             "--nproc_per_node",
-            "2",
+            str(processes),
             "--master_port",
-            "29541",
+            str(_free_port()),
             "-m",
             "attnpack",
             "search-heads",
-            *args,
+            *[a for a in args if a != "--no-progress"],  # progress bars name the process: the work was split
             "-o",
             str(tmp_path / "two"),
         ],
-        check=True,
         env=env,
         capture_output=True,
+        text=True,
     )
+    assert two.returncode == 0, two.stderr
+    assert all(f"round 1/2 [{i}]" in two.stderr for i in range(processes)), two.stderr[-2000:]
     assert main(["search-heads", *args, "-o", str(tmp_path / "one")]) == 0
     one = json.loads((tmp_path / "one" / "state.json").read_text())
     two = json.loads((tmp_path / "two" / "state.json").read_text())
     assert one["rounds"] == two["rounds"] and one["selected"] == two["selected"]
+    assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(tmp_path / "two"))  # no rank slices left
 
 
 def test_search_argument_errors(pipe):

@@ -12,8 +12,9 @@ from typing import Any, Protocol, Union
 
 import torch
 
-from ._context import RunState, current_run, install_run_context, release_run_context
+from ._context import ParallelLayout, RunState, current_run, install_run_context, release_run_context
 from ._families import LayerInfo, Prepared, TokenLayout, dense_attention, family_of_model, get_adapter
+from ._parallel import check_parallel_support, needs_exchange, ulysses_call
 
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ class AttentionCall:
         mask: the model's own attention mask, ready for SDPA (``None`` for most models).
         run: the :class:`RunState` of the denoiser call (grid, step, batch roles), ``None`` outside a hooked call.
         processor: the processor running this call (holds ``_attention_backend`` / ``_parallel_config``).
+        parallel: whether dense attention goes through the processor's context-parallel config (``False`` for
+            layers diffusers runs unparallelised, and inside the Ulysses exchange of ``_parallel.ulysses_call``).
+        heads: the layer's heads (global indices) that ``q``, ``k``, ``v`` hold: all of them on one process, this
+            rank's share under Ulysses context parallelism (cores selecting heads by index map through it).
     """
 
     attn: torch.nn.Module
@@ -61,6 +66,14 @@ class AttentionCall:
     run: RunState | None
     processor: AttnPackProcessor
     parallel: bool = True
+    heads: slice | None = None
+
+    def local_heads(self, heads) -> list[int]:
+        """The positions in this call's ``q``/``k``/``v`` of the layer heads ``heads`` (global indices) held here."""
+        if self.heads is None:  # one process: every head is here, at its own index
+            return list(heads)
+        s = self.heads
+        return [h - s.start for h in heads if s.start <= h < s.stop]
 
     @property
     def backend(self):
@@ -222,7 +235,11 @@ class AttnPackProcessor:
             attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, temb, run, self
         )
         call = AttentionCall(attn, self.layer, prep.layout, prep.mask, run, self, prep.parallel)
-        out = self.core(prep.query, prep.key, prep.value, call)
+        parallel = None if run is None else run.parallel
+        if parallel is not None and needs_exchange(self.core):
+            out = ulysses_call(self.core, prep.query, prep.key, prep.value, call, parallel)
+        else:
+            out = self.core(prep.query, prep.key, prep.value, call)
         return self._adapter.finish(attn, out, prep)
 
     def __repr__(self) -> str:
@@ -627,6 +644,14 @@ def apply_processors(
         handle._layers.append((model, list(plan), "" if len(models) == 1 else f"{type(model).__name__}:"))
         install_run_context(model, pipeline)
         handle._models_with_context.append(model)
+    for model, _ in plans:
+        parallel = ParallelLayout.of_model(model)
+        if parallel is not None:  # the model runs under context parallelism already: refuse now, not at the first step
+            try:
+                check_parallel_support(model, parallel)
+            except ValueError:
+                handle.remove()
+                raise
     logger.debug("installed %s on %d layers", name, sum(len(plan) for _, plan in plans))
     return handle
 

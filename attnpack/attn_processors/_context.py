@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "RunState",
+    "ParallelLayout",
     "RunContextHook",
     "current_run",
     "run_overrides",
@@ -61,6 +62,73 @@ _OVERRIDES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextV
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class ParallelLayout:
+    """How one denoiser call is split across processes by diffusers' context parallelism (``enable_parallelism``).
+
+    The sequence is cut into ``world`` equal contiguous shards along the token axis, one per context-parallel rank,
+    stream by stream (FLUX shards text and image tokens separately, each rank holding
+    ``[its text shard, its image shard]``; Wan shards the video tokens). Under Ulysses, the all-to-all before attention
+    gives each rank the whole sequence for ``heads / ulysses_degree`` heads: the rank with Ulysses index ``r`` holds
+    heads ``r * H / P ... (r + 1) * H / P - 1`` (:meth:`heads`).
+
+    Attributes:
+        ulysses_degree / ring_degree: the degrees of diffusers' ``ContextParallelConfig``.
+        rank: this process's index in the flattened context-parallel mesh (its sequence shard).
+        ulysses_rank / ring_rank: its index in the Ulysses and ring groups.
+        world: number of sequence shards (``ulysses_degree * ring_degree``).
+        anything: ``ulysses_anything`` / ``ring_anything`` (uneven shards) is on.
+        config: diffusers' ``ParallelConfig`` (meshes and process groups), not compared.
+    """
+
+    ulysses_degree: int
+    ring_degree: int
+    rank: int
+    ulysses_rank: int
+    ring_rank: int
+    anything: bool = False
+    config: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def world(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    def heads(self, num_heads: int) -> slice:
+        """The heads (global indices) this rank attends over after the Ulysses all-to-all."""
+        per = num_heads // self.ulysses_degree
+        return slice(self.ulysses_rank * per, (self.ulysses_rank + 1) * per)
+
+    def local_len(self, num_tokens: int) -> int:
+        """Tokens of a stream of ``num_tokens`` held by each rank (diffusers shards evenly)."""
+        return num_tokens // self.world
+
+    def shard(self, num_tokens: int) -> slice:
+        """The tokens (global indices) of a stream of ``num_tokens`` that this rank holds between attention layers."""
+        n = self.local_len(num_tokens)
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    @property
+    def ulysses_group(self):
+        return self.config.context_parallel_config._ulysses_mesh.get_group()
+
+    @classmethod
+    def of_model(cls, model: torch.nn.Module) -> ParallelLayout | None:
+        """The layout set by ``model.enable_parallelism(config=ContextParallelConfig(...))``, ``None`` without one."""
+        config = getattr(model, "_parallel_config", None)
+        cp = getattr(config, "context_parallel_config", None)
+        if cp is None or cp._world_size is None or cp.ulysses_degree * cp.ring_degree <= 1:
+            return None
+        return cls(
+            ulysses_degree=cp.ulysses_degree,
+            ring_degree=cp.ring_degree,
+            rank=cp._flattened_mesh.get_local_rank(),
+            ulysses_rank=cp._ulysses_local_rank,
+            ring_rank=cp._ring_local_rank,
+            anything=bool(cp.ulysses_anything or cp.ring_anything),
+            config=config,
+        )
+
+
 @dataclasses.dataclass
 class RunState:
     """What is known about the denoiser call in flight.
@@ -80,6 +148,8 @@ class RunState:
         roles: one role per batch row (``"uncond"``, ``"cond"``, ``"perturbed"``, ``"reference"``, ``"target"``).
         cache_name: the name of diffusers' ``cache_context`` around the call (``"cond"``, ``"uncond"``, ...), if any.
         extras: free-form per-call state set through :func:`run_overrides` (e.g. by attnpack pipelines).
+        parallel: the :class:`ParallelLayout` of a context-parallel call (``None`` on one process). ``grid``,
+            ``text_len`` and ``image_len`` always describe the *whole* sequence, never a rank's shard.
     """
 
     family: str
@@ -93,6 +163,14 @@ class RunState:
     roles: tuple[str, ...] = ()
     cache_name: str | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    parallel: ParallelLayout | None = None
+
+    @property
+    def local_text_len(self) -> int | None:
+        """Text tokens held by this process: :attr:`text_len`, or its shard under context parallelism."""
+        if self.text_len is None or self.parallel is None:
+            return self.text_len
+        return self.parallel.local_len(self.text_len)
 
     @property
     def progress(self) -> float | None:
@@ -377,6 +455,32 @@ def extract_call_info(family: str, model: torch.nn.Module, arguments: dict[str, 
     return info
 
 
+def _wait(tensor: torch.Tensor) -> torch.Tensor:
+    wait = getattr(tensor, "wait", None)  # functional collectives return AsyncCollectiveTensor
+    return wait() if callable(wait) else tensor
+
+
+def _unshard_arguments(model: torch.nn.Module, arguments: dict[str, Any], parallel: ParallelLayout) -> dict:
+    """The denoiser arguments that diffusers' context-parallel plan split at the model's input, gathered back (so the
+    run context sees the whole grid, not this rank's shard). Hidden states are only read for their shape: they are
+    replaced by ``meta`` tensors of the whole shape instead of being gathered."""
+    from diffusers.hooks.context_parallel import EquipartitionSharder
+
+    plan = (getattr(model, "_cp_plan", None) or {}).get("", {})
+    mesh = parallel.config.context_parallel_config._flattened_mesh
+    out = dict(arguments)
+    for name, spec in plan.items():
+        value = out.get(name)
+        if torch.is_tensor(value) and not getattr(spec, "split_output", False) and value.dim() == spec.expected_dims:
+            if name.endswith("hidden_states"):
+                shape = list(value.shape)
+                shape[spec.split_dim] *= parallel.world
+                out[name] = torch.empty(shape, dtype=value.dtype, device="meta")
+            else:
+                out[name] = _wait(EquipartitionSharder.unshard(value, spec.split_dim, mesh))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- the hook
 class RunContextHook(ModelHook):
     """Sets :func:`current_run` for the duration of each forward of the denoiser it is registered on."""
@@ -431,6 +535,10 @@ class RunContextHook(ModelHook):
             self._apply_overrides(state)
         else:
             state = self.build_state(module, args, kwargs)
+        if state.parallel is not None:
+            from ._parallel import check_parallel_support
+
+            check_parallel_support(module, state.parallel)  # refuse before the denoiser does any work
         token = _CURRENT.set(state)
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -444,6 +552,9 @@ class RunContextHook(ModelHook):
             arguments = self._signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             arguments = dict(kwargs)
+        parallel = ParallelLayout.of_model(module)
+        if parallel is not None and self._inside_context_parallel_split(module):
+            arguments = _unshard_arguments(module, arguments, parallel)
         info = extract_call_info(self.family, module, arguments)
         step_index, num_steps = self._step_position(info.get("timestep"))
         state = RunState(
@@ -456,11 +567,20 @@ class RunContextHook(ModelHook):
             timestep=info.get("timestep"),
             batch_size=info.get("batch_size", 1),
             cache_name=self._cache.name,
+            parallel=parallel,
         )
         if state.image_len is None and state.grid is not None:
             state.image_len = math.prod(state.grid)
         self._apply_overrides(state)
         return state
+
+    @staticmethod
+    def _inside_context_parallel_split(module: torch.nn.Module) -> bool:
+        """Whether diffusers' context-parallel split hook on the model itself runs before this hook (it was registered
+        later, by ``enable_parallelism`` after attnpack was applied): the call's arguments are then rank shards."""
+        order = list(getattr(getattr(module, "_diffusers_hook", None), "_hook_order", ()))
+        split = [i for i, name in enumerate(order) if name.startswith("cp_input---")]
+        return HOOK_NAME in order and any(i > order.index(HOOK_NAME) for i in split)
 
     def _apply_overrides(self, state: RunState) -> None:
         overrides = _OVERRIDES.get() or {}

@@ -426,7 +426,7 @@ class FluxAdapter(FamilyAdapter):
             value = torch.cat([ev, value], dim=1)
             n_text = encoder_hidden_states.shape[1]
         else:
-            n_text = None if run is None else run.text_len
+            n_text = None if run is None else run.local_text_len  # this rank's text shard under context parallelism
         if rotary is not None:
             query = apply_rotary_emb(query, rotary, sequence_dim=1)
             key = apply_rotary_emb(key, rotary, sequence_dim=1)

@@ -359,6 +359,12 @@ class HeadPerturbationCore(ModifierCore):
         rows = self._rows(call, query.shape[0])
         if not rows or not self.heads or self.softness == 0.0:
             return out
+        # checked whatever heads this rank holds: under context parallelism every rank must fail alike (a rank that
+        # skipped the check would wait forever for the others in the next collective)
+        _check_layout(query, key, call.layout, self.token_scope)
+        heads = call.local_heads(self.heads)  # under context parallelism: the selected heads this rank holds
+        if not heads:
+            return out
         if torch.is_grad_enabled() and out.requires_grad:
             out = out.clone()  # autograd: blend into a copy, never into the attention kernel's saved output
 
@@ -366,7 +372,7 @@ class HeadPerturbationCore(ModifierCore):
             return call.dense(q, k, v, mask=mask, scale=scale)
 
         for r in _runs(rows):
-            for h in _runs(self.heads):
+            for h in _runs(heads):
                 _blend_(
                     out[r, h],
                     query[r, h],

@@ -103,25 +103,30 @@ class ParoCore:
         plan.level(self.density)  # validates
         self.backend = backend
         self._orders: dict[str, object] = {}
-        self._current: tuple[int, str, BlockSparsePattern] | None = None
+        self._current: tuple[int, str, tuple[int, int], BlockSparsePattern] | None = None
 
-    def pattern(self, bucket: int, device: torch.device | str = "cpu") -> BlockSparsePattern:
-        """The block-sparse pattern of timestep ``bucket``.
+    def pattern(
+        self, bucket: int, device: torch.device | str = "cpu", heads: slice | None = None
+    ) -> BlockSparsePattern:
+        """The block-sparse pattern of timestep ``bucket`` for the layer's ``heads`` (all by default; under Ulysses
+        context parallelism, the heads this rank holds: per-head orders and masks follow them).
 
         Only the current bucket's tile table is kept (steps run in order, so it is rebuilt once per bucket change);
         the plan itself stays bit-packed on the CPU, as the paper keeps only the current mask on the GPU.
         """
         device = str(device)
-        if self._current is not None and self._current[:2] == (bucket, device):
-            return self._current[2]
         plan = self.plan
-        if device not in self._orders:
-            self._orders[device] = plan.token_order(self.layer, device)
-        order = self._orders[device]
-        mask = plan.mask(bucket, self.layer, self.density).to(device)
+        heads = slice(0, plan.heads) if heads is None else heads
+        key = (heads.start, heads.stop)
+        if self._current is not None and self._current[:3] == (bucket, device, key):
+            return self._current[3]
+        if (device, key) not in self._orders:
+            self._orders[(device, key)] = plan.token_order(self.layer, device, heads=heads)
+        order = self._orders[(device, key)]
+        mask = plan.mask(bucket, self.layer, self.density)[heads].to(device)
         name = f"paro {plan.layers[self.layer]} bucket {bucket}"
         pattern = BlockSparsePattern(tile_table_from_dense(mask[None]), order, order, name=name)
-        self._current = (bucket, device, pattern)
+        self._current = (bucket, device, key, pattern)
         return pattern
 
     def _backend(self, query, key, value, pattern) -> str | None:
@@ -141,7 +146,7 @@ class ParoCore:
             )
         run = call.run
         bucket = self.plan.bucket(run.step_index if run else None, run.num_steps if run else None)
-        pattern = self.pattern(bucket, query.device)
+        pattern = self.pattern(bucket, query.device, call.heads)
         backend = self._backend(query, key, value, pattern)
         options = {"quant": self.quant} if self.quant is not None else None
         return block_sparse_attention(query, key, value, pattern, backend=backend, backend_options=options)

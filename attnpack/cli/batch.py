@@ -12,6 +12,7 @@ examples:
   attnpack batch -m tiny-sd15 --prompts prompts.txt --outdir out --seeds 0-3 --steps 2
   attnpack batch --config sweep.yaml --skip-existing
   accelerate launch --multi_gpu --num_processes 4 -m attnpack batch --config sweep.yaml
+  torchrun --nproc-per-node 8 -m attnpack batch --config videos.yaml --ulysses-degree 8   # each video on 8 GPUs
 
 Outputs are {row:05d}_{seed}.png (videos: .gif or .mp4) plus metadata.jsonl; see docs/batch.md.
 Exit status: 0 when every row and output succeeded, 1 when some failed (they are listed at the end),
@@ -48,6 +49,14 @@ def register(sub) -> None:
         action=argparse.BooleanOptionalAction,
         help="only make outputs that are missing (or were made with other settings)",
     )
+    g = p.add_argument_group("context parallelism (each output made by all processes together; torchrun)")
+    g.add_argument(
+        "--ulysses-degree",
+        type=int,
+        help="split every output's denoising over N processes (Ulysses) instead of sharing the outputs among them; "
+        "FLUX and Wan; see docs/multi-gpu.md",
+    )
+    g.add_argument("--ring-degree", type=int, help="ring-attention degree (dense attention only)")
     # "not given" must be distinguishable from a default, so that the config file can fill it
     p.set_defaults(**{a.dest: None for a in p._actions if a.dest != "help"})
     p.set_defaults(func=run)
@@ -80,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         "technique",
         "opt",
         "techniques",
+        "ulysses_degree",
+        "ring_degree",
     )
     cli = {key: getattr(args, key) for key in keys}
     config = resolve_config(cli, args.config, defaults={"model": DEFAULT_MODEL})

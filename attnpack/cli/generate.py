@@ -33,6 +33,22 @@ def register(sub) -> None:
     p.add_argument("--fps", type=int, default=8, help="frames per second of video outputs")
     p.add_argument("--pipeline-kwargs", type=json_object, default={}, help="extra pipeline arguments as a JSON object")
     p.add_argument("-o", "--out", default=None, help="output file: .png for images, .gif or .mp4 for videos")
+    g = p.add_argument_group(
+        "context parallelism (one generation on N processes: torchrun --nproc-per-node N -m attnpack generate ...)"
+    )
+    g.add_argument(
+        "--ulysses-degree",
+        type=int,
+        default=None,
+        help="split each denoising step over N processes with Ulysses attention (default with --ring-degree: the "
+        "number of processes / ring degree); must divide the attention heads; see docs/multi-gpu.md",
+    )
+    g.add_argument(
+        "--ring-degree",
+        type=int,
+        default=None,
+        help="ring-attention degree (dense attention only: attnpack techniques refuse it)",
+    )
     p.set_defaults(func=run)
 
 
@@ -62,6 +78,12 @@ def run(args: argparse.Namespace) -> int:
         check_attention_backend(args.attention_backend, "--attention-backend")
     if args.out is not None:  # fail before loading anything if the output cannot be written
         check_output_path(args.out, IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+    parallel = args.ulysses_degree is not None or args.ring_degree is not None
+    if parallel:
+        from ..pipelines.parallel import check_ring_techniques, init_distributed, is_main_process
+
+        check_ring_techniques(specs, args.ring_degree)
+        init_distributed()  # before loading: each process then loads onto its own GPU
     pipe = load_from_args(args)
     video = is_video_pipeline(pipe)
     out = args.out or ("out.gif" if video else "out.png")
@@ -69,7 +91,20 @@ def run(args: argparse.Namespace) -> int:
     from ..techniques import apply_techniques
 
     with apply_techniques(pipe, specs, args.attention_backend) as techniques:
-        result = run_generation(pipe, settings, extra_parameters=techniques.parameters())
+        extra = techniques.parameters()
+        if parallel:
+            from ..pipelines.parallel import enable_context_parallel
+
+            layout = enable_context_parallel(pipe, args.ulysses_degree, args.ring_degree or 1)
+            extra = {**extra, "context_parallel": {"ulysses": layout.ulysses_degree, "ring": layout.ring_degree}}
+        result = run_generation(pipe, settings, extra_parameters=extra)
+    if parallel:
+        import torch.distributed as dist
+
+        main = is_main_process()
+        dist.destroy_process_group()
+        if not main:
+            return 0  # every process holds the whole result; the first one writes it
     if video:
         save_video(result.images[0], out, result.parameters, fps=args.fps)
     else:

@@ -80,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
     if outdir.exists() and not outdir.is_dir():
         raise ValueError(f"`--outdir` {args.outdir!r} is a file; give a folder.")
     if args.device is None:
+        import torch
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=not torch.cuda.is_available())  # the same process group as the search (see there)
         if state.num_processes > 1:
             args.device = str(state.device)
     pipe = load_from_args(args)

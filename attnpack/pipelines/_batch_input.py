@@ -173,8 +173,18 @@ class BatchConfig:
     techniques: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
     pipeline_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     skip_existing: bool = False
+    ulysses_degree: int | None = None  # context parallelism: every output made by all processes together
+    ring_degree: int | None = None
+
+    @property
+    def context_parallel(self) -> bool:
+        return self.ulysses_degree is not None or self.ring_degree is not None
 
     def validate(self) -> None:
+        for name in ("ulysses_degree", "ring_degree"):
+            value = getattr(self, name)
+            if value is not None:
+                check_number(name, value, 1, 4096, integer=True)
         if self.format not in (None, "png", "gif", "mp4"):
             raise ValueError(f"`format` must be png, gif or mp4, got {self.format!r}.")
         check_number("fps", self.fps, 1, MAX_FPS, integer=True)
@@ -230,6 +240,8 @@ _CONFIG_KEYS: dict[str, Any] = {
     "attention_backend": _as_str,
     "pipeline_kwargs": _as_object,
     "skip_existing": _as_bool,
+    "ulysses_degree": _as_int,
+    "ring_degree": _as_int,
 }
 _TECHNIQUE_KEYS = ("technique", "opt", "techniques")
 

@@ -354,10 +354,19 @@ def run_batch(config: BatchConfig, *, pipe=None) -> BatchSummary:
     start = time.perf_counter()
     config.validate()
     rows, bad = read_rows(config.prompts, config)
+    if config.context_parallel:
+        from .parallel import check_ring_techniques
+
+        check_ring_techniques([t for row in rows for t in row.techniques], config.ring_degree, "ring_degree")
     cpu = (config.device or "").startswith("cpu") or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
     if pipe is not None and state.num_processes > 1:
         raise ValueError("`pipe` can only be given to a single-process run; let each process load `model`.")
+    if config.context_parallel and state.num_processes < 2:
+        raise ValueError(
+            "`ulysses_degree` / `ring_degree` split each output over several processes: launch with "
+            "`torchrun --nproc-per-node N -m attnpack batch ...` (this is one process)."
+        )
     outdir = Path(config.outdir).expanduser()
     outdir.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
@@ -401,15 +410,23 @@ def run_batch(config: BatchConfig, *, pipe=None) -> BatchSummary:
             raise RuntimeError(f"the main batch process failed: {message}")
 
         wanted = set(todo)
-        with state.split_between_processes([job for job in plan if job.name in wanted]) as mine:
+        jobs = [job for job in plan if job.name in wanted]
+        # context parallelism: every process takes part in every output, the main process writes it
+        share = contextlib.nullcontext(jobs) if config.context_parallel else state.split_between_processes(jobs)
+        with share as mine:
             try:
                 if mine and pipe is None:
                     pipe = _load(config, state)
+                if config.context_parallel and mine:
+                    _enable_context_parallel(pipe, config, state)
             except Exception as exc:
                 error = exc
             _agree(error)
-            done = _run_jobs(pipe, mine, config, outdir, state.process_index, state.num_processes)
+            write = state.is_main_process or not config.context_parallel
+            done = _run_jobs(pipe, mine, config, outdir, state.process_index, state.num_processes, write)
         results = gather_object([done])
+        if config.context_parallel:
+            results = results[:1]  # the others made the same outputs with it
         if state.is_main_process:
             merge_metadata(outdir, expected=[job.name for job in plan])
         summary = BatchSummary(
@@ -429,6 +446,12 @@ def run_batch(config: BatchConfig, *, pipe=None) -> BatchSummary:
                 _say("attnpack batch: failures:\n  " + "\n  ".join(summary.failures))
         state.wait_for_everyone()
         return summary
+
+
+def _enable_context_parallel(pipe, config: BatchConfig, state) -> None:
+    from .parallel import enable_context_parallel
+
+    enable_context_parallel(pipe, config.ulysses_degree, config.ring_degree or 1)
 
 
 def _load(config: BatchConfig, state):
@@ -474,8 +497,11 @@ def _suffix(config: BatchConfig, video: bool) -> str:
     return "." + fmt
 
 
-def _run_jobs(pipe, jobs: Sequence[BatchJob], config: BatchConfig, outdir: Path, rank: int, processes: int):
-    """This process's share of the work, with a progress bar. Returns ``(generated, seconds, failure messages)``."""
+def _run_jobs(
+    pipe, jobs: Sequence[BatchJob], config: BatchConfig, outdir: Path, rank: int, processes: int, write: bool = True
+):
+    """This process's share of the work, with a progress bar. Returns ``(generated, seconds, failure messages)``.
+    ``write=False``: a context-parallel helper process, which generates with the others and writes nothing."""
     from tqdm.auto import tqdm
 
     journal = outdir / f".metadata.{rank}.jsonl.part"
@@ -503,7 +529,13 @@ def _run_jobs(pipe, jobs: Sequence[BatchJob], config: BatchConfig, outdir: Path,
             try:
                 if install_error is not None:
                     raise ValueError(install_error)
-                seconds += _generate(pipe, job, config, outdir, journal, rank, techniques.parameters())
+                parameters = techniques.parameters()
+                if config.context_parallel:
+                    parameters = {
+                        **parameters,
+                        "context_parallel": {"ulysses": config.ulysses_degree, "ring": config.ring_degree or 1},
+                    }
+                seconds += _generate(pipe, job, config, outdir, journal, rank, parameters, write)
                 generated += 1
             except Exception as exc:  # one failed output never stops the batch
                 message = f"{job.row.where} ({job.name}): {type(exc).__name__}: {exc}"
@@ -518,11 +550,15 @@ def _run_jobs(pipe, jobs: Sequence[BatchJob], config: BatchConfig, outdir: Path,
     return generated, seconds, failures
 
 
-def _generate(pipe, job: BatchJob, config: BatchConfig, outdir: Path, journal: Path, rank: int, techniques) -> float:
+def _generate(
+    pipe, job: BatchJob, config: BatchConfig, outdir: Path, journal: Path, rank: int, techniques, write: bool = True
+) -> float:
     """Generate and save one output, then journal its record; returns the seconds it took. ``techniques``: the
     installed techniques' :meth:`~attnpack.techniques.TechniquesHandle.parameters`."""
     start = time.perf_counter()
     result = run_generation(pipe, job.settings, extra_parameters={**_extra_parameters(config, job), **techniques})
+    if not write:
+        return time.perf_counter() - start
     # same settings, same file, whichever process makes it: timing and the device index go to metadata.jsonl only
     parameters = dict(result.parameters)
     pipeline_seconds = parameters.pop("seconds")

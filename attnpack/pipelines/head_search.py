@@ -78,9 +78,12 @@ class _Processes:
     """The accelerate process group (one process when not launched distributed)."""
 
     def __init__(self):
+        import torch
         from accelerate import PartialState
 
-        self.state = PartialState()
+        # cpu=True where no GPU exists: without it accelerate ignores torchrun's RANK / WORLD_SIZE on a CPU-only
+        # machine, and every process ran the whole search alone (and wrote the same outputs at the same time)
+        self.state = PartialState(cpu=not torch.cuda.is_available())
         self.index = self.state.process_index
         self.count = self.state.num_processes
 
@@ -383,6 +386,10 @@ def search_heads(
     out_dir = Path(output_dir) if output_dir is not None else None
     if out_dir is not None and processes.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    # every process has read the state (and the slices of a killed distributed run) before any writes a new slice:
+    # otherwise a late process read an early one's fresh scores, split the candidates differently and left some
+    # unscored (a KeyError on every process, seen on 3 CPU processes)
+    processes.barrier()
     generator = _Generator(pipe, pairs, num_inference_steps, guidance, pipeline_kwargs)
     prompt_list = [p for p, _ in pairs]
     progress_config = dict(getattr(pipe, "_progress_bar_config", {}) or {})

@@ -304,12 +304,15 @@ class ParoPlan:
         """Stored masks per layer: ``timestep_buckets + 1`` (``"half"`` schedule) or ``timestep_buckets``."""
         return self.timestep_buckets if self.schedule == "uniform" else self.timestep_buckets + 1
 
-    def token_order(self, layer: int, device: torch.device | str | None = None):
+    def token_order(self, layer: int, device: torch.device | str | None = None, *, heads: slice | None = None):
         """The block-sparse :class:`~attnpack.kernels.block_sparse.TokenOrder` of ``layer`` (index) in this plan's
-        tiling."""
+        tiling; ``heads``: only those heads' orders (a rank's heads under Ulysses context parallelism)."""
         from ..kernels.paro import paro_token_order
 
-        return paro_token_order(self.grid, self.orders[layer], self.block_size, text_len=self.text_len,
+        orders = self.orders[layer]
+        if heads is not None and orders.numel() > 1:  # one order per head; a single entry is shared by all heads
+            orders = orders[heads]
+        return paro_token_order(self.grid, orders, self.block_size, text_len=self.text_len,
                                 text_first=self.text_first, tiling=self.tiling, device=device)  # fmt: skip
 
     def validate(self) -> None:
