@@ -37,7 +37,7 @@ def test_flux_pipeline_non_square(hw):
 
 
 def test_flux_kontext_style_ids_grid_covers_first_image_only():
-    from attnpack.attn_processors._context import _flux_grid
+    from attnpack.attn_processors._families import flux_grid as _flux_grid
 
     ids = torch.zeros(4 * 6 + 9, 3)
     ids[:24, 1] = torch.arange(24) // 6

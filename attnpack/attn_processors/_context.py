@@ -364,90 +364,12 @@ def _family_of(model: torch.nn.Module) -> str:
     return family_of_model(model)
 
 
-def _flux_grid(img_ids: torch.Tensor) -> tuple[tuple[int, int] | None, int]:
-    """Grid of the first image in FLUX ``img_ids`` (``[N, 3]``: stream id, row, column)."""
-    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-    ids = ids.detach().to("cpu", torch.float64)
-    first = ids[:, 0] == ids[0, 0]
-    count = int(first.sum())
-    if not bool(first[:count].all()):  # the first image's tokens must come first
-        return None, ids.shape[0]
-    rows, cols = ids[:count, 1], ids[:count, 2]
-    r0, c0 = rows.min(), cols.min()
-    h = int(rows.max() - r0) + 1
-    w = int(cols.max() - c0) + 1
-    if h * w != count:
-        return None, count
-    idx = torch.arange(count, dtype=torch.float64)
-    if not (torch.equal(rows - r0, torch.div(idx, w, rounding_mode="floor")) and torch.equal(cols - c0, idx % w)):
-        return None, count  # not row-major
-    return (h, w), count
-
-
-def _as_int_tuple(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
-
-
 def extract_call_info(family: str, model: torch.nn.Module, arguments: dict[str, Any]) -> dict[str, Any]:
-    """Grid, text length, timestep and batch size of one denoiser call, from its bound arguments."""
-    cfg = model.config
-    info: dict[str, Any] = {}
-    if family == "unet":
-        sample = arguments.get("sample")
-        if sample is not None:
-            info["batch_size"] = sample.shape[0]
-            info["grid"] = tuple(sample.shape[-2:])
-    elif family == "sd3":
-        hs = arguments.get("hidden_states")
-        if hs is not None:
-            p = cfg.patch_size
-            info["batch_size"] = hs.shape[0]
-            info["grid"] = (hs.shape[-2] // p, hs.shape[-1] // p)
-        ehs = arguments.get("encoder_hidden_states")
-        if ehs is not None:
-            info["text_len"] = ehs.shape[1]
-    elif family == "flux":
-        hs = arguments.get("hidden_states")
-        if hs is not None:
-            info["batch_size"] = hs.shape[0]
-        img_ids = arguments.get("img_ids")
-        if img_ids is not None:
-            info["grid"], info["image_len"] = _flux_grid(img_ids)
-        ehs = arguments.get("encoder_hidden_states")
-        if ehs is not None:
-            info["text_len"] = ehs.shape[1]
-    elif family in ("wan", "hunyuan_video"):
-        hs = arguments.get("hidden_states")
-        if hs is not None:
-            info["batch_size"] = hs.shape[0]
-            if family == "wan":
-                pt, ph, pw = _as_int_tuple(cfg.patch_size)
-            else:
-                ph = pw = cfg.patch_size
-                pt = cfg.patch_size_t or 1
-            f, h, w = hs.shape[-3:]
-            info["grid"] = (f // pt, h // ph, w // pw)
-        if family == "hunyuan_video":
-            ehs = arguments.get("encoder_hidden_states")
-            if ehs is not None:
-                info["text_len"] = ehs.shape[1]
-    elif family == "cogvideox":
-        hs = arguments.get("hidden_states")  # [B, F, C, H, W]
-        if hs is not None:
-            p = cfg.patch_size
-            pt = getattr(cfg, "patch_size_t", None) or 1
-            frames = hs.shape[1]
-            if pt > 1:  # CogVideoX 1.5 pads the frames to a multiple of patch_size_t
-                frames = -(-frames // pt)
-            info["batch_size"] = hs.shape[0]
-            info["grid"] = (frames, hs.shape[-2] // p, hs.shape[-1] // p)
-        ehs = arguments.get("encoder_hidden_states")
-        if ehs is not None:
-            info["text_len"] = ehs.shape[1]
+    """Grid, text length, image length and batch size of one denoiser call (the family adapter reads them from the
+    call's bound arguments: :meth:`FamilyAdapter.call_info`), plus its timestep."""
+    from ._families import get_adapter
+
+    info = get_adapter(family).call_info(model.config, arguments)
     timestep = arguments.get("timestep")
     if timestep is not None:
         t = timestep.flatten()[0] if torch.is_tensor(timestep) else timestep

@@ -180,6 +180,35 @@ def _grid(run: RunState | None, n: int) -> tuple[int, ...] | None:
 
 
 # ------------------------------------------------------------------------------------------------- base adapter
+def flux_grid(img_ids: torch.Tensor) -> tuple[tuple[int, int] | None, int]:
+    """Grid of the first image in FLUX ``img_ids`` (``[N, 3]``: stream id, row, column), and its token count; the grid
+    is ``None`` when the first image's tokens are not first or not row-major (no grid rather than a wrong one)."""
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    ids = ids.detach().to("cpu", torch.float64)
+    first = ids[:, 0] == ids[0, 0]
+    count = int(first.sum())
+    if not bool(first[:count].all()):  # the first image's tokens must come first
+        return None, ids.shape[0]
+    rows, cols = ids[:count, 1], ids[:count, 2]
+    r0, c0 = rows.min(), cols.min()
+    h = int(rows.max() - r0) + 1
+    w = int(cols.max() - c0) + 1
+    if h * w != count:
+        return None, count
+    idx = torch.arange(count, dtype=torch.float64)
+    if not (torch.equal(rows - r0, torch.div(idx, w, rounding_mode="floor")) and torch.equal(cols - c0, idx % w)):
+        return None, count  # not row-major
+    return (h, w), count
+
+
+def _as_int_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
 class FamilyAdapter:
     """Base class of the family adapters; subclasses implement :meth:`layer_kind`, :meth:`prepare`, :meth:`finish`."""
 
@@ -197,6 +226,18 @@ class FamilyAdapter:
     def finish(self, attn, out: torch.Tensor, prep: Prepared):
         raise NotImplementedError
 
+    def call_info(self, cfg, arguments: dict[str, Any]) -> dict[str, Any]:
+        """``batch_size``, ``grid`` (token grid of the image / video stream), ``text_len`` and ``image_len`` of one
+        denoiser call, from its bound arguments and the model config (what the run context records)."""
+        info: dict[str, Any] = {}
+        hs = arguments.get("hidden_states")
+        if hs is not None:
+            info["batch_size"] = hs.shape[0]
+        ehs = arguments.get("encoder_hidden_states")
+        if ehs is not None:
+            info["text_len"] = ehs.shape[1]
+        return info
+
     @staticmethod
     def head_dim(attn) -> int:
         return attn.inner_dim // attn.heads
@@ -208,6 +249,10 @@ class UNetAdapter(FamilyAdapter):
     ``attn2``)."""
 
     family = "unet"
+
+    def call_info(self, cfg, arguments):
+        sample = arguments.get("sample")
+        return {} if sample is None else {"batch_size": sample.shape[0], "grid": tuple(sample.shape[-2:])}
 
     def layer_kind(self, name, module):
         return "cross" if getattr(module, "is_cross_attention", False) else "self"
@@ -332,6 +377,13 @@ class SD3Adapter(FamilyAdapter):
 
     family = "sd3"
 
+    def call_info(self, cfg, arguments):
+        info = super().call_info(cfg, arguments)
+        hs = arguments.get("hidden_states")
+        if hs is not None:
+            info["grid"] = (hs.shape[-2] // cfg.patch_size, hs.shape[-1] // cfg.patch_size)
+        return info
+
     def layer_kind(self, name, module):
         return "self" if name.endswith("attn2") else "joint"
 
@@ -396,6 +448,13 @@ class FluxAdapter(FamilyAdapter):
     (text length from the run context) and return it without an output projection."""
 
     family = "flux"
+
+    def call_info(self, cfg, arguments):
+        info = super().call_info(cfg, arguments)
+        img_ids = arguments.get("img_ids")
+        if img_ids is not None:
+            info["grid"], info["image_len"] = flux_grid(img_ids)
+        return info
 
     def layer_kind(self, name, module):
         return "single" if name.startswith("single_transformer_blocks") else "joint"
@@ -477,6 +536,14 @@ class WanAdapter(FamilyAdapter):
 
     family = "wan"
 
+    def call_info(self, cfg, arguments):
+        hs = arguments.get("hidden_states")  # Wan's encoder_hidden_states only enter cross-attention
+        if hs is None:
+            return {}
+        pt, ph, pw = _as_int_tuple(cfg.patch_size)
+        f, h, w = hs.shape[-3:]
+        return {"batch_size": hs.shape[0], "grid": (f // pt, h // ph, w // pw)}
+
     def layer_kind(self, name, module):
         return "cross" if getattr(module, "is_cross_attention", False) or name.endswith("attn2") else "self"
 
@@ -547,6 +614,16 @@ class CogVideoXAdapter(FamilyAdapter):
 
     family = "cogvideox"
 
+    def call_info(self, cfg, arguments):
+        info = super().call_info(cfg, arguments)
+        hs = arguments.get("hidden_states")  # [B, F, C, H, W]
+        if hs is not None:
+            p = cfg.patch_size
+            pt = getattr(cfg, "patch_size_t", None) or 1
+            frames = -(-hs.shape[1] // pt)  # CogVideoX 1.5 pads the frames to a multiple of patch_size_t
+            info["grid"] = (frames, hs.shape[-2] // p, hs.shape[-1] // p)
+        return info
+
     def layer_kind(self, name, module):
         return "joint"
 
@@ -589,6 +666,15 @@ class HunyuanVideoAdapter(FamilyAdapter):
     tokens; the attention mask marks text padding. The token refiner keeps its stock processor."""
 
     family = "hunyuan_video"
+
+    def call_info(self, cfg, arguments):
+        info = super().call_info(cfg, arguments)
+        hs = arguments.get("hidden_states")
+        if hs is not None:
+            pt, p = cfg.patch_size_t or 1, cfg.patch_size
+            f, h, w = hs.shape[-3:]
+            info["grid"] = (f // pt, h // p, w // p)
+        return info
 
     def layer_kind(self, name, module):
         if "token_refiner" in name or name.startswith("context_embedder"):
