@@ -14,28 +14,28 @@ from ._version import __version__
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     # core machinery
-    "apply_processors": "attnpack.attn_processors._apply",
-    "ProcessorHandle": "attnpack.attn_processors._apply",
-    "AttnPackProcessor": "attnpack.attn_processors._apply",
-    "AttentionCall": "attnpack.attn_processors._apply",
-    "DenseCore": "attnpack.attn_processors._apply",
-    "list_layers": "attnpack.attn_processors._apply",
-    "set_attention_backend": "attnpack.attn_processors._apply",
-    "ModifierCore": "attnpack.attn_processors._apply",
-    "ObserverCore": "attnpack.attn_processors._apply",
-    "in_effect": "attnpack.attn_processors._apply",
+    "apply_processors": "attnpack.attn_processors.processor",
+    "ProcessorHandle": "attnpack.attn_processors.processor",
+    "AttnPackProcessor": "attnpack.attn_processors.processor",
+    "AttentionCall": "attnpack.attn_processors.processor",
+    "DenseCore": "attnpack.attn_processors.processor",
+    "list_layers": "attnpack.attn_processors.processor",
+    "set_attention_backend": "attnpack.attn_processors.processor",
+    "ModifierCore": "attnpack.attn_processors.processor",
+    "ObserverCore": "attnpack.attn_processors.processor",
+    "in_effect": "attnpack.attn_processors.processor",
     "apply_techniques": "attnpack.techniques",
-    "LayerInfo": "attnpack.attn_processors._families",
-    "TokenLayout": "attnpack.attn_processors._families",
-    "RunState": "attnpack.attn_processors._context",
-    "current_run": "attnpack.attn_processors._context",
-    "run_overrides": "attnpack.attn_processors._context",
+    "LayerInfo": "attnpack.attn_processors.families",
+    "TokenLayout": "attnpack.attn_processors.families",
+    "RunState": "attnpack.attn_processors.context",
+    "current_run": "attnpack.attn_processors.context",
+    "run_overrides": "attnpack.attn_processors.context",
     # CLEAR
     "apply_clear": "attnpack.attn_processors.clear",
     "ClearAttnProcessor": "attnpack.attn_processors.clear",
     # generalized neighborhood attention
-    "apply_gna": "attnpack.attn_processors.neighborhood",
-    "GNAAttnProcessor": "attnpack.attn_processors.neighborhood",
+    "apply_gna": "attnpack.attn_processors.gna",
+    "GNAAttnProcessor": "attnpack.attn_processors.gna",
     "neighborhood_attention": "attnpack.kernels.neighborhood",
     # PARO
     "ParoAttnProcessor": "attnpack.attn_processors.paro",
@@ -61,9 +61,9 @@ _EXPORTS: dict[str, str] = {
     "segregation_loss": "attnpack.pipelines.astar",
     "retention_loss": "attnpack.pipelines.astar",
     # outputs
-    "save_image": "attnpack._io",
-    "save_video": "attnpack._io",
-    "read_parameters": "attnpack._io",
+    "save_image": "attnpack.io",
+    "save_video": "attnpack.io",
+    "read_parameters": "attnpack.io",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -86,8 +86,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import presets
-    from ._io import read_parameters, save_image, save_video
-    from .attn_processors._apply import (
+    from .attn_processors.clear import ClearAttnProcessor, apply_clear
+    from .attn_processors.context import RunState, current_run, run_overrides
+    from .attn_processors.families import LayerInfo, TokenLayout
+    from .attn_processors.gna import GNAAttnProcessor, apply_gna
+    from .attn_processors.paro import ParoAttnProcessor, apply_paro
+    from .attn_processors.processor import (
         AttentionCall,
         AttnPackProcessor,
         DenseCore,
@@ -99,11 +103,7 @@ if TYPE_CHECKING:  # pragma: no cover
         list_layers,
         set_attention_backend,
     )
-    from .attn_processors._context import RunState, current_run, run_overrides
-    from .attn_processors._families import LayerInfo, TokenLayout
-    from .attn_processors.clear import ClearAttnProcessor, apply_clear
-    from .attn_processors.neighborhood import GNAAttnProcessor, apply_gna
-    from .attn_processors.paro import ParoAttnProcessor, apply_paro
+    from .io import read_parameters, save_image, save_video
     from .kernels.neighborhood import neighborhood_attention
     from .pipelines.astar import AStarPipeline, AStarXLPipeline, retention_loss, segregation_loss
     from .pipelines.generation import GenerationSettings, run_generation

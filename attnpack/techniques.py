@@ -37,7 +37,7 @@ __all__ = [
 # modules that register techniques when imported (one line per technique module)
 TECHNIQUE_MODULES: list[str] = [
     "attnpack.attn_processors.clear",
-    "attnpack.attn_processors.neighborhood",
+    "attnpack.attn_processors.gna",
     "attnpack.attn_processors.paro",
     "attnpack.pipelines.guidance",
 ]
@@ -317,7 +317,7 @@ class TechniquesHandle:
 
     def parameters(self) -> dict[str, Any]:
         """``{"techniques": what was asked, "attention_backend": ..., "in_effect": what runs per layer}``."""
-        from .attn_processors._apply import in_effect
+        from .attn_processors.processor import in_effect
 
         params = technique_parameters(self.specs, self.attention_backend)
         params["in_effect"] = in_effect(self.pipe) if self.handles else {}
@@ -367,7 +367,7 @@ def apply_techniques(
     specs = list(specs)
     check_composable(specs)
     if attention_backend:
-        from .attn_processors._apply import check_attention_backend
+        from .attn_processors.processor import check_attention_backend
 
         check_attention_backend(attention_backend, "attention_backend")
     handles: list[Any] = []
@@ -379,7 +379,7 @@ def apply_techniques(
             handles.append(tech.apply(pipe, **parsed))
             names.append((tech.name, parsed))
         if attention_backend:
-            from .attn_processors._apply import set_attention_backend
+            from .attn_processors.processor import set_attention_backend
 
             handles.append(set_attention_backend(pipe, attention_backend))
     except BaseException:
@@ -391,7 +391,7 @@ def apply_techniques(
 
 # ------------------------------------------------------------------------------------------------- built-in "dense"
 def _apply_dense(pipe, layers=None):
-    from .attn_processors._apply import DenseCore, apply_processors
+    from .attn_processors.processor import DenseCore, apply_processors
 
     return apply_processors(pipe, DenseCore(), layers=layers, description="dense", technique="dense")
 

@@ -125,7 +125,7 @@ def result_path(parser, out: str | os.PathLike, force: bool) -> Path:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as JSON atomically (temporary file + rename)."""
-    from attnpack._io import atomic_path
+    from attnpack.io import atomic_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

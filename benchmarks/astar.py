@@ -56,8 +56,8 @@ def build_pipeline(method: str, unet_name: str, device: str, dtype):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from attnpack.pipelines._tiny import _ddim, _kl_vae, build_clip_tokenizer
     from attnpack.pipelines.astar import AStarPipeline
+    from attnpack.toy.tiny import _ddim, _kl_vae, build_clip_tokenizer
 
     cfg = UNETS[unet_name]
     tokenizer = build_clip_tokenizer()

@@ -73,7 +73,7 @@ def _rand(shape, device, dtype, seed):
 # ------------------------------------------------------------------------------------------------- GNA cases
 def _gna_pairs(spec) -> int:
     """Exact number of (query, key) pairs in the GNA pattern: the product over axes of the per-axis window sums."""
-    from attnpack.kernels.masks import axis_windows
+    from attnpack.kernels.neighborhood.windows import axis_windows
 
     total = 1
     for n, k, s, d, c in zip(spec.grid, spec.window, spec.stride, spec.dilation, spec.causal):

@@ -37,7 +37,7 @@ CASES = {
 def _flex_row_major(spec, n, block=128):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from attnpack.kernels.masks import neighborhood_mask_mod
+    from attnpack.kernels.neighborhood.windows import neighborhood_mask_mod
 
     block_mask = create_block_mask(neighborhood_mask_mod(spec), None, None, n, n, device="cpu", BLOCK_SIZE=block)
     compiled = torch.compile(flex_attention, dynamic=False)

@@ -130,7 +130,7 @@ def run_case(name: str, device, dtype, repeats: int, tiny: bool) -> dict:
     from _common import sdpa_best, time_fn
 
     from attnpack.kernels.block_sparse import block_sparse_attention
-    from attnpack.kernels.reference import masked_attention, pattern_mask
+    from attnpack.kernels.block_sparse.naive import masked_attention, pattern_mask
 
     work, pattern = build(name, device, dtype, tiny)
     q, k, v = work.dense

@@ -180,7 +180,7 @@ def layer_times(size: int, repeats: int) -> list[dict]:
     from diffusers.models.attention_processor import JointAttnProcessor2_0, PAGCFGJointAttnProcessor2_0
 
     from attnpack.attn_processors import list_layers
-    from attnpack.attn_processors._context import _CURRENT, RunState
+    from attnpack.attn_processors.context import _CURRENT, RunState
     from attnpack.attn_processors.head_perturbation import HeadPerturbationAttnProcessor, HeadPerturbationCore
 
     torch.set_grad_enabled(False)

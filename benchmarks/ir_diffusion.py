@@ -53,7 +53,7 @@ class DenseExplicitIRCore:
     def __call__(self, q, k, v, call):
         import torch
 
-        from attnpack.attn_processors.isolation import STATE_KEY, reposition_index, reposition_tokens
+        from attnpack.attn_processors.ir_diffusion import STATE_KEY, reposition_index, reposition_tokens
 
         b, h, n_tok, d = q.shape
         scale = d**-0.5
@@ -109,8 +109,12 @@ class DenseExplicitIRCore:
 
 def apply_dense_ir(pipe_or_unet, ir_layers=None):
     """``apply_ir_diffusion`` with the dense explicit self-attention core."""
-    from attnpack.attn_processors._apply import apply_processors, resolve_denoisers
-    from attnpack.attn_processors.isolation import IRDiffusionAttnProcessor, MaskedMutualCrossCore, resolve_ir_layers
+    from attnpack.attn_processors.ir_diffusion import (
+        IRDiffusionAttnProcessor,
+        MaskedMutualCrossCore,
+        resolve_ir_layers,
+    )
+    from attnpack.attn_processors.processor import apply_processors, resolve_denoisers
 
     unet = resolve_denoisers(pipe_or_unet)[0][0]
     chosen = resolve_ir_layers(unet, ir_layers)
@@ -129,9 +133,9 @@ def layer_setup(case: str, seed: int = 0):
     import torch
 
     from attnpack.attn_processors import AttnPackProcessor, DenseCore, LayerInfo, RunState, TokenLayout
-    from attnpack.attn_processors._apply import AttentionCall
-    from attnpack.attn_processors.isolation import STATE_KEY, IRAttnState
-    from attnpack.pipelines.masks import SubjectMasks, box_mask
+    from attnpack.attn_processors.ir_diffusion import STATE_KEY, IRAttnState
+    from attnpack.attn_processors.processor import AttentionCall
+    from attnpack.pipelines.ir_masks import SubjectMasks, box_mask
 
     spec = LAYER_CASES[case]
     (gh, gw), heads, d = spec["grid"], spec["heads"], spec["head_dim"]
@@ -164,7 +168,7 @@ def layer_setup(case: str, seed: int = 0):
 def layer_run(case: str, variant: str):
     import torch.nn.functional as F
 
-    from attnpack.attn_processors.isolation import IsolationRepositionCore
+    from attnpack.attn_processors.ir_diffusion import IsolationRepositionCore
 
     q, k, v, call = layer_setup(case)
     if variant == "sdpa":
@@ -178,7 +182,7 @@ def pipeline_run(variant: str, size: int = 1024):
     import torch
 
     from attnpack.pipelines import ir_diffusion
-    from attnpack.pipelines._tiny import build_tiny_pipeline
+    from attnpack.toy.tiny import build_tiny_pipeline
 
     base = build_tiny_pipeline("tiny-sdxl")
     pipe = ir_diffusion.IRDiffusionPipeline.from_pipe(base)

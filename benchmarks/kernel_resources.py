@@ -39,7 +39,7 @@ def masks() -> dict:
     """``name -> (mask_fn, rows_fn, tile-local?, tile args, key tile)`` for a 2-D GNA pattern in (16, 8) key tiles
     (NATTEN's Hopper tiles, 128 tokens; ``key tile`` ``None``: ``--tile``) and CLEAR in its default (8, 8) key boxes
     (64 tokens; query tiles stay ``--tile``)."""
-    from attnpack.kernels._clear_triton import clear_mask_triton, clear_rows_triton, clear_tile_triton
+    from attnpack.kernels.clear.triton import clear_mask_triton, clear_rows_triton, clear_tile_triton
     from attnpack.kernels.neighborhood.triton import (
         neighborhood_keys_triton,
         neighborhood_rows_triton,

@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from attnpack.pipelines.masks import binarize
+    from attnpack.pipelines.ir_masks import binarize
 
     torch.manual_seed(0)
     rows = {}

@@ -77,8 +77,8 @@ def planted_rows(grid=(6, 12, 16), text=32, block=32, seed=0) -> list[dict]:
 
 
 def pipeline_rows(name: str, steps: int = 4, block: int = 16) -> list[dict]:
-    from attnpack.pipelines._tiny import build_tiny_pipeline
     from attnpack.pipelines.paro_calibrate import calibrate_paro, measure_paro_fidelity
+    from attnpack.toy.tiny import build_tiny_pipeline
 
     kwargs = PIPELINES[name]
     pipe = build_tiny_pipeline(name)

@@ -54,7 +54,7 @@ def _prompts(num_prompts: int, seed: int) -> list[str]:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from attnpack.attn_processors._apply import apply_processors
+    from attnpack.attn_processors.processor import apply_processors
     from attnpack.techniques import apply_techniques, available_techniques
     from attnpack.toy.adherence import generate_images
     from attnpack.toy.attention import LocalWindowProbe

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from attnpack import AStarPipeline, retention_loss, segregation_loss
 from attnpack.pipelines._astar_maps import _colorize, binarize_maps, render_attention_maps
-from attnpack.pipelines._tiny import build_tiny_pipeline
+from attnpack.toy.tiny import build_tiny_pipeline
 
 
 OUT = Path(__file__).resolve().parent / "images"

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attnpack._io import atomic_path  # noqa: E402
+from attnpack.io import atomic_path  # noqa: E402
 from attnpack.kernels.block_sparse import grid_order  # noqa: E402
 from attnpack.kernels.clear import ClearSpec, circle_tile_masks, clear_mask_mod  # noqa: E402
 

@@ -2,7 +2,7 @@
 
     python docs/make_gna_figures.py            # writes docs/images/gna_*.png
 
-Every picture is computed with attnpack's own pattern code (``attnpack.kernels.masks`` and the tile tables), so
+Every picture is computed with attnpack's own pattern code (``attnpack.kernels.neighborhood.windows`` and the tile tables), so
 the pictures show exactly what the kernels do.
 """
 
@@ -18,10 +18,10 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attnpack._io import atomic_path  # noqa: E402
+from attnpack.io import atomic_path  # noqa: E402
 from attnpack.kernels.block_sparse import grid_order  # noqa: E402
-from attnpack.kernels.masks import neighborhood_mask_mod, neighborhood_tile_masks  # noqa: E402
 from attnpack.kernels.neighborhood import normalize_neighborhood_args  # noqa: E402
+from attnpack.kernels.neighborhood.windows import neighborhood_mask_mod, neighborhood_tile_masks  # noqa: E402
 
 
 OUT = ROOT / "docs" / "images"

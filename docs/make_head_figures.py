@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import attnpack
-from attnpack.pipelines._tiny import build_tiny_pipeline
+from attnpack.toy.tiny import build_tiny_pipeline
 
 
 OUT = Path(__file__).parent / "images"

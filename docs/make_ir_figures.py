@@ -19,9 +19,9 @@ from PIL import Image, ImageDraw
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from attnpack._io import save_image  # noqa: E402
-from attnpack.attn_processors.isolation import mask_bbox, reposition_index, reposition_tokens  # noqa: E402
-from attnpack.pipelines.masks import SUBJECT_COLORS, SubjectMasks, overlay_masks  # noqa: E402
+from attnpack.attn_processors.ir_diffusion import mask_bbox, reposition_index, reposition_tokens  # noqa: E402
+from attnpack.io import save_image  # noqa: E402
+from attnpack.pipelines.ir_masks import SUBJECT_COLORS, SubjectMasks, overlay_masks  # noqa: E402
 
 
 OUT = Path(__file__).resolve().parent / "images"
@@ -118,8 +118,8 @@ def fig_reposition():
 
 def fig_routing():
     from attnpack.attn_processors import AttnPackProcessor, DenseCore, LayerInfo, RunState, TokenLayout
-    from attnpack.attn_processors._apply import AttentionCall
-    from attnpack.attn_processors.isolation import STATE_KEY, IRAttnState, IsolationRepositionCore
+    from attnpack.attn_processors.ir_diffusion import STATE_KEY, IRAttnState, IsolationRepositionCore
+    from attnpack.attn_processors.processor import AttentionCall
 
     grid, heads, d, scale = (12, 16), 2, 16, 12
     n_tok = grid[0] * grid[1]
@@ -177,8 +177,8 @@ def fig_routing():
 
 
 def fig_pipeline():
-    from attnpack.pipelines._tiny import build_tiny_pipeline
     from attnpack.pipelines.ir_diffusion import IRDiffusionPipeline
+    from attnpack.toy.tiny import build_tiny_pipeline
 
     pipe = IRDiffusionPipeline.from_pipe(build_tiny_pipeline("tiny-sdxl"))
     subjects = [{"prompt": "a photo of a red cat", "word": "cat"}, {"prompt": "a photo of a blue dog", "word": "dog"}]

@@ -64,7 +64,7 @@ def _grid(tiles: list[list[Image.Image]], row_labels: list[str] | None = None, p
 
 
 def _save(img: Image.Image, name: str) -> None:
-    from attnpack._io import atomic_path
+    from attnpack.io import atomic_path
 
     OUT.mkdir(parents=True, exist_ok=True)
     with atomic_path(OUT / name) as tmp:
@@ -120,7 +120,7 @@ def _attention_tile(probs: torch.Tensor, grid: tuple[int, int], query: int, labe
 def attention_figure(pipes: dict, evaluator) -> dict:
     """Attention of three query tokens (on each object, on the background) in several layers, mid-way through
     sampling; plus the locality of every layer over the whole run."""
-    from attnpack.attn_processors._apply import apply_processors
+    from attnpack.attn_processors.processor import apply_processors
     from attnpack.toy.adherence import generate_images
     from attnpack.toy.attention import AttentionRecorder, locality
 

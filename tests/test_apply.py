@@ -7,8 +7,8 @@ import torch
 from helpers import RecordingCore, ScaledCore, forward
 
 from attnpack.attn_processors import DenseCore, apply_processors, list_layers, select_layers
-from attnpack.attn_processors._context import HOOK_NAME
-from attnpack.pipelines._tiny import build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs, tiny_flux_transformer
+from attnpack.attn_processors.context import HOOK_NAME
+from attnpack.toy.tiny import build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs, tiny_flux_transformer
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from attnpack.pipelines._astar_maps import (
     render_attention_maps,
     smooth_maps,
 )
-from attnpack.pipelines._tiny import build_clip_tokenizer
 from attnpack.pipelines.astar import save_attention_maps, step_size_schedule
+from attnpack.toy.tiny import build_clip_tokenizer
 
 
 # ------------------------------------------------------------------------------------------------- Eq. 2

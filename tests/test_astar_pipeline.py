@@ -14,7 +14,7 @@ from attnpack.attn_processors.astar import (
     select_store_layers,
     unet_cross_attention_grids,
 )
-from attnpack.pipelines._tiny import build_tiny_pipeline
+from attnpack.toy.tiny import build_tiny_pipeline
 
 
 PROMPT = "a cat and a zebra"

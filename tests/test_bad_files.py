@@ -27,13 +27,13 @@ from test_clear import official_checkpoint
 from test_paro_plan import make_plan
 
 import attnpack
-from attnpack._io import save_state
 from attnpack.attn_processors import list_layers
 from attnpack.attn_processors.paro import PARO_KINDS
-from attnpack.pipelines._tiny import build_tiny_pipeline
+from attnpack.io import save_state
 from attnpack.pipelines.clear_distill import CHECKPOINT_KIND as DISTILL_KIND
 from attnpack.pipelines.clear_distill import ClearDistillConfig, distill_clear
 from attnpack.pipelines.clear_distill.checkpoints import _read_resume_checkpoint
+from attnpack.toy.tiny import build_tiny_pipeline
 from attnpack.toy.train import CHECKPOINT_KIND as TOY_KIND
 from attnpack.toy.train import _read_checkpoint, default_config, train
 

@@ -15,8 +15,8 @@ import attnpack
 from attnpack.cli import main
 from attnpack.pipelines import loading
 from attnpack.pipelines._batch_input import BatchConfig, read_rows, resolve_config
-from attnpack.pipelines._tiny import build_tiny_denoiser
 from attnpack.pipelines.generation import GenerationSettings
+from attnpack.toy.tiny import build_tiny_denoiser
 
 
 LONG = "a red cat " * 401  # 4010 characters: over the 4000-character limit
@@ -34,7 +34,7 @@ def _fresh_logging(monkeypatch):
 # transformers warns once per process (torchvision missing) on its first image processor: let that happen here, not
 # inside a test whose stderr is captured and checked
 build_tiny_denoiser("flux")
-__import__("attnpack.pipelines._tiny", fromlist=["x"]).build_tiny_pipeline("tiny-flux")
+__import__("attnpack.toy.tiny", fromlist=["x"]).build_tiny_pipeline("tiny-flux")
 
 
 def _one_clean_line(err: str, command: str) -> str:

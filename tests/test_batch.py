@@ -11,9 +11,9 @@ from PIL import Image
 
 from attnpack import apply_processors, read_parameters, set_attention_backend, techniques
 from attnpack.cli import main
-from attnpack.pipelines._tiny import build_tiny_pipeline
 from attnpack.pipelines.batch import METADATA_FILE, merge_metadata
 from attnpack.techniques import Option, Technique
+from attnpack.toy.tiny import build_tiny_pipeline
 
 
 class TemperatureCore:

@@ -20,8 +20,8 @@ from attnpack.kernels.block_sparse import (
     tile_table_from_dense,
     tile_table_from_mask,
 )
-from attnpack.kernels.reference import masked_attention
-from attnpack.kernels.reference import pattern_mask as _dense_mask
+from attnpack.kernels.block_sparse.naive import masked_attention
+from attnpack.kernels.block_sparse.naive import pattern_mask as _dense_mask
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

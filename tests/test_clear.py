@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import attnpack
 from attnpack.attn_processors import apply_processors
 from attnpack.attn_processors.clear_weights import CLEAR_PARAM_PATTERNS, save_clear_checkpoint
-from attnpack.pipelines._tiny import build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs, tiny_flux_transformer
+from attnpack.toy.tiny import build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs, tiny_flux_transformer
 
 
 def official_checkpoint(model, down_factor=1, seed=0, layers=None) -> dict[str, torch.Tensor]:

@@ -16,7 +16,6 @@ from PIL import Image
 import attnpack
 from attnpack.attn_processors.clear_weights import clear_parameter_names
 from attnpack.cli import main
-from attnpack.pipelines._tiny import build_tiny_pipeline, tiny_flux_transformer
 from attnpack.pipelines.clear_distill import (
     ClearDistillConfig,
     ClearDistiller,
@@ -24,6 +23,7 @@ from attnpack.pipelines.clear_distill import (
     distill_clear,
     find_image_prompts,
 )
+from attnpack.toy.tiny import build_tiny_pipeline, tiny_flux_transformer
 
 
 def _distiller(radius, down_factor, **kw):

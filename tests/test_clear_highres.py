@@ -10,8 +10,8 @@ from PIL import Image
 
 import attnpack
 from attnpack.attn_processors import apply_processors
-from attnpack.pipelines._tiny import build_tiny_pipeline
 from attnpack.pipelines.clear_highres import clear_highres
+from attnpack.toy.tiny import build_tiny_pipeline
 
 
 def test_recipe_equals_its_manual_construction():

@@ -9,6 +9,7 @@ import torch
 from clear_oracle import oracle_mask, oracle_pool
 
 from attnpack.kernels.block_sparse import dense_tile_masks
+from attnpack.kernels.block_sparse.naive import masked_attention
 from attnpack.kernels.clear import (
     ClearPatternCache,
     ClearSpec,
@@ -22,7 +23,6 @@ from attnpack.kernels.clear import (
     pool_image_tokens,
     proportional_scale,
 )
-from attnpack.kernels.reference import masked_attention
 
 
 def _rand(*shape, dtype=torch.float32, seed=0):
@@ -328,7 +328,7 @@ try:
     import triton
     import triton.language as tl
 
-    from attnpack.kernels._clear_triton import clear_mask_triton
+    from attnpack.kernels.clear.triton import clear_mask_triton
 
     @triton.jit
     def _evaluate_triton_mask(params_ptr, out_ptr, NQ: tl.constexpr, NK: tl.constexpr):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from attnpack import read_parameters
 from attnpack.cli import main
-from attnpack.pipelines._tiny import TINY_MODELS
+from attnpack.toy.tiny import TINY_MODELS
 
 
 @pytest.mark.parametrize("model", list(TINY_MODELS))
@@ -150,7 +150,7 @@ def test_unwritable_output_folder(tmp_path, capsys, monkeypatch):
     locked.mkdir()
     locked.chmod(stat.S_IREAD | stat.S_IEXEC)
     if os.geteuid() == 0:  # root bypasses permissions: make the access check see what a user would
-        import attnpack._io as io_mod
+        import attnpack.io as io_mod
 
         real_access = os.access
         monkeypatch.setattr(io_mod.os, "access", lambda p, m: False if str(p) == str(locked) else real_access(p, m))

@@ -1,6 +1,6 @@
 """Techniques that compose (issue 19): one attention pattern per layer plus modifiers and observers, order-free.
 
-The oracles are independent of the composition code: a brute-force GNA mask in fp64 (``kernels/reference.py``) with
+The oracles are independent of the composition code: a brute-force GNA mask in fp64 (``kernels/*/naive.py``) with
 the perturbed rows' chosen heads replaced by hand, and each technique applied alone.
 """
 
@@ -15,19 +15,20 @@ from test_paro_plan import make_plan
 import attnpack
 from attnpack import read_parameters
 from attnpack.attn_processors import apply_processors, list_layers
-from attnpack.attn_processors._apply import ComposedCore, in_effect
-from attnpack.attn_processors._context import run_overrides
+from attnpack.attn_processors.context import run_overrides
+from attnpack.attn_processors.gna import GNAAttnProcessor, apply_gna
 from attnpack.attn_processors.head_perturbation import (
     install_head_perturbation,
     perturbable_layers,
 )
-from attnpack.attn_processors.neighborhood import GNAAttnProcessor, apply_gna
 from attnpack.attn_processors.paro import PARO_KINDS
+from attnpack.attn_processors.processor import ComposedCore, in_effect
 from attnpack.cli import main
+from attnpack.kernels.block_sparse.naive import masked_attention
 from attnpack.kernels.neighborhood import normalize_neighborhood_args
-from attnpack.kernels.reference import masked_attention, neighborhood_mask
-from attnpack.pipelines._tiny import TINY_MODELS, build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs
+from attnpack.kernels.neighborhood.naive import neighborhood_mask
 from attnpack.techniques import apply_techniques
+from attnpack.toy.tiny import TINY_MODELS, build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs
 
 
 GRID = (4, 6)

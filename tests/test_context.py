@@ -7,7 +7,7 @@ import torch
 from helpers import RecordingCore, forward
 
 from attnpack.attn_processors import apply_processors, current_run, run_overrides
-from attnpack.pipelines._tiny import build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs
+from attnpack.toy.tiny import build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs
 
 
 def _run(pipe, **kwargs):
@@ -37,7 +37,7 @@ def test_flux_pipeline_non_square(hw):
 
 
 def test_flux_kontext_style_ids_grid_covers_first_image_only():
-    from attnpack.attn_processors._families import flux_grid as _flux_grid
+    from attnpack.attn_processors.families import flux_grid as _flux_grid
 
     ids = torch.zeros(4 * 6 + 9, 3)
     ids[:24, 1] = torch.arange(24) // 6
@@ -215,7 +215,7 @@ def test_two_pipelines_in_two_threads_do_not_interfere():
 
 def test_gradient_checkpoint_recompute_sees_the_run_context():
     """Recomputed blocks (backward pass) get the run context of their forward, so text length and grid are known."""
-    from attnpack.attn_processors._context import checkpoint_with_run_context
+    from attnpack.attn_processors.context import checkpoint_with_run_context
 
     model = build_tiny_denoiser("flux")
     inputs = denoiser_inputs(model, grid=(3, 5))

@@ -16,10 +16,10 @@ from test_paro_plan import make_plan
 
 import attnpack
 from attnpack.attn_processors import list_layers
-from attnpack.attn_processors._context import ParallelLayout
-from attnpack.attn_processors._parallel import check_parallel_support, global_layout
+from attnpack.attn_processors.context import ParallelLayout
+from attnpack.attn_processors.parallel import check_parallel_support, global_layout
 from attnpack.attn_processors.paro import PARO_KINDS
-from attnpack.pipelines._tiny import build_tiny_pipeline
+from attnpack.toy.tiny import build_tiny_pipeline
 
 
 ATOL = 1e-4  # issue 24: images in [0, 1] equal within 1e-4 (float summation order only)
@@ -256,8 +256,8 @@ def test_parallel_layout_shards_and_heads():
 
 def test_global_layout_regroups_flux_streams():
     """FLUX ranks hold [text shard, image shard]; after the all-to-all the streams are regrouped in rank order."""
-    from attnpack.attn_processors._context import RunState
-    from attnpack.attn_processors._families import TokenLayout
+    from attnpack.attn_processors.context import RunState
+    from attnpack.attn_processors.families import TokenLayout
 
     local = TokenLayout.joint(3, 2, None, text_first=True)  # 2 text then 3 image tokens on each of 2 ranks
     run = RunState(family="flux", grid=(2, 3), text_len=4, image_len=6)

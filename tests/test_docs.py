@@ -159,10 +159,15 @@ def run_bash(code: str, where: str, cwd: Path) -> None:
     assert done.returncode == 0, f"{where} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
 
 
+# pages whose every python example needs what one test process cannot have, and where they are run instead
+NOTHING_RUNS_HERE = {"docs/multi-gpu.md": "several processes: tests/test_context_parallel.py runs the same calls"}
+
+
 def test_most_python_blocks_run():
     """Skipping is the exception: each skip gives a reason, and every page with examples runs at least one."""
     runs = {doc: [m is None for *_, m in python_blocks((ROOT / doc).read_text())] for doc in DOCS}
-    assert all(any(flags) for flags in runs.values() if flags), {d: f for d, f in runs.items() if f and not any(f)}
+    none_run = {d for d, flags in runs.items() if flags and not any(flags)}
+    assert none_run == set(NOTHING_RUNS_HERE), none_run
     assert sum(sum(flags) for flags in runs.values()) >= 12
 
 

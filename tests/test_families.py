@@ -5,7 +5,7 @@ import torch
 from helpers import RecordingCore, ScaledCore, forward
 
 from attnpack.attn_processors import DenseCore, apply_processors, list_layers
-from attnpack.pipelines._tiny import TINY_DENOISERS, build_tiny_denoiser, denoiser_inputs
+from attnpack.toy.tiny import TINY_DENOISERS, build_tiny_denoiser, denoiser_inputs
 
 
 @pytest.mark.parametrize("name", list(TINY_DENOISERS))

@@ -10,14 +10,15 @@ import torch
 
 from attnpack.kernels import block_sparse_attention, neighborhood_attention
 from attnpack.kernels.block_sparse import dense_tile_masks, grid_order
-from attnpack.kernels.masks import (
+from attnpack.kernels.block_sparse.naive import masked_attention
+from attnpack.kernels.neighborhood import normalize_neighborhood_args
+from attnpack.kernels.neighborhood.naive import nbrs_1d, neighborhood_mask
+from attnpack.kernels.neighborhood.windows import (
     axis_windows,
     neighborhood_mask_mod,
     neighborhood_pattern,
     neighborhood_tile_masks,
 )
-from attnpack.kernels.neighborhood import normalize_neighborhood_args
-from attnpack.kernels.reference import masked_attention, nbrs_1d, neighborhood_mask
 
 
 def _rand(*shape, dtype=torch.float32, seed=0):

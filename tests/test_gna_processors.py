@@ -8,11 +8,11 @@ from helpers import forward
 
 import attnpack
 from attnpack.attn_processors import apply_processors, list_layers
-from attnpack.attn_processors.neighborhood import GNAAttnProcessor, apply_gna, rescale_window
+from attnpack.attn_processors.gna import GNAAttnProcessor, apply_gna, rescale_window
 from attnpack.kernels.neighborhood import normalize_neighborhood_args
-from attnpack.kernels.reference import neighborhood_mask
-from attnpack.pipelines._tiny import build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs
+from attnpack.kernels.neighborhood.naive import neighborhood_mask
 from attnpack.techniques import apply_techniques, get_technique, parse_options
+from attnpack.toy.tiny import build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs
 
 
 FAMILIES = ["flux", "sd3", "sd35", "wan", "hunyuan_video", "cogvideox"]
@@ -127,7 +127,7 @@ def test_dense_layers_keep_their_stock_processor():
 
 
 def _sparse_steps(monkeypatch, pipe, **kwargs):
-    import attnpack.attn_processors.neighborhood as mod
+    import attnpack.attn_processors.gna as mod
     from attnpack.kernels.neighborhood import neighborhood_attention_spec as original
 
     steps = []
@@ -237,7 +237,7 @@ def test_public_names():
 def test_default_window_is_half_of_each_axis():
     """Issue 21: apply_gna(pipe) runs without settings: the window is about half of each axis of the actual grid
     (odd, at least 3), the same as giving that window explicitly."""
-    from attnpack.attn_processors.neighborhood import auto_window
+    from attnpack.attn_processors.gna import auto_window
 
     assert [auto_window(n) for n in (4, 6, 8, 9, 16, 64, 128)] == [3, 3, 5, 5, 9, 33, 65]
     model = build_tiny_denoiser("flux")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from attnpack.kernels import neighborhood_attention
-from attnpack.kernels.masks import neighborhood_key_indices
+from attnpack.kernels.block_sparse.naive import masked_attention
 from attnpack.kernels.neighborhood import normalize_neighborhood_args
-from attnpack.kernels.reference import masked_attention, neighborhood_mask
+from attnpack.kernels.neighborhood.naive import neighborhood_mask
+from attnpack.kernels.neighborhood.windows import neighborhood_key_indices
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

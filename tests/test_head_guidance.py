@@ -7,9 +7,9 @@ from head_reference import reference_perturbed_attention
 
 from attnpack.attn_processors import apply_processors
 from attnpack.attn_processors.head_perturbation import resolve_heads
-from attnpack.pipelines._tiny import TINY_MODELS, build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs
 from attnpack.pipelines.guidance import apply_head_perturbation
 from attnpack.techniques import get_technique
+from attnpack.toy.tiny import TINY_MODELS, build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs
 
 
 PROMPT = "a red cat"

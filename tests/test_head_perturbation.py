@@ -6,7 +6,7 @@ from head_reference import reference_perturbed_attention
 from helpers import forward
 
 from attnpack.attn_processors import AttentionCall, apply_processors, list_layers
-from attnpack.attn_processors._families import TokenLayout, dense_attention
+from attnpack.attn_processors.families import TokenLayout, dense_attention
 from attnpack.attn_processors.head_perturbation import (
     KINDS,
     TOKEN_SCOPES,
@@ -18,8 +18,8 @@ from attnpack.attn_processors.head_perturbation import (
     perturbable_layers,
     resolve_heads,
 )
-from attnpack.pipelines._tiny import build_tiny_denoiser, denoiser_inputs, tiny_sd3_transformer
 from attnpack.presets import PRESETS, get_preset, list_presets
+from attnpack.toy.tiny import build_tiny_denoiser, denoiser_inputs, tiny_sd3_transformer
 
 
 def _qkv(b, h, n, d, seed=0, dtype=torch.float32):
@@ -124,7 +124,7 @@ class _NoBackend:
 
 
 def test_core_perturbs_only_selected_heads_and_rows():
-    from attnpack.attn_processors._context import RunState
+    from attnpack.attn_processors.context import RunState
 
     q, k, v = _qkv(3, 4, 10, 8, seed=5)
     layout = TokenLayout.self_attention(10, None)
@@ -148,7 +148,7 @@ def test_core_perturbs_only_selected_heads_and_rows():
 
 
 def test_core_keeps_autograd_working():
-    from attnpack.attn_processors._context import RunState
+    from attnpack.attn_processors.context import RunState
 
     q, k, v = (x.requires_grad_() for x in _qkv(2, 2, 6, 4, seed=6))
     run = RunState(family="unet", batch_size=2, roles=("cond", "perturbed"))

@@ -13,7 +13,6 @@ from PIL import Image
 import attnpack.pipelines.head_search as head_search
 from attnpack import read_parameters, search_heads
 from attnpack.cli import main
-from attnpack.pipelines._tiny import build_tiny_pipeline
 from attnpack.pipelines.guidance import apply_head_perturbation
 from attnpack.pipelines.objectives import (
     ClipScore,
@@ -24,6 +23,7 @@ from attnpack.pipelines.objectives import (
     saturation,
     sharpness,
 )
+from attnpack.toy.tiny import build_tiny_pipeline
 
 
 KW = dict(height=64, width=64, max_sequence_length=32, guidance_scale=1.0)
@@ -226,7 +226,7 @@ def tiny_clip(tmp_path_factory):
     """Random-weight CLIP + processor saved like a Hub checkpoint (no download)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from attnpack.pipelines._tiny import build_clip_tokenizer
+    from attnpack.toy.tiny import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer()
     text = dict(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnpack._io import atomic_path, check_complete, check_output_path, read_parameters, save_image, save_video
+from attnpack.io import atomic_path, check_complete, check_output_path, read_parameters, save_image, save_video
 
 
 def test_png_roundtrip(tmp_path):
@@ -78,7 +78,7 @@ def test_training_state_round_trip(tmp_path):
     import torch
     from safetensors import safe_open
 
-    from attnpack._io import load_state, save_state
+    from attnpack.io import load_state, save_state
 
     shared = torch.arange(6.0)
     state = {

@@ -15,8 +15,7 @@ from helpers import RecordingCore
 
 from attnpack import apply_processors
 from attnpack.attn_processors import AttnPackProcessor, DenseCore, LayerInfo, RunState, TokenLayout
-from attnpack.attn_processors._apply import AttentionCall
-from attnpack.attn_processors.isolation import (
+from attnpack.attn_processors.ir_diffusion import (
     STATE_KEY,
     IRAttnState,
     IsolationRepositionCore,
@@ -25,6 +24,7 @@ from attnpack.attn_processors.isolation import (
     reposition_index,
     reposition_tokens,
 )
+from attnpack.attn_processors.processor import AttentionCall
 
 
 HEADS, HEAD_DIM = 2, 8
@@ -482,7 +482,7 @@ def test_default_ir_layers_are_official_blocks_36_to_69():
 
 
 def test_default_ir_layers_on_the_tiny_unet():
-    from attnpack.pipelines._tiny import tiny_unet_sdxl
+    from attnpack.toy.tiny import tiny_unet_sdxl
 
     assert default_ir_layers(tiny_unet_sdxl()) == [
         "up_blocks.0.attentions.0.transformer_blocks.0.attn1",
@@ -497,7 +497,7 @@ def test_attention_subject_maps_match_explicit_matrix_powers():
     """(SA + SA^2 + SA^3 + SA^4) CA[:, tokens] / 4 of the last batch row, with SA formed explicitly here."""
     from types import SimpleNamespace
 
-    from attnpack.pipelines.masks import AttentionSubjectMaps, resize_mask
+    from attnpack.pipelines.ir_masks import AttentionSubjectMaps, resize_mask
 
     g = torch.Generator().manual_seed(6)
     maps = AttentionSubjectMaps([[2], [4, 5]], steps=(0.0, 1.0))

@@ -11,8 +11,8 @@ from PIL import Image
 
 from attnpack import read_parameters
 from attnpack.cli import main
-from attnpack.pipelines._tiny import build_tiny_pipeline
 from attnpack.pipelines.ir_diffusion import IRDiffusionPipeline
+from attnpack.toy.tiny import build_tiny_pipeline
 
 
 SUBJECTS = [

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnpack.pipelines.masks import (
+from attnpack.pipelines.ir_masks import (
     SubjectMasks,
     as_mask,
     binarize,

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from attnpack.attn_processors import isolation
+from attnpack.attn_processors import ir_diffusion as isolation
 from attnpack.pipelines import ir_diffusion
-from attnpack.pipelines._tiny import build_tiny_pipeline
 from attnpack.pipelines.ir_diffusion import IRDiffusionPipeline
-from attnpack.pipelines.masks import box_mask
+from attnpack.pipelines.ir_masks import box_mask
+from attnpack.toy.tiny import build_tiny_pipeline
 
 
 SIZE, STEPS = 128, 2  # 128 px -> 16x16 latent -> 8x8 attention grid on the tiny UNet

@@ -8,7 +8,7 @@ import torch
 from helpers import RELOAD_ATOL
 
 from attnpack.pipelines import builtin_models, load_pipeline
-from attnpack.pipelines._tiny import TINY_MODELS
+from attnpack.toy.tiny import TINY_MODELS
 
 
 def _generate(pipe, name):

@@ -25,8 +25,8 @@ from attnpack.kernels.paro import (
     planted_qkv,
     select_block_masks,
 )
-from attnpack.pipelines._tiny import build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs
 from attnpack.techniques import apply_techniques, get_technique
+from attnpack.toy.tiny import build_tiny_denoiser, build_tiny_pipeline, denoiser_inputs
 
 
 DENOISERS = {  # grid at the attention layers, text tokens joined in self-attention

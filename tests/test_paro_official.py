@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import attnpack
 from attnpack.cli import main
 from attnpack.kernels.paro import paro_token_order
-from attnpack.pipelines._tiny import build_tiny_pipeline
 from attnpack.pipelines.paro_plan import ParoPlan, timestep_bucket
+from attnpack.toy.tiny import build_tiny_pipeline
 
 
 # the official tables (paroattention/cogvideox.py, permute_qk and permute_attn_out)

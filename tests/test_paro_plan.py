@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-from attnpack.pipelines._tiny import build_tiny_denoiser, tiny_cogvideox_transformer
 from attnpack.pipelines.paro_plan import (
     ParoPlan,
     config_hash,
@@ -18,6 +17,7 @@ from attnpack.pipelines.paro_plan import (
     timestep_bucket,
     unpack_codes,
 )
+from attnpack.toy.tiny import build_tiny_denoiser, tiny_cogvideox_transformer
 
 
 def make_plan(model=None, *, grid=(3, 4, 4), text_len=8, block_size=4, heads=2, layers=("a", "b"), seed=0, **kw):

@@ -6,7 +6,6 @@ from helpers import forward
 
 from attnpack import read_parameters
 from attnpack.cli import main
-from attnpack.pipelines._tiny import build_tiny_denoiser, denoiser_inputs
 from attnpack.techniques import (
     Option,
     Technique,
@@ -15,6 +14,7 @@ from attnpack.techniques import (
     parse_options,
     parse_technique_specs,
 )
+from attnpack.toy.tiny import build_tiny_denoiser, denoiser_inputs
 
 
 TOY = Technique(

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from attnpack.pipelines._tiny import build_clip_tokenizer, build_t5_tokenizer
 from attnpack.toy.data import (
     CELLS,
     COLORS,
@@ -18,6 +17,7 @@ from attnpack.toy.data import (
     sample_scene,
     scene_at,
 )
+from attnpack.toy.tiny import build_clip_tokenizer, build_t5_tokenizer
 
 
 SCENES = [scene_at(7, i) for i in range(300)]

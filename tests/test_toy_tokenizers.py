@@ -1,8 +1,8 @@
-"""The offline tokenizers (core ``_tiny.py``): every listed word is exactly one token, any other text still encodes."""
+"""The offline tokenizers (``attnpack/toy/tiny.py``): every listed word is exactly one token, any other text still encodes."""
 
 import pytest
 
-from attnpack.pipelines._tiny import BASE_WORDS, build_clip_tokenizer, build_t5_tokenizer
+from attnpack.toy.tiny import BASE_WORDS, build_clip_tokenizer, build_t5_tokenizer
 
 
 @pytest.mark.parametrize("build", [build_clip_tokenizer, build_t5_tokenizer])

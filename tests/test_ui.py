@@ -136,7 +136,7 @@ def test_head_guidance_combines_with_a_pattern_technique(app):
     from test_ui_support import STEPS as steps
 
     import attnpack
-    from attnpack.pipelines._tiny import TINY_MODELS, build_tiny_pipeline
+    from attnpack.toy.tiny import TINY_MODELS, build_tiny_pipeline
 
     demo, _, client = app
     image, _, _, params = generate(
@@ -198,7 +198,7 @@ def test_weights_file_option_only_from_allowed_safetensors(app, allowed, tmp_pat
 def test_clear_with_a_weights_file_changes_the_weights_for_that_request_only(app, allowed):
     """CLEAR loads its checkpoint into the cached pipeline's transformer for one request and restores it after."""
     from attnpack.attn_processors.clear_weights import clear_parameter_names, save_clear_checkpoint
-    from attnpack.pipelines._tiny import build_tiny_pipeline
+    from attnpack.toy.tiny import build_tiny_pipeline
 
     _, _, client = app
     transformer = build_tiny_pipeline(MODEL).transformer
@@ -224,7 +224,7 @@ def test_clear_with_a_weights_file_changes_the_weights_for_that_request_only(app
 
 def test_paro_with_a_plan_file(app, allowed, tmp_path):
     import attnpack
-    from attnpack.pipelines._tiny import build_tiny_pipeline
+    from attnpack.toy.tiny import build_tiny_pipeline
 
     _, _, client = app
     size = 128  # 8 x 8 image tokens, blocks of 8
@@ -347,7 +347,7 @@ def test_over_long_texts_are_refused_before_taking_the_device(app, api_name, fie
 
 
 def test_pickle_weights_are_never_loaded(app, allowed):
-    from attnpack.pipelines._tiny import build_tiny_pipeline
+    from attnpack.toy.tiny import build_tiny_pipeline
 
     _, watch, client = app
     folder = allowed / "pickled"
@@ -492,7 +492,7 @@ _IR: dict = {}
 def ir_reference(**kwargs):
     """Scene and references from IRDiffusionPipeline called directly on a fresh tiny SDXL (no UI)."""
     from attnpack import IRDiffusionPipeline
-    from attnpack.pipelines._tiny import build_tiny_pipeline
+    from attnpack.toy.tiny import build_tiny_pipeline
 
     if "pipe" not in _IR:
         _IR["pipe"] = IRDiffusionPipeline.from_pipe(build_tiny_pipeline("tiny-sdxl"))
@@ -534,8 +534,8 @@ def test_ir_diffusion_with_boxes_matches_the_pipeline(app):
 
 def test_ir_diffusion_runs_on_sd1_models(app):
     """Issue 21: the IR tab accepts SD 1.x models (toy-sd, tiny-sd15) through IRDiffusionSDPipeline."""
-    from attnpack.pipelines._tiny import build_tiny_pipeline
     from attnpack.pipelines.ir_diffusion import IRDiffusionSDPipeline
+    from attnpack.toy.tiny import build_tiny_pipeline
 
     _, _, client = app
     gallery, _, _, params = ir(client, model="tiny-sd15", target_source="boxes")

@@ -45,7 +45,7 @@ def client():
 def direct(model: str, seed: int, **kwargs):
     """A-STAR called directly (no UI): the tiny model's pipeline, 64 x 64, CPU generator with ``seed``."""
     from attnpack import AStarPipeline, AStarXLPipeline
-    from attnpack.pipelines._tiny import build_tiny_pipeline
+    from attnpack.toy.tiny import build_tiny_pipeline
 
     if model not in _DIRECT:
         cls = AStarXLPipeline if model == "tiny-sdxl" else AStarPipeline
@@ -124,7 +124,7 @@ def test_token_indices_and_loss_settings_reach_the_pipeline(client):
 
 
 def test_show_tokens_lists_the_positions_token_indices_takes(client):
-    from attnpack.pipelines._tiny import build_tiny_pipeline
+    from attnpack.toy.tiny import build_tiny_pipeline
 
     table, words = client.predict(model="tiny-sd15", prompt=PROMPT, concepts="zebra", api_name="/astar_tokens")
     tokenizer = build_tiny_pipeline("tiny-sd15").tokenizer

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from attnpack.attn_processors import apply_processors
-from attnpack.pipelines._tiny import TINY_MODELS, build_tiny_pipeline
 from attnpack.techniques import Option, Technique, available_techniques
 from attnpack.toy.loader import TOY_MODELS, load_toy_pipeline
+from attnpack.toy.tiny import TINY_MODELS, build_tiny_pipeline
 
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

@@ -2,12 +2,14 @@
 
 See ``docs/architecture.md``. One module per technique; the shared machinery is:
 
-- :mod:`._families` -- model-family adapters (the only code that knows diffusers model internals);
-- :mod:`._context` -- the per-call run context (token grid, step, batch roles) set by a denoiser hook;
-- :mod:`._apply` -- the generic processor, layer selection and restore handles.
+- :mod:`.families` -- model-family adapters (the only code that knows diffusers model internals);
+- :mod:`.context` -- the per-call run context (token grid, step, batch roles) set by a denoiser hook;
+- :mod:`.processor` -- the generic processor, layer selection and restore handles.
 """
 
-from ._apply import (
+from .context import RunState, current_run, run_overrides
+from .families import LayerInfo, TokenLayout, dense_attention, family_of_model
+from .processor import (
     AttentionCall,
     AttentionCore,
     AttnPackProcessor,
@@ -19,8 +21,6 @@ from ._apply import (
     select_layers,
     set_attention_backend,
 )
-from ._context import RunState, current_run, run_overrides
-from ._families import LayerInfo, TokenLayout, dense_attention, family_of_model
 
 
 __all__ = [

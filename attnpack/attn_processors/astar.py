@@ -23,7 +23,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from ._apply import (
+from .context import ROLE_COND
+from .families import unet_layer_grids
+from .processor import (
     AttentionCall,
     AttnPackProcessor,
     ObserverCore,
@@ -32,8 +34,6 @@ from ._apply import (
     list_layers,
     resolve_denoisers,
 )
-from ._context import ROLE_COND
-from ._families import unet_layer_grids
 
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class CrossAttentionStoreCore(ObserverCore):
 # ------------------------------------------------------------------------------------------------- layer grids
 def unet_cross_attention_grids(unet: torch.nn.Module, latent_size: tuple[int, int]) -> dict[str, tuple[int, int]]:
     """Grid ``(h, w)`` of every cross-attention layer of a ``UNet2DConditionModel`` for a latent of ``latent_size``
-    (:func:`~attnpack.attn_processors._families.unet_layer_grids`, the UNet adapter's knowledge of its levels)."""
+    (:func:`~attnpack.attn_processors.families.unet_layer_grids`, the UNet adapter's knowledge of its levels)."""
     try:
         grids = unet_layer_grids(unet, latent_size)
     except TypeError as exc:

@@ -38,9 +38,16 @@ import torch
 
 from .._utils import check_number
 from ..kernels.clear import ClearPatternCache, clear_attention, resolve_clear_tiles
-from ._apply import AttentionCall, AttnPackProcessor, ProcessorHandle, apply_processors, list_layers, resolve_denoisers
-from ._families import family_of_model
 from .clear_weights import ClearPooling, ClearWeightsReport, load_clear_weights
+from .families import family_of_model
+from .processor import (
+    AttentionCall,
+    AttnPackProcessor,
+    ProcessorHandle,
+    apply_processors,
+    list_layers,
+    resolve_denoisers,
+)
 
 
 logger = logging.getLogger(__name__)

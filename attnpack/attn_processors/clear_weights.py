@@ -120,7 +120,7 @@ def read_clear_checkpoint(weights: str | os.PathLike | Mapping[str, torch.Tensor
         raise TypeError(
             f"`weights` must be a path to a .safetensors CLEAR checkpoint or a state dict, got {type(weights).__name__}."
         )
-    from .._io import read_safetensors
+    from ..io import read_safetensors
 
     path = Path(weights).expanduser()
     if not path.exists():
@@ -289,7 +289,7 @@ def save_clear_checkpoint(
     """
     from safetensors.torch import save_file
 
-    from .._io import atomic_path
+    from ..io import atomic_path
 
     params = dict(transformer.named_parameters())
     state = {k: params[k] for k in clear_parameter_names(transformer)}

@@ -42,7 +42,9 @@ from typing import Union
 
 import torch
 
-from ._apply import (
+from .context import ROLE_PERTURBED
+from .families import LayerInfo, TokenLayout, dense_attention, family_of_model
+from .processor import (
     AttentionCall,
     AttnPackProcessor,
     ModifierCore,
@@ -51,8 +53,6 @@ from ._apply import (
     list_layers,
     resolve_denoisers,
 )
-from ._context import ROLE_PERTURBED
-from ._families import LayerInfo, TokenLayout, dense_attention, family_of_model
 
 
 __all__ = [

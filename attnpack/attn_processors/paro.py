@@ -30,7 +30,7 @@ import torch
 from ..kernels.block_sparse import BlockSparsePattern, block_sparse_attention, tile_table_from_dense
 from ..kernels.paro import QUANT_MODES, triton_unusable
 from ..techniques import Option, Technique, register_technique
-from ._apply import (
+from .processor import (
     AttentionCall,
     AttnPackProcessor,
     ProcessorHandle,

@@ -90,6 +90,6 @@ def set_attention_backend(pipe, backend: str | None):
     :func:`attnpack.attn_processors.set_attention_backend`); returns a handle, or ``None`` without a backend."""
     if backend is None:
         return None
-    from ..attn_processors._apply import set_attention_backend as _set
+    from ..attn_processors.processor import set_attention_backend as _set
 
     return _set(pipe, backend)

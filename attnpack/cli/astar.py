@@ -102,7 +102,7 @@ def _load_masks(paths):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .._io import check_output_path, save_image
+    from ..io import check_output_path, save_image
     from ..pipelines.astar import astar_parameters, astar_pipeline_for
     from ..pipelines.generation import GenerationSettings
     from ..pipelines.loading import pipeline_defaults

@@ -121,7 +121,7 @@ def render_order_map(plan, cell: int = 14):
 
 def write_report(plan, folder: Path, fidelity_rows: list[dict] | None) -> Path:
     """Write ``paro_orders.png``, ``report.json`` and ``report.md`` into ``folder`` (atomically)."""
-    from .._io import atomic_path
+    from ..io import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "paro_orders.png") as tmp:
@@ -173,7 +173,7 @@ def fidelity_settings(plan) -> list[tuple[float, str | None]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._io import check_output_path
+    from ..io import check_output_path
     from ..pipelines.paro_calibrate import calibrate_paro, measure_paro_fidelity
 
     prompts = _prompts(args)

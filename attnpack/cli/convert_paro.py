@@ -52,7 +52,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._io import check_output_path
+    from ..io import check_output_path
     from ..pipelines.loading import load_denoiser_structure
     from ..pipelines.paro_official import convert_official_paro_plan, read_official_paro_plans
 

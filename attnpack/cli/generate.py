@@ -53,8 +53,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._io import IMAGE_SUFFIXES, MAX_FPS, VIDEO_SUFFIXES, check_output_path, save_image, save_video
     from .._utils import check_number
+    from ..io import IMAGE_SUFFIXES, MAX_FPS, VIDEO_SUFFIXES, check_output_path, save_image, save_video
     from ..pipelines.generation import GenerationSettings, run_generation
     from ..pipelines.loading import is_video_pipeline
 
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     check_number("--fps", args.fps, 1, MAX_FPS, integer=True)
     specs = technique_specs(args)  # validate technique options before loading the model
     if args.attention_backend is not None:
-        from ..attn_processors._apply import check_attention_backend
+        from ..attn_processors.processor import check_attention_backend
 
         check_attention_backend(args.attention_backend, "--attention-backend")
     if args.out is not None:  # fail before loading anything if the output cannot be written

@@ -117,12 +117,12 @@ def _per_subject(subjects: list[dict], key: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._io import check_output_path, save_image
     from .._utils import package_versions
+    from ..io import check_output_path, save_image
     from ..pipelines.generation import check_text
     from ..pipelines.ir_diffusion import IRSubject, ir_pipeline_for
+    from ..pipelines.ir_masks import overlay_masks
     from ..pipelines.loading import pipeline_defaults
-    from ..pipelines.masks import overlay_masks
 
     subjects, scene = read_subjects(args.subjects)
     items = [IRSubject.parse({k: s[k] for k in ("prompt", "word") if k in s}, i) for i, s in enumerate(subjects)]

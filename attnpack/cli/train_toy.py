@@ -83,7 +83,7 @@ def _config(args, stage: str):
 
 
 def _score(folder: Path, evaluator_dir: Path | None, n: int, quiet: bool) -> dict:
-    from .._io import atomic_path
+    from ..io import atomic_path
     from ..toy.adherence import prompt_adherence
     from ..toy.loader import load_evaluator, load_toy_pipeline
 

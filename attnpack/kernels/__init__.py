@@ -3,8 +3,8 @@
 - :func:`block_sparse_attention` -- the shared block-sparse entry point (token orders, tile tables, in-tile masks);
   see :mod:`attnpack.kernels.block_sparse`.
 - :func:`neighborhood_attention` -- generalized neighborhood attention (NATTEN semantics); see
-  :mod:`attnpack.kernels.neighborhood` and :mod:`attnpack.kernels.masks`.
-- :mod:`attnpack.kernels.reference` -- brute-force dense oracles for tests.
+  :mod:`attnpack.kernels.neighborhood` and :mod:`attnpack.kernels.neighborhood.windows`.
+- ``naive.py`` in each op folder -- brute-force dense oracles for tests.
 """
 
 from .block_sparse import (

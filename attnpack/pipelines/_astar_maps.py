@@ -347,9 +347,9 @@ def save_attention_maps(
     """Write attention maps ``[T, B, K, h, w]`` (or ``[T, K, h, w]``) of one sample: ``.png`` grid or ``.gif``.
 
     The grid has one row per concept and one column per step (at most ``max_columns``, evenly spaced); the GIF one
-    frame per step. Written atomically (:mod:`attnpack._io`) with the labels embedded.
+    frame per step. Written atomically (:mod:`attnpack.io`) with the labels embedded.
     """
-    from .._io import check_output_path, save_image, save_video
+    from ..io import check_output_path, save_image, save_video
 
     path = check_output_path(path, (".png", ".gif"), argument="path")
     if maps.ndim == 5:

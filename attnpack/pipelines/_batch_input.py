@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._io import MAX_FPS
 from .._utils import check_number, parse_dtype
+from ..io import MAX_FPS
 from .generation import GenerationSettings
 
 
@@ -198,7 +198,7 @@ class BatchConfig:
             raise ValueError(f"`offload` must be model or sequential, got {self.offload!r}.")
         parse_dtype(self.dtype)
         if self.attention_backend is not None:
-            from ..attn_processors._apply import check_attention_backend
+            from ..attn_processors.processor import check_attention_backend
 
             check_attention_backend(self.attention_backend, "attention_backend")
         self.settings(prompt="check", seed=self.seeds[0]).validate()

@@ -30,7 +30,6 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils import BaseOutput
 
 from .._utils import check_number
-from ..attn_processors._context import ROLE_COND, ROLE_UNCOND, run_overrides
 from ..attn_processors.astar import (
     STORE_KEY,
     CrossAttentionStore,
@@ -38,6 +37,7 @@ from ..attn_processors.astar import (
     apply_cross_attention_store,
     select_store_layers,
 )
+from ..attn_processors.context import ROLE_COND, ROLE_UNCOND, run_overrides
 from ._astar_maps import (
     TOKEN_NORMALIZATIONS,
     binarize_maps,

@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_path, check_complete, read_parameters, save_image, save_video
+from ..io import atomic_path, check_complete, read_parameters, save_image, save_video
 from ._batch_input import (
     PROMPT_SUFFIXES,
     ROW_KEYS,
@@ -75,7 +75,7 @@ __all__ = [
 METADATA_FILE = "metadata.jsonl"
 LOCK_FILE = ".attnpack-batch.lock"  # held by the batch writing to its folder (outdir_lock)
 _OUTPUT_NAME = re.compile(r"^(\d{5,})_(\d+)\.[a-z0-9]+$")
-_TEMP_NAME = re.compile(r"^\.(.+)\.[A-Za-z0-9_]+\.tmp$")  # attnpack._io.atomic_path's temporary files
+_TEMP_NAME = re.compile(r"^\.(.+)\.[A-Za-z0-9_]+\.tmp$")  # attnpack.io.atomic_path's temporary files
 _JOURNAL_GLOB = ".metadata.*.jsonl.part"
 
 
@@ -191,7 +191,7 @@ def _plan_work(outdir: Path, jobs: Sequence[BatchJob], model: str, skip_existing
     """Main process, before any output is written: clean up after a killed run, decide what to (re)generate.
 
     With ``skip_existing`` an existing output is kept only if it was made with this job's settings and decodes
-    completely (:func:`~attnpack._io.check_complete`): a file cut short keeps its parameters, which come first.
+    completely (:func:`~attnpack.io.check_complete`): a file cut short keeps its parameters, which come first.
 
     Returns ``(names to generate, number skipped, number of damaged outputs found, notes)``.
     """

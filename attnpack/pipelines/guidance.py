@@ -34,11 +34,10 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .._utils import check_number
-from ..attn_processors._apply import ProcessorHandle, resolve_denoisers
-from ..attn_processors._context import (
+from ..attn_processors.context import (
     HOOK_NAME as RUN_CONTEXT_HOOK,
 )
-from ..attn_processors._context import (
+from ..attn_processors.context import (
     ROLE_COND,
     ROLE_PERTURBED,
     ROLE_UNCOND,
@@ -53,6 +52,7 @@ from ..attn_processors.head_perturbation import (
     HeadSpec,
     install_head_perturbation,
 )
+from ..attn_processors.processor import ProcessorHandle, resolve_denoisers
 from ..techniques import Option, Technique, register_technique
 
 

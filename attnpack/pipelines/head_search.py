@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_path, save_image
-from ..attn_processors._apply import resolve_denoisers
 from ..attn_processors.head_perturbation import HeadSpec, perturbable_layers, resolve_heads
+from ..attn_processors.processor import resolve_denoisers
+from ..io import atomic_path, save_image
 from .guidance import apply_head_perturbation
 from .loading import pipeline_defaults
 from .objectives import Objective, get_objective

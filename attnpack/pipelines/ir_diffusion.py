@@ -2,7 +2,7 @@
 
 Paper: He et al., *Improving Multi-Subject Consistency in Open-Domain Image Generation with Isolation and Reposition
 Attention*, arXiv 2411.19261 (https://arxiv.org/abs/2411.19261); official code ``hehuiguo/DreamStory``. The attention
-itself lives in :mod:`attnpack.attn_processors.isolation`; this module runs the phases of the official driver
+itself lives in :mod:`attnpack.attn_processors.ir_diffusion`; this module runs the phases of the official driver
 (``pipe_test.py``):
 
 1. **references**: one vanilla generation per subject prompt, all from the same initial noise (``seed``);
@@ -32,11 +32,11 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..attn_processors._apply import apply_processors
-from ..attn_processors._context import ROLE_REFERENCE, ROLE_TARGET, run_overrides
-from ..attn_processors.isolation import STATE_KEY, IRAttnState, apply_ir_diffusion, resolve_ir_layers
+from ..attn_processors.context import ROLE_REFERENCE, ROLE_TARGET, run_overrides
+from ..attn_processors.ir_diffusion import STATE_KEY, IRAttnState, apply_ir_diffusion, resolve_ir_layers
+from ..attn_processors.processor import apply_processors
 from .generation import check_text
-from .masks import (
+from .ir_masks import (
     OFFICIAL_CLOSE_KERNEL,
     OFFICIAL_MIN_MASK_SIZE,
     AttentionSubjectMaps,
@@ -267,7 +267,7 @@ class _IRDiffusionMixin:
             reference_masks / reference_boxes: per-subject masks (``[H, W]`` bool / 0-1 / 0-255, tensors, arrays
                 or PIL images) or pixel boxes ``(x0, y0, x1, y1)`` on the reference images; default: ``mask_source``.
             target_masks / target_boxes: the same for the target; when given, no layout pass is run.
-            mask_source: ``"attention"`` (built in, :class:`~attnpack.pipelines.masks.AttentionSubjectMaps`) or a
+            mask_source: ``"attention"`` (built in, :class:`~attnpack.pipelines.ir_masks.AttentionSubjectMaps`) or a
                 segmenter ``segmenter(image: PIL.Image, words: list[str]) -> [mask or None per word]``.
             mask_threshold: binarisation of masks at each attention grid: ``"otsu"``, ``"dreamstory"`` (the official
                 Otsu variant) or a number in (0, 1).
@@ -279,7 +279,7 @@ class _IRDiffusionMixin:
             cross_attention_lambda: weight of the masked mutual cross-attention (official 0.9).
             reference_bias: additive logit bias of the reference keys (official ``ref_sa_lambda`` = 0).
             ir_layers: self-attention layers with Reposition Attention: ``None`` = the official decoder layers
-                (:func:`~attnpack.attn_processors.isolation.default_ir_layers`), ``[]`` = none, or module names /
+                (:func:`~attnpack.attn_processors.ir_diffusion.default_ir_layers`), ``[]`` = none, or module names /
                 regexes.
             ir_steps: ``(start, end)`` schedule fractions with Reposition Attention (official: all steps).
             reference_bottom_trim: zero the bottom ``1/d`` of automatic reference masks (official 6; 0 = off).

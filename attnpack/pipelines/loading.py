@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .._utils import parse_dtype
-from ._tiny import TINY_MODELS, build_tiny_pipeline
+from ..toy.tiny import TINY_MODELS, build_tiny_pipeline
 
 
 logger = logging.getLogger(__name__)

@@ -90,15 +90,15 @@ def enable_context_parallel(pipe, ulysses_degree: int | None = None, ring_degree
             sparse and guidance techniques refuse it.
 
     Returns:
-        the :class:`~attnpack.attn_processors._context.ParallelLayout` of this process.
+        the :class:`~attnpack.attn_processors.context.ParallelLayout` of this process.
 
     Every process must run the same generation (same prompt, seed and settings); each ends with the whole result.
     """
     from diffusers import ContextParallelConfig
 
-    from ..attn_processors._apply import resolve_denoisers
-    from ..attn_processors._context import ParallelLayout
-    from ..attn_processors._parallel import check_parallel_support
+    from ..attn_processors.context import ParallelLayout
+    from ..attn_processors.parallel import check_parallel_support
+    from ..attn_processors.processor import resolve_denoisers
 
     rank, world = init_distributed()
     ring_degree = _check_degree("ring_degree", ring_degree)

@@ -35,11 +35,17 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_path
 from .._utils import check_number
-from ..attn_processors._apply import AttnPackProcessor, apply_processors, list_layers, resolve_denoisers, select_layers
-from ..attn_processors._families import family_of_model
+from ..attn_processors.families import family_of_model
 from ..attn_processors.paro import PARO_FAMILIES, PARO_KINDS, normalize_quant, split_layout
+from ..attn_processors.processor import (
+    AttnPackProcessor,
+    apply_processors,
+    list_layers,
+    resolve_denoisers,
+    select_layers,
+)
+from ..io import atomic_path
 from ..kernels.block_sparse import TokenOrder
 from ..kernels.paro import (
     DEFAULT_SIGMA,
@@ -201,7 +207,7 @@ class _Calibration:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
     def restore(self, path: Path, fingerprint: str) -> dict[str, int]:
-        from .._io import read_safetensors
+        from ..io import read_safetensors
 
         tensors, meta = read_safetensors(path, "`checkpoint`")
         if meta.get("format") != CHECKPOINT_FORMAT:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .._io import read_torch_tensors
+from ..io import read_torch_tensors
 from .paro_plan import ParoPlan, config_hash, pack_codes
 
 
@@ -132,7 +132,7 @@ def read_official_paro_plans(
 
 
 def _official_layers(model, family: str, n_blocks: int, heads: int, pname: str) -> list[str]:
-    from ..attn_processors._apply import list_layers
+    from ..attn_processors.processor import list_layers
 
     pattern, _, _ = OFFICIAL_LAYOUTS[family]
     regex = re.compile(re.escape(pattern).replace(r"\{\}", r"(\d+)"))
@@ -198,9 +198,9 @@ def convert_official_paro_plan(
     Returns:
         the plan (single density: the achieved fraction of kept blocks, forced blocks included).
     """
-    from ..attn_processors._apply import resolve_denoisers
-    from ..attn_processors._families import family_of_model
+    from ..attn_processors.families import family_of_model
     from ..attn_processors.paro import normalize_quant
+    from ..attn_processors.processor import resolve_denoisers
 
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"`block_size` must be a positive integer (the official kernel's 64), got {block_size!r}.")

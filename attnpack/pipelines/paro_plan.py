@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_path
+from ..io import atomic_path
 
 
 logger = logging.getLogger(__name__)
@@ -483,7 +483,7 @@ class ParoPlan:
     # ------------------------------------------------------------------------------------------------ checks
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise ``ValueError`` unless ``model`` is the denoiser this plan was calibrated on."""
-        from ..attn_processors._apply import list_layers
+        from ..attn_processors.processor import list_layers
 
         cls = type(model).__name__
         if cls != self.model_class:
@@ -566,7 +566,7 @@ class ParoPlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ParoPlan:
         """Read a plan written by :meth:`save`; a damaged or foreign file raises ``ValueError`` naming it."""
-        from .._io import read_safetensors
+        from ..io import read_safetensors
 
         path = Path(path)
         try:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..attn_processors._apply import AttentionCall, ObserverCore
+from ..attn_processors.processor import AttentionCall, ObserverCore
 
 
 __all__ = ["AttentionRecorder", "LocalWindowProbe", "local_window_mask", "locality"]

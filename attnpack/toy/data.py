@@ -4,7 +4,7 @@ A scene is drawn from ``numpy.random.default_rng([seed, index])``, so item ``ind
 is the same on every machine and in every process, the dataset has any size on demand, and nothing is stored on disk.
 
 Captions follow a small grammar whose every word is one token of the offline tokenizers
-(:func:`attnpack.pipelines._tiny.build_clip_tokenizer` / ``build_t5_tokenizer``):
+(:func:`attnpack.toy.tiny.build_clip_tokenizer` / ``build_t5_tokenizer``):
 
 - one object: ``"a [small|large] red circle"`` optionally followed by a position, ``"... in the top left"``,
   ``"... on the left"``, ``"... at the top"``, ``"... in the center"`` (a 3x3 grid of cells);

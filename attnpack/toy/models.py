@@ -116,7 +116,7 @@ def build_clip(seed: int, config: dict | None = None):
     """Offline CLIP tokenizer (prompts padded to :data:`TEXT_LENGTH`) and a CLIP text encoder drawn from ``seed``."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..pipelines._tiny import build_clip_tokenizer
+    from .tiny import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(model_max_length=TEXT_LENGTH)
     cfg = CLIPTextConfig(
@@ -135,7 +135,7 @@ def build_t5(seed: int, config: dict | None = None):
     """Offline T5 tokenizer and a T5 encoder drawn from ``seed``."""
     from transformers import T5Config, T5EncoderModel
 
-    from ..pipelines._tiny import build_t5_tokenizer
+    from .tiny import build_t5_tokenizer
 
     tokenizer = build_t5_tokenizer(model_max_length=TEXT_LENGTH)
     cfg = T5Config(

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import check_state_fields, load_state, pickle_checkpoint_error, save_state
+from ..io import check_state_fields, load_state, pickle_checkpoint_error, save_state
 from .data import ToyScenes
 from .models import (
     FLUX_CONFIG,

@@ -386,8 +386,8 @@ class Runtime:
 
         Returns ``(image_path, video_path)``, one of them ``None``.
         """
-        from .._io import save_image, save_video
         from .._utils import is_available
+        from ..io import save_image, save_video
 
         if result.is_video:
             path = self.output_path(seed, ".mp4" if is_available("imageio_ffmpeg") else ".gif")

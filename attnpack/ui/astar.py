@@ -123,7 +123,7 @@ def build_astar_tab(runtime: Runtime) -> None:
     import gradio as gr
     import torch
 
-    from .._io import save_image
+    from ..io import save_image
     from ..pipelines._astar_maps import TOKEN_NORMALIZATIONS, render_attention_maps
     from ..pipelines.astar import astar_parameters, astar_pipeline_for, prompt_tokens
     from ..pipelines.loading import pipeline_defaults

@@ -84,8 +84,8 @@ def build_head_guidance_tab(runtime: Runtime, technique) -> None:
     """Add the tab; ``technique`` is the registered ``head-guidance`` technique."""
     import gradio as gr
 
-    from .._io import save_image
     from ..attn_processors.head_perturbation import KINDS, TOKEN_SCOPES
+    from ..io import save_image
     from ..pipelines.generation import run_generation
     from ..techniques import parse_options
 

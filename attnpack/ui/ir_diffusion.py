@@ -130,11 +130,11 @@ def mask_inputs(subjects, target_boxes, reference_boxes, request: dict[str, Any]
 def build_ir_diffusion_tab(runtime: Runtime) -> None:
     import gradio as gr
 
-    from .._io import save_image
     from .._utils import package_versions
+    from ..io import save_image
     from ..pipelines.ir_diffusion import ir_pipeline_for
+    from ..pipelines.ir_masks import overlay_masks
     from ..pipelines.loading import pipeline_defaults
-    from ..pipelines.masks import overlay_masks
 
     config = runtime.config
     # toy-sd is trained (tiny-sdxl has random weights: noise); either runs IR-Diffusion on the CPU

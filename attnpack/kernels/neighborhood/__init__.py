@@ -3,7 +3,7 @@
 Paper: Hassani et al., "Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of
 Light", https://arxiv.org/abs/2504.16922. The pattern (windows shifted inward at borders, stride groups sharing their
 leader's window, causal windows ending at the query, dilation as interleaved sub-grids) is described in
-:mod:`attnpack.kernels.masks`; the fast backends run it through :func:`attnpack.kernels.block_sparse_attention`.
+:mod:`attnpack.kernels.neighborhood.windows`; the fast backends run it through :func:`attnpack.kernels.block_sparse_attention`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from .._checks import check_qkv, per_axis
 from ..block_sparse import BlockSparsePattern, block_sparse_attention, choose_backend
-from ..masks import NeighborhoodSpec, default_tile_shape, neighborhood_pattern
 from .reference import neighborhood_reference
+from .windows import NeighborhoodSpec, default_tile_shape, neighborhood_pattern
 
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def cached_neighborhood_pattern(
     num_extra: int = 0,
     device: torch.device | str = "cpu",
 ) -> BlockSparsePattern:
-    """:func:`~attnpack.kernels.masks.neighborhood_pattern`, cached per (spec, tiles, extra keys, device)."""
+    """:func:`~attnpack.kernels.neighborhood.windows.neighborhood_pattern`, cached per (spec, tiles, extra keys, device)."""
     device = torch.device(device)
     q_tile = tuple(q_tile) if q_tile is not None else default_tile_shape(spec.grid, device.type)
     kv_tile = tuple(kv_tile) if kv_tile is not None else q_tile

@@ -12,7 +12,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..masks import NeighborhoodSpec, neighborhood_key_indices
+from .windows import NeighborhoodSpec, neighborhood_key_indices
 
 
 __all__ = ["neighborhood_reference"]

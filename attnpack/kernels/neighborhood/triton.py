@@ -10,7 +10,7 @@ once per query block (integer divisions by run-time sizes, the expensive part), 
   per-key index in registers (the earlier per-key divisions made the kernel spill: docs/benchmarks.md);
 - or :func:`neighborhood_keys_triton`, the same rule on original key indices (kept for masks on other key orders).
 
-Parameters (``int32``, see :func:`attnpack.kernels.masks.neighborhood_params`): ``[N, ndim, n_0..n_2, k_0..k_2,
+Parameters (``int32``, see :func:`attnpack.kernels.neighborhood.windows.neighborhood_params`): ``[N, ndim, n_0..n_2, k_0..k_2,
 s_0..s_2, d_0..d_2, causal_0..causal_2, R_0..R_2, num_extra]`` with grids of fewer than 3 axes padded in front by
 trivial axes (length 1, window 1); ``R_a`` key tiles per axis and dilation group. Keys ``>= N`` (key tiles after the
 grid's) are additional keys, visible to every query.

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from ..._io import check_state_fields, load_state, pickle_checkpoint_error, save_state
+from ...io import check_state_fields, load_state, pickle_checkpoint_error, save_state
 from .config import ClearDistillConfig
 from .distiller import ClearDistiller
 
@@ -31,7 +31,7 @@ def _checkpoints(folder: Path, suffix: str = ".safetensors") -> list[tuple[int, 
 
 def _save_checkpoint(folder: Path, step: int, distiller: ClearDistiller, optimizer, cfg, keep: int) -> Path:
     """``step-<step>.safetensors``: trainable weights and optimizer tensors, the rest (step, optimizer structure,
-    config) as JSON in its metadata (:func:`attnpack._io.save_state`); written atomically, the oldest pruned."""
+    config) as JSON in its metadata (:func:`attnpack.io.save_state`); written atomically, the oldest pruned."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:07d}.safetensors"
     state = {

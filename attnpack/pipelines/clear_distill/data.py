@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..._io import atomic_path
+from ...io import atomic_path
 from .config import ClearDistillConfig
 
 
@@ -82,7 +82,7 @@ def _shard(n: int, rank: int, world: int) -> range:
 
 def generate_samples(pipe, prompts: list[str], out_dir: Path, cfg: ClearDistillConfig, rank=0, world=1, show=True):
     """Teacher samples ``out_dir/{i:05d}.png`` + ``.txt`` (existing ones are kept: an interrupted run resumes)."""
-    from ..._io import save_image
+    from ...io import save_image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     n = cfg.num_samples or len(prompts)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..._io import atomic_path
+from ...io import atomic_path
 from .checkpoints import _load_checkpoint, _read_resume_checkpoint, _save_checkpoint
 from .config import ClearDistillConfig, DistillResult, weights_file_name
 from .data import CachedSamples, cache_samples, find_image_prompts, generate_samples, read_prompts
@@ -105,8 +105,8 @@ def _build_distiller(pipe, cfg: ClearDistillConfig) -> ClearDistiller:
     module when ``down_factor > 1``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from ...attn_processors._context import checkpoint_with_run_context
     from ...attn_processors.clear import apply_clear
+    from ...attn_processors.context import checkpoint_with_run_context
 
     teacher = pipe.transformer
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)

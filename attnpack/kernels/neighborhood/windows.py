@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .block_sparse.pattern import (
+from ..block_sparse.pattern import (
     BlockSparsePattern,
     TileMask,
     concat_orders,
@@ -214,7 +214,7 @@ def default_tile_shape(grid: Sequence[int], device_type: str = "cuda") -> tuple[
 def _triton_mask() -> tuple:
     """``(triton_fn, triton_rows_fn, triton_tile_fn)`` of the GNA mask (``None``s without Triton)."""
     try:
-        from .neighborhood.triton import neighborhood_keys_triton, neighborhood_rows_triton, neighborhood_tile_triton
+        from .triton import neighborhood_keys_triton, neighborhood_rows_triton, neighborhood_tile_triton
     except ImportError:  # triton not installed
         return None, None, None
     return neighborhood_keys_triton, neighborhood_rows_triton, neighborhood_tile_triton

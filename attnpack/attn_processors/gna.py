@@ -1,7 +1,7 @@
 """Generalized neighborhood attention (GNA) processors for FLUX, SD3/SD3.5, Wan, HunyuanVideo and CogVideoX.
 
 Paper: Hassani et al., "Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of
-Light", https://arxiv.org/abs/2504.16922 (NATTEN 0.21 semantics; see :mod:`attnpack.kernels.masks`).
+Light", https://arxiv.org/abs/2504.16922 (NATTEN 0.21 semantics; see :mod:`attnpack.kernels.neighborhood.windows`).
 
 Image / video queries attend their GNA neighborhood on the token grid (after RoPE) plus every text token; text
 queries attend everything (dense), as in the paper's FLUX and HunyuanVideo setups and NATTEN issue #264. Windows and
@@ -26,7 +26,8 @@ from ..kernels.neighborhood import (
     normalize_neighborhood_args,
 )
 from ..techniques import Option, Technique, register_technique
-from ._apply import (
+from .families import family_of_model
+from .processor import (
     AttentionCall,
     AttnPackProcessor,
     LayerSpec,
@@ -35,7 +36,6 @@ from ._apply import (
     resolve_denoisers,
     select_layers,
 )
-from ._families import family_of_model
 
 
 logger = logging.getLogger(__name__)

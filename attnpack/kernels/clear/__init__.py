@@ -28,8 +28,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .block_sparse import BlockSparsePattern, block_sparse_attention
-from .block_sparse.pattern import (
+from ..block_sparse import BlockSparsePattern, block_sparse_attention
+from ..block_sparse.pattern import (
     TileMask,
     TokenOrder,
     concat_orders,
@@ -226,7 +226,7 @@ def _triton_mask():
 
     if importlib.util.find_spec("triton") is None:
         return None, None, None
-    mod = importlib.import_module(f"{__package__}._clear_triton")
+    mod = importlib.import_module(f"{__package__}.triton")
     return mod.clear_mask_triton, mod.clear_rows_triton, mod.clear_tile_triton
 
 

@@ -40,9 +40,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ._apply import AttentionCall, AttnPackProcessor, ProcessorHandle, apply_processors, list_layers, select_layers
-from ._context import ROLE_REFERENCE, ROLE_TARGET
-from ._families import LayerInfo, family_of_model, unet_stage
+from .context import ROLE_REFERENCE, ROLE_TARGET
+from .families import LayerInfo, family_of_model, unet_stage
+from .processor import AttentionCall, AttnPackProcessor, ProcessorHandle, apply_processors, list_layers, select_layers
 
 
 __all__ = [
@@ -124,7 +124,7 @@ def reposition_tokens(tokens: torch.Tensor, reference_mask: torch.Tensor, target
 
 # ------------------------------------------------------------------------------------------------- state
 class MaskProvider(Protocol):
-    """Masks of ``n`` subjects per token grid (e.g. :class:`attnpack.pipelines.masks.SubjectMasks`)."""
+    """Masks of ``n`` subjects per token grid (e.g. :class:`attnpack.pipelines.ir_masks.SubjectMasks`)."""
 
     @property
     def num_subjects(self) -> int: ...
@@ -487,7 +487,7 @@ def apply_ir_diffusion(pipe_or_unet, ir_layers=None) -> ProcessorHandle:
     Returns:
         a :class:`~attnpack.ProcessorHandle` restoring the previous processors.
     """
-    from ._apply import resolve_denoisers
+    from .processor import resolve_denoisers
 
     models, _ = resolve_denoisers(pipe_or_unet)
     unet = models[0]

@@ -12,9 +12,9 @@ from typing import Any, Protocol, Union
 
 import torch
 
-from ._context import ParallelLayout, RunState, current_run, install_run_context, release_run_context
-from ._families import LayerInfo, Prepared, TokenLayout, dense_attention, family_of_model, get_adapter
-from ._parallel import check_parallel_support, needs_exchange, ulysses_call
+from .context import ParallelLayout, RunState, current_run, install_run_context, release_run_context
+from .families import LayerInfo, Prepared, TokenLayout, dense_attention, family_of_model, get_adapter
+from .parallel import check_parallel_support, needs_exchange, ulysses_call
 
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class AttentionCall:
         run: the :class:`RunState` of the denoiser call (grid, step, batch roles), ``None`` outside a hooked call.
         processor: the processor running this call (holds ``_attention_backend`` / ``_parallel_config``).
         parallel: whether dense attention goes through the processor's context-parallel config (``False`` for
-            layers diffusers runs unparallelised, and inside the Ulysses exchange of ``_parallel.ulysses_call``).
+            layers diffusers runs unparallelised, and inside the Ulysses exchange of ``parallel.ulysses_call``).
         heads: the layer's heads (global indices) that ``q``, ``k``, ``v`` hold: all of them on one process, this
             rank's share under Ulysses context parallelism (cores selecting heads by index map through it).
     """

@@ -359,7 +359,7 @@ class _CacheContextReceiver(StateManager):
 
 # ------------------------------------------------------------------------------------------------- grid extraction
 def _family_of(model: torch.nn.Module) -> str:
-    from ._families import family_of_model
+    from .families import family_of_model
 
     return family_of_model(model)
 
@@ -367,7 +367,7 @@ def _family_of(model: torch.nn.Module) -> str:
 def extract_call_info(family: str, model: torch.nn.Module, arguments: dict[str, Any]) -> dict[str, Any]:
     """Grid, text length, image length and batch size of one denoiser call (the family adapter reads them from the
     call's bound arguments: :meth:`FamilyAdapter.call_info`), plus its timestep."""
-    from ._families import get_adapter
+    from .families import get_adapter
 
     info = get_adapter(family).call_info(model.config, arguments)
     timestep = arguments.get("timestep")
@@ -458,7 +458,7 @@ class RunContextHook(ModelHook):
         else:
             state = self.build_state(module, args, kwargs)
         if state.parallel is not None:
-            from ._parallel import check_parallel_support
+            from .parallel import check_parallel_support
 
             check_parallel_support(module, state.parallel)  # refuse before the denoiser does any work
         token = _CURRENT.set(state)

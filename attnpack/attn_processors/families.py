@@ -35,7 +35,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 
 if TYPE_CHECKING:
-    from ._context import RunState
+    from .context import RunState
 
 __all__ = [
     "TokenLayout",

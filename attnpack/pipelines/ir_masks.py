@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..attn_processors._apply import ObserverCore
-from ..attn_processors.isolation import mask_bbox
+from ..attn_processors.ir_diffusion import mask_bbox
+from ..attn_processors.processor import ObserverCore
 
 
 __all__ = [

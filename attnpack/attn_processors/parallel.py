@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ._context import ParallelLayout, RunState
-from ._families import TokenLayout
+from .context import ParallelLayout, RunState
+from .families import TokenLayout
 
 
 __all__ = ["SUPPORTED_FAMILIES", "check_parallel_support", "global_layout", "needs_exchange", "ulysses_call"]
@@ -32,7 +32,7 @@ def _core_parts(core) -> tuple:
 
 def needs_exchange(core) -> bool:
     """Whether ``core`` is more than dense attention (which diffusers parallelises itself)."""
-    from ._apply import DenseCore
+    from .processor import DenseCore
 
     return not all(isinstance(part, DenseCore) for part in _core_parts(core))
 
@@ -45,7 +45,7 @@ def check_parallel_support(model: torch.nn.Module, parallel: ParallelLayout) -> 
     """Raise a ``ValueError`` naming the technique, the setting and the fix if an attnpack processor installed on
     ``model`` cannot run under ``parallel``; called before each context-parallel denoiser call does any work, and by
     ``apply_*`` when the model is parallel already."""
-    from ._apply import AttnPackProcessor, core_role
+    from .processor import AttnPackProcessor, core_role
 
     for processor in model.attn_processors.values():
         if not isinstance(processor, AttnPackProcessor) or not needs_exchange(processor.core):

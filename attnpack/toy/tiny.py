@@ -535,7 +535,7 @@ def denoiser_inputs(
     ``grid`` is the token grid at the attention layers: ``(H, W)`` for images (for UNets: the latent size), and
     ``(F, H, W)`` for videos.
     """
-    from attnpack.attn_processors._families import family_of_model
+    from attnpack.attn_processors.families import family_of_model
 
     family = family_of_model(model)
     g = torch.Generator().manual_seed(seed)
