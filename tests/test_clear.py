@@ -210,10 +210,10 @@ def test_saved_checkpoint_uses_the_official_keys_and_reloads(tmp_path):
 def test_argument_errors():
     model = build_tiny_denoiser("flux")
     for kwargs, match in [
-        (dict(radius=0), r"`radius` must be an integer in \[1, 4096\], got 0"),
-        (dict(radius=100000), r"`radius` must be an integer in \[1, 4096\], got 100000"),
-        (dict(radius=2.5), "`radius` must be an integer, got 2.5"),
-        (dict(down_factor=0), r"`down_factor` must be an integer in \[1, 64\]"),
+        (dict(radius=0), r"`radius` must be an integer in 1\.\.4096, got radius=0"),
+        (dict(radius=100000), r"`radius` must be an integer in 1\.\.4096, got radius=100000"),
+        (dict(radius=2.5), r"`radius` must be an integer in 1\.\.4096, got radius=2\.5"),
+        (dict(down_factor=0), r"`down_factor` must be an integer in 1\.\.64"),
         (dict(backend="cuda"), "`backend` must be one of"),
         (dict(q_tile=(0, 4)), "`q_tile`"),
     ]:
