@@ -237,6 +237,11 @@ if triton is not None:
             tl.store(LSE + o_rows, lse, mask=q_real)
 
 
+def default_launch(block: int) -> tuple[int, int]:
+    """``(num_warps, num_stages)`` of the quantized kernel for ``BLOCK``-row tiles when the caller gives none."""
+    return (4 if block <= 64 else 8), 2
+
+
 def _pow2(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
@@ -351,8 +356,8 @@ def quantized_triton(
         PV_FP8=spec.pv_fp8,
         UPCAST=upcast,
         RETURN_LSE=return_lse,
-        num_warps=num_warps or (4 if block <= 64 else 8),
-        num_stages=num_stages or 2,
+        num_warps=num_warps or default_launch(block)[0],
+        num_stages=num_stages or default_launch(block)[1],
     )
     if not return_lse:
         return out
