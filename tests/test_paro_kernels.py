@@ -292,8 +292,8 @@ def _naive_quantized(q, k, v, pattern, quant):
                 p[[not ok for ok in q_ok]] = 0
                 p[:, [not ok for ok in k_ok]] = 0
                 l_sum = l_sum * alpha + p.sum(-1)
-                pmax = p.max()
-                scaled = p * (spec.pv_max / pmax if pmax > 0 else 0.0)
+                pmax = p.max(-1, keepdim=True).values  # one scale per row
+                scaled = p * torch.where(pmax > 0, spec.pv_max / pmax, 0.0)
                 pq = scaled.to(torch.float8_e4m3fn).float() if spec.pv_fp8 else rnd(scaled)
                 acc = acc * alpha[:, None] + (pq @ vt) * (pmax / spec.pv_max)
                 m = m_new

@@ -3,7 +3,7 @@
 Semantics: :mod:`attnpack.kernels.paro.quant` (the pure-PyTorch reference simulates this kernel block by block).
 One program computes one query tile of one (batch, head): it loads the tile's int8 ``Q`` and its scale, then walks
 only the key tiles the tile table lists (no per-block branch over all tiles), with an online base-2 softmax. ``P`` is
-quantized per block in registers; ``V`` arrives quantized per channel; the per-channel ``V`` scale and mean are folded
+quantized per row in registers, its scale taken from the online-softmax row max (no reduction over the block); ``V`` arrives quantized per channel; the per-channel ``V`` scale and mean are folded
 into the epilogue. The tokens are put in PARO's per-head order by a pre-pass kernel that gathers each tile's rows
 through the order while smoothing and quantizing them (one read of Q, K, V, int8 writes), and the output rows are
 stored straight to their original positions (the inverse permutation is fused into the store).
@@ -197,15 +197,18 @@ if triton is not None:
                 qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
             s = qk * (qs * ks * sm)
             s = tl.where(k_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_tile = tl.max(s, 1)
+            m_new = tl.maximum(m_i, m_tile)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             p = tl.where(q_real[:, None] & k_ok[None, :], p, 0.0)
             l_i = l_i * alpha + tl.sum(p, 1)
-            pmax = tl.max(tl.max(p, 1), 0)
+            # P's scale per row from the online-softmax row max (exp2 is monotone: the row's max of p), no reduction
+            # over the block; a row scale factors out of P V, so it is applied to the product below
+            pmax = tl.where(q_real, tl.exp2(m_tile - m_safe), 0.0)
             inv = tl.where(pmax > 0, PV_MAX / pmax, 0.0)
-            scaled = p * inv
+            scaled = p * inv[:, None]
             v_mask = row_ok[:, None] & (dvv[None, :] < DV)
             if PV_FP8:
                 v = tl.load(V + k_rows[:, None] * DV + dvv[None, :], mask=v_mask, other=0.0)
@@ -220,7 +223,7 @@ if triton is not None:
                     pv = tl.dot(p_int, v.to(tl.float32))
                 else:
                     pv = tl.dot(p_int.to(tl.int8), v, out_dtype=tl.int32).to(tl.float32)
-            acc = acc * alpha[:, None] + pv * (pmax / PV_MAX)
+            acc = acc * alpha[:, None] + pv * (pmax / PV_MAX)[:, None]
             m_i = m_new
         vs = tl.load(VS + bh * DV + dvv, mask=dvv < DV, other=0.0)
         vm = tl.load(VM + bh * DV + dvv, mask=dvv < DV, other=0.0)
