@@ -133,7 +133,9 @@ def paro_launch(block: int, warps: int | None, stages: int | None) -> tuple[int,
     return warps or w, stages or s
 
 
-def compile_paro(arch: int, quant: str, head_dim: int, block: int, warps: int, stages: int) -> dict:
+def compile_paro(
+    arch: int, quant: str, head_dim: int, block: int, warps: int, stages: int, hints: bool = True
+) -> dict:
     """Compile ``_paro_quant_attn_fwd`` as ``quantized_triton`` launches it on a GPU (bf16 output, no LSE)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -149,10 +151,13 @@ def compile_paro(arch: int, quant: str, head_dim: int, block: int, warps: int, s
                 "KS": "*fp32", "VS": "*fp32", "VM": "*fp32", "LSE": "*fp32", "QIDX": "*i32", "KIDX": "*i32",
                 "TILES": "*i32", "NUMKV": "*i32"}  # fmt: skip
     names = list(_paro_quant_attn_fwd.arg_names)
-    signature = {
-        n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "sm" else "i32") for n in names
-    }
-    src = ASTSource(_paro_quant_attn_fwd, signature, {(names.index(k),): v for k, v in constexprs.items()})
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "sm" else "i32") for n in names}
+    # what a launch at the real shapes specializes (Triton marks pointers and integers divisible by 16): torch's
+    # pointers, the head dims, the 64-token tile and the order strides (multiples of the tile); without these hints
+    # the K / V tiles load byte by byte (masks of unknown constancy) and the software pipeline skips them
+    aligned = [n for n in names if n in pointers or n in ("D", "DV", "S", "QI_STRIDE", "KI_STRIDE")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned} if hints else None
+    src = ASTSource(_paro_quant_attn_fwd, signature, {(names.index(k),): v for k, v in constexprs.items()}, attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
     return facts(kernel)
 
