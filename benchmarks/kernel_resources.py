@@ -1,8 +1,9 @@
 """Compile the block-sparse Triton kernel for a GPU target **without a GPU** and report what the compiler made of it:
 registers, stack frame (spills), and counts of telling SASS instructions (``LDL``/``STL``: local-memory spills,
 ``LDG``: plain global loads, ``LDGSTS``: asynchronous copies the software pipeline issues, ``UTMALDG``: tensor-memory
-(TMA) loads through tensor descriptors, ``HGMMA`` / ``IGMMA`` / ``QGMMA``: Hopper's warpgroup tensor-core instructions
-on fp16 / bf16, int8 and fp8 operands, ``HMMA`` / ``IMMA``: the older per-warp fp16 and integer ones). Costs no device time; uses the
+(TMA) loads through tensor descriptors, ``BAR``: block-wide barriers, ``HGMMA`` / ``IGMMA`` / ``QGMMA``: Hopper's
+warpgroup tensor-core instructions on fp16 / bf16, int8 and fp8 operands, ``HMMA`` / ``IMMA``: the older per-warp
+fp16 and integer ones). Costs no device time; uses the
 ``cuobjdump`` shipped with Triton. Writes ``results/kernel-resources-sm<arch>.json`` (an existing file is kept unless
 ``--force``; ``--out`` another path).
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
 
-OPS = ("HGMMA", "IGMMA", "QGMMA", "IMMA", "HMMA", "LDL", "STL", "LDG", "LDGSTS", "UTMALDG")
+OPS = ("HGMMA", "IGMMA", "QGMMA", "IMMA", "HMMA", "LDL", "STL", "LDG", "LDGSTS", "UTMALDG", "BAR")
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "LSE": "*fp32", "QI": "*i32", "KI": "*i32",
             "TBL": "*i32", "NKV": "*i32", "NFULL": "*i32", "MP": "*i32"}  # fmt: skip
 ROWS = ("gathered", "contiguous", "tma")
@@ -165,7 +166,7 @@ def compile_paro(
 def main_paro(args) -> list[dict]:
     rows = []
     for quant, d, block, warps, stages in PARO_VARIANTS:
-        if args.paro_quant and quant not in args.paro_quant:
+        if (args.paro_quant and quant not in args.paro_quant) or (args.paro_defaults and (warps or stages)):
             continue
         w, s = paro_launch(block, warps, stages)
         r = compile_paro(args.arch, quant, d, block, w, s)
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     parser.add_argument("--paro", action="store_true", help="PARO's INT8 / FP8 kernel instead (PARO_VARIANTS)")
     parser.add_argument("--paro-quant", nargs="+", choices=("int8", "fp8"), default=None, help="with --paro")
+    parser.add_argument("--paro-defaults", action="store_true", help="with --paro: the launch defaults only")
     parser.add_argument("--blocks", type=int, nargs=4, default=None, metavar=("M", "N", "WARPS", "STAGES"),
                         help="blocks to compile (default: default_blocks, bf16, this tile and head dim)")  # fmt: skip
     args = parser.parse_args(argv)
