@@ -8,6 +8,7 @@ fp16 and integer ones). Costs no device time; uses the
 ``--force``; ``--out`` another path).
 
     python benchmarks/kernel_resources.py --out /tmp/kr.json   # every variant below at the default blocks
+    python benchmarks/kernel_resources.py --paro --out /tmp/kr-paro.json   # PARO's INT8 / FP8 kernel
 
 Variants: how K / V rows arrive (``gathered``: through the key order inside the kernel, ``contiguous``: rows already in
 tile-major order, plain pointer loads, ``tma``: the same rows through tensor descriptors) x the in-tile mask (``none``,

@@ -206,7 +206,8 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu(tmp_path):
     """benchmarks/kernel_resources.py: the kernel compiles for sm_90 on any machine (in a fresh process: the tests
     import Triton in interpreter mode) with Hopper's tensor-core instructions (HGMMA, not HMMA), and issue 22's
     compiler facts hold: the tile-local GNA and CLEAR masks spill no more than the unmasked kernel (+16 local
-    accesses) on gathered rows and through tensor descriptors, and contiguous rows load K / V with TMA (UTMALDG).
+    accesses) on gathered rows and through tensor descriptors, and contiguous rows load K / V with TMA (UTMALDG);
+    issue 23's: PARO's INT8 / FP8 kernel uses Hopper's 8-bit wgmma and spills nothing at 64-token tiles.
     Up to a few minutes (Triton caches compilations)."""
     import json
     import os
