@@ -206,7 +206,8 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu(tmp_path):
     """benchmarks/kernel_resources.py: the kernel compiles for sm_90 on any machine (in a fresh process: the tests
     import Triton in interpreter mode) with Hopper's tensor-core instructions (HGMMA, not HMMA), and issue 22's
     compiler facts hold: the tile-local GNA and CLEAR masks spill no more than the unmasked kernel (+16 local
-    accesses) on gathered rows and through tensor descriptors, and contiguous rows load K / V with TMA (UTMALDG).
+    accesses) on gathered rows and through tensor descriptors, and contiguous rows load K / V with TMA (UTMALDG);
+    issue 23's: PARO's INT8 / FP8 kernel uses Hopper's 8-bit wgmma and spills nothing at 64-token tiles.
     Up to a few minutes (Triton caches compilations)."""
     import json
     import os
@@ -231,6 +232,20 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu(tmp_path):
             assert rows[how, mask]["LDL"] + rows[how, mask]["STL"] <= local + 16, (how, mask)
     for mask in ("none", "gna-tile", "clear-tile"):
         assert rows["tma", mask]["UTMALDG"] > 0
+    # issue 23: PARO's INT8 / FP8 kernel at its launch defaults runs QK^T on integer wgmma (IGMMA) and PV on IGMMA /
+    # FP8 wgmma (QGMMA), loads K and V asynchronously (LDGSTS) and spills nothing at PARO's 64-token tiles
+    subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_resources.py"), "--out", str(out), "--force",
+                    "--paro", "--paro-defaults"], env=env, check=True)  # fmt: skip
+    paro = json.loads(out.read_text())["rows"]
+    assert {(r["quant"], r["head_dim"], r["block"]) for r in paro} == {
+        (q, d, b) for q in ("int8", "fp8") for d in (64, 128) for b in (64, 128)
+    }
+    for r in paro:
+        assert r["IGMMA"] > 0 and r["HMMA"] == r["IMMA"] == r["HGMMA"] == 0, r
+        assert (r["QGMMA"] > 0) == (r["quant"] == "fp8"), r
+        assert r["LDGSTS"] > 0, r
+        if r["block"] == 64:
+            assert r["stack_bytes"] == 0 and r["LDL"] == r["STL"] == 0, r
 
 
 @pytest.mark.parametrize(

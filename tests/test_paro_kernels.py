@@ -292,8 +292,8 @@ def _naive_quantized(q, k, v, pattern, quant):
                 p[[not ok for ok in q_ok]] = 0
                 p[:, [not ok for ok in k_ok]] = 0
                 l_sum = l_sum * alpha + p.sum(-1)
-                pmax = p.max()
-                scaled = p * (spec.pv_max / pmax if pmax > 0 else 0.0)
+                pmax = p.max(-1, keepdim=True).values  # one scale per row
+                scaled = p * torch.where(pmax > 0, spec.pv_max / pmax, 0.0)
                 pq = scaled.to(torch.float8_e4m3fn).float() if spec.pv_fp8 else rnd(scaled)
                 acc = acc * alpha[:, None] + (pq @ vt) * (pmax / spec.pv_max)
                 m = m_new
@@ -379,6 +379,23 @@ def test_triton_quantization_prepass_is_bit_identical(quant):
         if a.dtype == torch.float8_e4m3fn:  # compare fp8 through its bits
             a, b = a.view(torch.uint8), b.view(torch.uint8)
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+def test_triton_kernel_transposed_v_tiles_against_loop_oracle(quant):
+    """Issue 23: the pre-pass stores V's tiles transposed (token index fastest, the K-major operand of 8-bit wgmma)
+    and the kernel scales P per row from the online-softmax row max; checked against the independent loop oracle
+    with a value head dim unlike the key's (V^T strides use Dv) and padded tiles (text not a multiple of the tile)."""
+    grid, bs, text = (2, 3, 4), 16, 5
+    pattern = _pattern(grid, [2, 5], bs, text, 0.5, seed=4, batch_table=2).to(KERNEL_DEVICE)
+    n = text + math.prod(grid)
+    q, k = (_rand(2, 2, n, 16, seed=s).to(KERNEL_DEVICE) * 2 for s in (1, 2))
+    v = _rand(2, 2, n, 24, seed=3).to(KERNEL_DEVICE)
+    prep = prepare_quantized_triton(q, k, v, pattern, QUANT_MODES[quant])
+    assert prep.v.shape[-2:] == (bs, 24) and prep.v.stride(-2) == 1 and prep.v.stride(-1) == bs  # [Dv, S] tiles
+    out = quantized_triton(q, k, v, pattern, quant=quant)
+    torch.testing.assert_close(out.cpu(), _naive_quantized(q.cpu(), k.cpu(), v.cpu(), pattern.to("cpu"), quant),
+                               atol=2e-5, rtol=0)  # fmt: skip
 
 
 def test_triton_kernel_full_tables_shared_order():

@@ -12,9 +12,11 @@ Paper: https://arxiv.org/abs/2506.16054 (Sec. 3.4). Semantics shared by this ref
    (or fp32) accumulation.
 4. **Online softmax over the listed key tiles** in table order, base 2 (``S * softmax_scale * log2(e)``), with the
    running row max ``m``; ``P = exp2(S - m)`` of the current tile lies in ``[0, 1]``.
-5. **PV.** ``P`` is quantized per (query tile, key tile) block with ``scale = max(P_block) / pmax`` (INT8: 127 and
-   half-up rounding; FP8: e4m3 with 448 and round-to-nearest-even; INT4: 7), ``V`` per channel over all tokens
-   (``scale = max|V - mean| / pmax``); ``acc = acc * exp2(m_old - m_new) + (P_q V_q) * p_scale``, all in FP32.
+5. **PV.** ``P`` is quantized per row of each (query tile, key tile) block with ``scale = max(P_row) / pmax``
+   (INT8: 127 and half-up rounding; FP8: e4m3 with 448 and round-to-nearest-even; INT4: 7); ``max(P_row) =
+   exp2(rowmax(S_tile) - m_new)`` comes from the online softmax's row max, so the kernel needs no reduction over the
+   block, and a row scale factors out of the product. ``V`` per channel over all tokens (``scale = max|V - mean| /
+   pmax``); ``acc = acc * exp2(m_old - m_new) + (P_q V_q) * p_scale[:, None]``, all in FP32.
    The row sum ``l`` uses the unquantized ``P`` (as SageAttention).
 6. ``out = acc * v_scale / l + mean(V)`` (0 for a query that sees no key).
 
@@ -88,7 +90,7 @@ def quantize_tiles(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _quantize_p(p: torch.Tensor, pmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``p`` (>= 0) with one scale per block (``pmax`` is its max, broadcastable); returns (fp32 values of
+    """Quantize ``p`` (>= 0) with one scale per row (``pmax`` is the row max, broadcastable); returns (fp32 values of
     the quantized numbers, fp32 scale)."""
     inv = torch.where(pmax > 0, spec.pv_max / pmax, 0.0)
     scaled = p * inv
@@ -241,7 +243,7 @@ def quantized_reference(
             alpha = torch.exp2(m - m_safe)
             p = torch.where(kr & active & qr, torch.exp2(s - m_safe[..., None]), 0.0)
             l_sum = l_sum * alpha + p.sum(-1)
-            p_q, p_scale = _quantize_p(p, p.amax(dim=(-1, -2))[..., None, None], spec)
+            p_q, p_scale = _quantize_p(p, p.amax(dim=-1, keepdim=True), spec)  # one scale per row
             v = _gather(prep.v, tile).float()
             acc = acc * alpha[..., None] + torch.matmul(p_q, v) * p_scale
             m = m_new

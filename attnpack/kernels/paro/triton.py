@@ -3,9 +3,10 @@
 Semantics: :mod:`attnpack.kernels.paro.quant` (the pure-PyTorch reference simulates this kernel block by block).
 One program computes one query tile of one (batch, head): it loads the tile's int8 ``Q`` and its scale, then walks
 only the key tiles the tile table lists (no per-block branch over all tiles), with an online base-2 softmax. ``P`` is
-quantized per block in registers; ``V`` arrives quantized per channel; the per-channel ``V`` scale and mean are folded
+quantized per row in registers, its scale taken from the online-softmax row max (no reduction over the block); ``V`` arrives quantized per channel; the per-channel ``V`` scale and mean are folded
 into the epilogue. The tokens are put in PARO's per-head order by a pre-pass kernel that gathers each tile's rows
-through the order while smoothing and quantizing them (one read of Q, K, V, int8 writes), and the output rows are
+through the order while smoothing and quantizing them (one read of Q, K, V, int8 writes; V's tiles are written
+transposed, token index fastest, the K-major operand 8-bit wgmma needs), and the output rows are
 stored straight to their original positions (the inverse permutation is fused into the store).
 
 Integer and FP8 dots run only on a GPU (FP8 needs compute capability >= 8.9). Under the Triton interpreter
@@ -90,8 +91,10 @@ if triton is not None:
         UPCAST: tl.constexpr,
         BLOCK: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        TRANSPOSED: tl.constexpr = False,
     ):
         # one tile of one (batch, head): gather its rows through the order, smooth, quantize, store tile-major.
+        # TRANSPOSED: each tile stored as [D, S] (token index fastest), the K-major layout 8-bit wgmma needs for V
         # MODE 0: per-tile scale (Q, K); 1: per-channel scale, integers (V); 2: per-channel scale, FP8 (V)
         t = tl.program_id(0)
         bh = tl.program_id(1)
@@ -111,6 +114,10 @@ if triton is not None:
         x = tl.where(real[:, None] & col_ok[None, :], x, 0.0)
         dst = (bh * T * S + pos).to(tl.int64)
         out_mask = row_ok[:, None] & col_ok[None, :]
+        if TRANSPOSED:
+            out_ptrs = OUT + (bh * T + t).to(tl.int64) * S * D + cols[None, :] * S + rows[:, None]
+        else:
+            out_ptrs = OUT + dst[:, None] * D + cols[None, :]
         if MODE == 0:
             amax = tl.max(tl.max(tl.abs(x), 1), 0)
             scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full([], QMAX, tl.float32)), 1.0)
@@ -122,11 +129,11 @@ if triton is not None:
             x = tl.math.div_rn(x, tl.load(CSCALE + bh * D + cols, mask=col_ok, other=1.0)[None, :])
             if MODE == 1:
                 q = tl.minimum(tl.maximum(tl.floor(x + 0.5), -QMAX), QMAX)
-                tl.store(OUT + dst[:, None] * D + cols[None, :], q.to(tl.int8), mask=out_mask)
+                tl.store(out_ptrs, q.to(tl.int8), mask=out_mask)
             else:
                 if UPCAST:
                     x = _fp8_e4m3_round(x)
-                tl.store(OUT + dst[:, None] * D + cols[None, :], x.to(tl.float8e4nv), mask=out_mask)
+                tl.store(out_ptrs, x.to(tl.float8e4nv), mask=out_mask)
 
     @triton.jit
     def _paro_quant_attn_fwd(
@@ -197,30 +204,36 @@ if triton is not None:
                 qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
             s = qk * (qs * ks * sm)
             s = tl.where(k_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_tile = tl.max(s, 1)
+            m_new = tl.maximum(m_i, m_tile)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             p = tl.where(q_real[:, None] & k_ok[None, :], p, 0.0)
             l_i = l_i * alpha + tl.sum(p, 1)
-            pmax = tl.max(tl.max(p, 1), 0)
+            # P's scale per row from the online-softmax row max (exp2 is monotone: the row's max of p), no reduction
+            # over the block; a row scale factors out of P V, so it is applied to the product below
+            pmax = tl.where(q_real, tl.exp2(m_tile - m_safe), 0.0)
             inv = tl.where(pmax > 0, PV_MAX / pmax, 0.0)
-            scaled = p * inv
-            v_mask = row_ok[:, None] & (dvv[None, :] < DV)
+            scaled = p * inv[:, None]
+            # V tiles are stored transposed ([DV, S], token index fastest): tl.trans gives the K-major operand that
+            # 8-bit wgmma reads from shared memory, so V is loaded asynchronously like K (no register transpose)
+            v_ptrs = V + (bh * TK + t).to(tl.int64) * S * DV + dvv[:, None] * S + rows[None, :]
+            v_mask = (dvv[:, None] < DV) & row_ok[None, :]
             if PV_FP8:
-                v = tl.load(V + k_rows[:, None] * DV + dvv[None, :], mask=v_mask, other=0.0)
+                v = tl.trans(tl.load(v_ptrs, mask=v_mask, other=0.0))
                 if UPCAST:
                     pv = tl.dot(_fp8_e4m3_round(scaled), v.to(tl.float32))
                 else:
                     pv = tl.dot(scaled.to(tl.float8e4nv), v)
             else:
-                v = tl.load(V + k_rows[:, None] * DV + dvv[None, :], mask=v_mask, other=0)
+                v = tl.trans(tl.load(v_ptrs, mask=v_mask, other=0))
                 p_int = tl.floor(scaled + 0.5)
                 if UPCAST:
                     pv = tl.dot(p_int, v.to(tl.float32))
                 else:
                     pv = tl.dot(p_int.to(tl.int8), v, out_dtype=tl.int32).to(tl.float32)
-            acc = acc * alpha[:, None] + pv * (pmax / PV_MAX)
+            acc = acc * alpha[:, None] + pv * (pmax / PV_MAX)[:, None]
             m_i = m_new
         vs = tl.load(VS + bh * DV + dvv, mask=dvv < DV, other=0.0)
         vm = tl.load(VM + bh * DV + dvv, mask=dvv < DV, other=0.0)
@@ -237,16 +250,25 @@ if triton is not None:
             tl.store(LSE + o_rows, lse, mask=q_real)
 
 
+def default_launch(block: int) -> tuple[int, int]:
+    """``(num_warps, num_stages)`` of the quantized kernel for ``BLOCK``-row tiles when the caller gives none."""
+    return (4 if block <= 64 else 8), 2
+
+
 def _pow2(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def _quantize(x, order, mean, channel_scale, qmax, mode, out_dtype):
+def _quantize(x, order, mean, channel_scale, qmax, mode, out_dtype, transposed=False):
     """Launch the quantization pre-pass for one tensor ``x [B, H, N, D]`` -> (tile-major ``[B, H, T, S, D]``,
-    per-tile scales ``[B, H, T]`` or ``None``)."""
+    per-tile scales ``[B, H, T]`` or ``None``). ``transposed``: every tile stored as ``[D, S]`` in memory (the result
+    is a ``[B, H, T, S, D]`` view of it)."""
     b, h, n, d = x.shape
     t, sz = order.num_tiles, order.tile_size
-    out = torch.empty(b, h, t, sz, d, device=x.device, dtype=out_dtype)
+    if transposed:
+        out = torch.empty(b, h, t, d, sz, device=x.device, dtype=out_dtype)
+    else:
+        out = torch.empty(b, h, t, sz, d, device=x.device, dtype=out_dtype)
     tile_scale = torch.empty(b, h, t, device=x.device, dtype=torch.float32)  # written in mode 0 only
     _paro_quantize_fwd[(t, b * h)](
         x.contiguous(),
@@ -267,8 +289,15 @@ def _quantize(x, order, mean, channel_scale, qmax, mode, out_dtype):
         UPCAST=x.device.type != "cuda",
         BLOCK=_pow2(sz, 16),
         BLOCK_D=_pow2(d, 16),
+        TRANSPOSED=transposed,
     )
-    return out, (tile_scale if mode == 0 else None)
+    return out.transpose(-1, -2) if transposed else out, (tile_scale if mode == 0 else None)
+
+
+def _tiles_transposed(v: torch.Tensor) -> torch.Tensor:
+    """``v [B, H, T, S, Dv]`` with every tile ``[Dv, S]`` contiguous in memory (the pre-pass's V; copied otherwise)."""
+    vt = v.transpose(-1, -2)
+    return vt if vt.is_contiguous() else vt.contiguous()
 
 
 def prepare_quantized_triton(query, key, value, pattern: BlockSparsePattern, spec) -> Prepared:
@@ -279,7 +308,7 @@ def prepare_quantized_triton(query, key, value, pattern: BlockSparsePattern, spe
     q_q, q_scale = _quantize(query, qo, None, None, spec.qk_max, 0, torch.int8)
     k_q, k_scale = _quantize(key, ko, k_mean, None, spec.qk_max, 0, torch.int8)
     v_dtype = torch.float8_e4m3fn if spec.pv_fp8 else torch.int8
-    v_q, _ = _quantize(value, ko, v_mean, v_scale, int(spec.pv_max), 2 if spec.pv_fp8 else 1, v_dtype)
+    v_q, _ = _quantize(value, ko, v_mean, v_scale, int(spec.pv_max), 2 if spec.pv_fp8 else 1, v_dtype, True)
     return Prepared(q_q, q_scale, k_q, k_scale, v_q, v_scale, v_mean, *real_masks(pattern), k_mean)
 
 
@@ -320,7 +349,7 @@ def quantized_triton(
         prep.q_scale.contiguous(),
         prep.k.contiguous(),
         prep.k_scale.contiguous(),
-        prep.v.contiguous(),
+        _tiles_transposed(prep.v),
         prep.v_scale.contiguous(),
         prep.v_mean.contiguous(),
         qo.index.contiguous(),
@@ -351,8 +380,8 @@ def quantized_triton(
         PV_FP8=spec.pv_fp8,
         UPCAST=upcast,
         RETURN_LSE=return_lse,
-        num_warps=num_warps or (4 if block <= 64 else 8),
-        num_stages=num_stages or 2,
+        num_warps=num_warps or default_launch(block)[0],
+        num_stages=num_stages or default_launch(block)[1],
     )
     if not return_lse:
         return out
