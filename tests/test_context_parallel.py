@@ -268,47 +268,44 @@ def test_global_layout_regroups_flux_streams():
 
 
 # ------------------------------------------------------------------------------------------------- the command line
-def test_generate_command_under_torchrun(tmp_path):
-    """`torchrun --nproc-per-node 2 -m attnpack generate ... --ulysses-degree 2` writes the image of one process."""
+def _attnpack_cli(args: list[str], processes: int = 1):
+    """``python -m attnpack ARGS`` in a fresh process, or under ``torchrun`` with ``processes`` ranks (gloo on CPU);
+    asserts it succeeded and returns the completed process."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     from helpers import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += [
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(processes),
+            "--master-port",
+            str(free_port()),
+        ]
+    done = subprocess.run([*launcher, "-m", "attnpack", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_generate_command_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m attnpack generate ... --ulysses-degree 2` writes the image of one process."""
+
     from PIL import Image
 
     from attnpack import read_parameters
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     args = ["generate", "-m", "tiny-flux", "-p", "a red cat", "--steps", "3", "--height", "128", "--width", "128"]
     args += ["-t", "gna", "--opt", "window_size=3"]
-    one = subprocess.run(
-        [sys.executable, "-m", "attnpack", *args, "-o", str(tmp_path / "one.png")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert one.returncode == 0, one.stderr
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-    ]
-    two = subprocess.run(
-        [*launcher, "-m", "attnpack", *args, "--ulysses-degree", "2", "-o", str(tmp_path / "two.png")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert two.returncode == 0, two.stderr
+    _attnpack_cli([*args, "-o", str(tmp_path / "one.png")])
+    two = _attnpack_cli([*args, "--ulysses-degree", "2", "-o", str(tmp_path / "two.png")], processes=2)
     assert two.stderr.count("wrote ") == 1  # written once, by the first process
     a = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "two.png"), dtype=np.int16)
@@ -331,44 +328,15 @@ def test_batch_command_under_torchrun(tmp_path):
     first, with the pixels of a one-process batch."""
     import json
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from helpers import free_port
     from PIL import Image
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na blue dog\n")
     args = ["batch", "-m", "tiny-flux", "--prompts", str(prompts), "--steps", "3", "--height", "128", "--width", "128"]
     args += ["-t", "clear", "--opt", "radius=2"]
-    one = subprocess.run(
-        [sys.executable, "-m", "attnpack", *args, "--outdir", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert one.returncode == 0, one.stderr
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-    ]
-    two = subprocess.run(
-        [*launcher, "-m", "attnpack", *args, "--ulysses-degree", "2", "--outdir", str(tmp_path / "two")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert two.returncode == 0, two.stderr
+    _attnpack_cli([*args, "--outdir", str(tmp_path / "one")])
+    two = _attnpack_cli([*args, "--ulysses-degree", "2", "--outdir", str(tmp_path / "two")], processes=2)
     assert two.stderr.count("attnpack batch: 2 written") == 1
     names = ["00000_0.png", "00001_0.png"]
     assert sorted(os.listdir(tmp_path / "two")) == sorted([*names, "metadata.jsonl"])
