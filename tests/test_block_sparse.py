@@ -183,6 +183,28 @@ def test_per_head_orders_and_tables_paro_style(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_for_queries_keeps_the_owned_rows_and_the_keys_they_visit(backend):
+    """`for_queries` (ring attention): owned rows equal the full pattern's (per-head orders, an in-tile mask), the
+    other query tiles visit nothing, and `visited_keys` is the union of the owned rows of the brute-force mask."""
+    grid, tile, heads = (2, 3, 4), 4, 3
+    order = stack_orders([grid_order(grid, tile, axis_order=p) for p in [(0, 1, 2), (2, 0, 1), (1, 2, 0)]])
+    g = torch.Generator().manual_seed(6)
+    visited = (torch.rand(1, heads, order.num_tiles, order.num_tiles, generator=g) < 0.4) | torch.eye(6).bool()
+    mask = TileMask(lambda b, h, q, kv: (q + kv) % 3 != 0)
+    pattern = BlockSparsePattern(tile_table_from_dense(visited, torch.zeros_like(visited)), order, order, mask)
+    q, k, v = (_rand(2, heads, 24, 8, seed=s) for s in range(3))
+    owned = torch.arange(0, 4)  # one tile of head 0 (row-major), spread over tiles in the permuted heads
+    sub = pattern.for_queries(owned)
+    out = block_sparse_attention(q, k, v, sub, backend=backend)
+    ref = masked_attention(q, k, v, _dense_mask(pattern, 1, heads))
+    torch.testing.assert_close(out[:, :, owned], ref.float()[:, :, owned], atol=2e-5, rtol=0)
+    assert int(sub.table.num_kv.sum()) < int(pattern.table.num_kv.sum())  # tiles without owned queries dropped
+    seen = _dense_mask(pattern, 1, heads)[..., owned, :].flatten(0, 2).any(0)  # keys some owned query sees
+    assert bool((sub.visited_keys() | ~seen).all())  # visited_keys covers them (at tile granularity)
+    assert pattern.for_queries(owned) is sub  # cached
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_per_batch_tables_and_empty_rows(backend):
     order = flat_order(20, 4)
     visited = torch.zeros(2, 1, 5, 5, dtype=torch.bool)

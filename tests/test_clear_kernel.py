@@ -183,6 +183,27 @@ def test_clear_attention_against_dense_oracle(case, backend):
     torch.testing.assert_close(out, ref.float(), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_owned_queries_only(backend):
+    """Ring attention's query subset (`query_positions`, text and image queries, with pooled keys): the rows of the
+    dense oracle's attention, whatever the other query rows hold."""
+    grid, t, r, d = (8, 8), 3, 3, 2
+    n = t + 64
+    q, k, v = (_rand(1, 2, n, 8, seed=s) for s in (1, 2, 3))
+    weight = torch.rand(d, d, generator=torch.Generator().manual_seed(4))
+    owned = torch.cat([torch.arange(1, 3), torch.arange(t + 13, t + 45)])
+    q_owned = torch.zeros_like(q).index_copy_(2, owned, q[:, :, owned])
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    out = clear_attention(
+        q_owned.to(dev), k.to(dev), v.to(dev), grid=grid, text_len=t, radius=r, down_factor=d,
+        spatial_weight=weight.to(dev), backend=backend, q_tile=(4, 8), kv_tile=(4, 4), query_positions=owned,
+    ).cpu()  # fmt: skip
+    kk = torch.cat([k, oracle_pool(k[:, :, t:], grid, d, weight)], dim=2)
+    vv = torch.cat([v, oracle_pool(v[:, :, t:], grid, d, weight)], dim=2)
+    ref = masked_attention(q, kk, vv, oracle_mask(grid, t, r, d))[:, :, owned]
+    torch.testing.assert_close(out, ref.float(), atol=2e-5, rtol=0)
+
+
 # what the kernel is run with: the default (tokens permuted into tile-major order, tensor descriptors, the tile-local
 # mask), gathers fused into the loads, pointer loads, and the index mask on original indices (the rule written twice)
 KERNEL_VARIANTS = [

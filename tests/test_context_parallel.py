@@ -1,5 +1,6 @@
-"""attnpack techniques under diffusers' context parallelism: 2 CPU processes over gloo (Ulysses) give the image of one
-process, and what cannot work (ring attention, models without a context-parallel plan, observers) refuses clearly.
+"""attnpack techniques under diffusers' context parallelism: 2 CPU processes over gloo (Ulysses; ring for GNA and
+CLEAR) and 4 (unified ring x Ulysses) give the image of one process, and what cannot work (PARO and head guidance under
+ring attention, models without a context-parallel plan, observers) refuses clearly.
 
 Reference: the same pipeline and technique run in the test process itself, without parallelism. Each technique gets a
 fresh tiny pipeline per process (``enable_parallelism`` cannot be undone); all cases of a model run in one 2-process
@@ -42,6 +43,17 @@ class HeadScaledCore:
         return call.dense(query, key, value) * (1 + held.to(query.dtype) / 4)[None, :, None, None]
 
 
+class SubsetDenseCore:
+    """Dense attention that computes only the owned queries under ring attention: stands in for diffusers' ring
+    attention on the layers no technique covers (Wan's text cross-attention), which on CPU has no backend returning
+    the log-sum-exp it needs."""
+
+    query_subset = True
+
+    def __call__(self, query, key, value, call):
+        return call.dense(query if call.queries is None else query.index_select(2, call.queries), key, value)
+
+
 def _paro_plan(name, pipe):
     grid, text = GRIDS[name]
     model = pipe.transformer
@@ -78,6 +90,13 @@ TECHNIQUES = {
     "cross-attention": (  # Wan text cross-attention: queries exchanged, the replicated text keys sliced per rank
         ("tiny-wan",),
         lambda pipe, name: attnpack.apply_processors(pipe, HeadScaledCore(), kinds=["cross"], technique="scaled"),
+    ),
+    "gna-ring": (  # GNA, and on Wan's cross-attention dense attention computed by attnpack (SubsetDenseCore)
+        ("tiny-flux", "tiny-wan"),
+        lambda pipe, name: (
+            attnpack.apply_gna(pipe, window_size=3),
+            name == "tiny-wan" and attnpack.apply_processors(pipe, SubsetDenseCore(), kinds=["cross"], technique="d"),
+        ),
     ),
     "gna+head-guidance": (
         ("tiny-flux",),
@@ -138,12 +157,28 @@ RING = dict(ulysses_degree=1, ring_degree=2)
 RING_DIRECT = dict(ring_degree=2, direct=True)  # diffusers' enable_parallelism: attnpack refuses at the first step
 
 
+UNIFIED = dict(ulysses_degree=2, ring_degree=2)
+# dense attention under ring attention is diffusers' own (it needs a CUDA backend returning the log-sum-exp): every
+# layer of a ring case runs an attnpack core here
+RING_WORKS = {"tiny-flux": ("gna-ring", "clear"), "tiny-wan": ("gna-ring",)}
+RING_REFUSED = [
+    ("head-guidance", RING, True),
+    ("paro", RING, True),
+    ("paro", RING, False),
+    ("paro", RING_DIRECT, True),
+]
+
+
 def _cases(name):
-    cases = [(t, ULYSSES, True) for t, (models, _) in TECHNIQUES.items() if name in models]
+    cases = [(t, ULYSSES, True) for t, (models, _) in TECHNIQUES.items() if name in models and t != "gna-ring"]
     cases.append(("gna", ULYSSES, False))  # parallelism enabled before the technique: same result
-    # dense attention under ring attention is diffusers' own (it needs a CUDA backend returning the log-sum-exp)
-    cases += [("gna", RING, True), ("head-guidance", RING, True), ("gna", RING, False), ("gna", RING_DIRECT, True)]
-    return cases
+    cases += [(t, RING, True) for t in RING_WORKS[name]]
+    cases += [("gna-ring", RING, False), ("gna-ring", RING_DIRECT, True)]
+    return cases + RING_REFUSED
+
+
+def _unified_cases(name):
+    return [(t, UNIFIED, True) for t in RING_WORKS[name]]
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +189,20 @@ def launches(tmp_path_factory):
     def get(name):
         if name not in cache:
             cache[name] = run_distributed(_worker, 2, name, _cases(name), tmp_path=tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def unified_launches(tmp_path_factory):
+    """One 4-process launch per model (ring 2 x Ulysses 2), results of every rank."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            tmp = tmp_path_factory.mktemp(f"{name}-unified")
+            cache[name] = run_distributed(_worker, 4, name, _unified_cases(name), tmp_path=tmp)
         return cache[name]
 
     return get
@@ -175,7 +224,7 @@ def _key(technique, parallel, apply_first=True):
     return f"{technique}|{sorted(parallel.items())}|{apply_first}"
 
 
-PARAMS = [(n, t) for t, (models, _) in TECHNIQUES.items() for n in models]
+PARAMS = [(n, t) for t, (models, _) in TECHNIQUES.items() for n in models if t != "gna-ring"]
 
 
 @pytest.mark.parametrize("name,technique", PARAMS)
@@ -198,14 +247,51 @@ def test_parallelism_enabled_before_the_technique(launches, references, name):
     assert float(np.abs(out - references(name, "gna")).max()) <= ATOL
 
 
+def _assert_same(out, reference, what):
+    assert not isinstance(out, str), f"{what}: {out}"
+    diff = float(np.abs(out - reference).max())
+    assert diff <= ATOL, f"{what}: max |parallel - 1 process| = {diff:.2e}"
+
+
+RING_PARAMS = [(n, t) for n, ts in RING_WORKS.items() for t in ts]
+
+
+@pytest.mark.parametrize("name,technique", RING_PARAMS)
+def test_ring_attention_matches_one_process(launches, references, name, technique):
+    """GNA and CLEAR under ring attention (ring_degree=2): each rank computes its own queries against the gathered
+    keys, and the image is the one of one process."""
+    reference = references(name, technique)
+    for rank, results in enumerate(launches(name)):
+        _assert_same(results[_key(technique, RING)], reference, f"{name} {technique} ring rank {rank}")
+    assert float(np.abs(reference - references(name, "dense")).max()) > 10 * ATOL
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_ring_enabled_before_the_technique_and_directly(launches, references, name):
+    """Ring parallelism set up before the technique, or by diffusers' own `enable_parallelism`: the same image."""
+    for results in launches(name):
+        for parallel, apply_first in ((RING, False), (RING_DIRECT, True)):
+            _assert_same(results[_key("gna-ring", parallel, apply_first)], references(name, "gna-ring"), name)
+
+
+@pytest.mark.parametrize("name,technique", RING_PARAMS)
+def test_unified_attention_matches_one_process(unified_launches, references, name, technique):
+    """Unified attention (ring 2 x Ulysses 2, 4 processes): the Ulysses all-to-all inside each ring rank's pair, then
+    the ring; every rank ends with the image of one process."""
+    for rank, results in enumerate(unified_launches(name)):
+        _assert_same(results[_key(technique, UNIFIED)], references(name, technique), f"{name} {technique} rank {rank}")
+
+
 @pytest.mark.parametrize("name", list(CALLS))
 def test_ring_attention_is_refused_before_any_work(launches, name):
-    cases = [("gna", RING, True), ("head-guidance", RING, True), ("gna", RING, False), ("gna", RING_DIRECT, True)]
+    """PARO and head guidance under ring attention refuse, naming the reason and the fix (Ulysses)."""
     for results in launches(name):
-        for technique, parallel, apply_first in cases:
+        for technique, parallel, apply_first in RING_REFUSED:
             message = results[_key(technique, parallel, apply_first)]
             assert isinstance(message, str) and "does not support ring attention (ring_degree=2)" in message, message
-            assert "ulysses_degree=N" in message
+            assert "ulysses_degree=N" in message and "Ring attention runs clear and gna" in message
+            if technique == "paro":
+                assert "reordering spreads every attention block over all shards" in message
 
 
 # ------------------------------------------------------------------------------------------------- no processes
@@ -239,9 +325,11 @@ def test_unified_degrees_and_observers_are_refused():
             pass
 
     pipe = build_tiny_pipeline("tiny-flux")
-    with attnpack.apply_gna(pipe, window_size=3):
+    with attnpack.apply_head_perturbation(pipe, heads="L0H1", scale=1.0):
         with pytest.raises(ValueError, match="does not support ring attention \\(ring_degree=2\\)"):
             check_parallel_support(pipe.transformer, _layout(ulysses=2, ring=2))  # unified (ring x Ulysses)
+    with attnpack.apply_gna(pipe, window_size=3):
+        check_parallel_support(pipe.transformer, _layout(ulysses=2, ring=2))  # GNA runs under it
     apply_processors(pipe, Recorder(), technique="recorder")
     with pytest.raises(ValueError, match="`Recorder` on layer .* records attention maps"):
         check_parallel_support(pipe.transformer, _layout())
@@ -296,7 +384,8 @@ def _attnpack_cli(args: list[str], processes: int = 1):
 
 
 def test_generate_command_under_torchrun(tmp_path):
-    """`torchrun --nproc-per-node 2 -m attnpack generate ... --ulysses-degree 2` writes the image of one process."""
+    """`torchrun --nproc-per-node 2 -m attnpack generate ... --ulysses-degree 2` (and `--ring-degree 2`) writes the
+    image of one process."""
 
     from PIL import Image
 
@@ -311,6 +400,11 @@ def test_generate_command_under_torchrun(tmp_path):
     b = np.asarray(Image.open(tmp_path / "two.png"), dtype=np.int16)
     assert np.abs(a - b).max() <= 1  # 8-bit images: float-order differences may move a value by one grey level
     assert read_parameters(tmp_path / "two.png")["context_parallel"] == {"ring": 1, "ulysses": 2}
+    ring = _attnpack_cli([*args, "--ring-degree", "2", "-o", str(tmp_path / "ring.png")], processes=2)
+    assert ring.stderr.count("wrote ") == 1
+    c = np.asarray(Image.open(tmp_path / "ring.png"), dtype=np.int16)
+    assert np.abs(a - c).max() <= 1
+    assert read_parameters(tmp_path / "ring.png")["context_parallel"] == {"ring": 2, "ulysses": 1}
 
 
 def test_generate_command_needs_torchrun(tmp_path, monkeypatch, capsys):
@@ -362,17 +456,19 @@ def test_ring_degree_with_techniques_is_refused_before_loading(tmp_path, capsys,
         "-p",
         "a cat",
         "-t",
-        "gna",
+        "head-guidance",
         "--ring-degree",
         "2",
         "-o",
         str(tmp_path / "x.png"),
     ]
     batch = ["batch", "-m", "tiny-flux", "--prompts", str(prompts), "--outdir", str(tmp_path / "o"), "-t", "clear"]
+    batch += ["-t", "head-guidance"]
     assert main(gen) == 2
-    assert "gna cannot run under ring attention (--ring-degree=2)" in capsys.readouterr().err
+    assert "head-guidance cannot run under ring attention (--ring-degree=2)" in capsys.readouterr().err
     assert main([*batch, "--ring-degree", "2"]) == 2
-    assert "clear cannot run under ring attention (ring_degree=2)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "head-guidance cannot run under ring attention (ring_degree=2): only dense attention, clear and gna" in err
 
 
 def test_batch_context_parallel_needs_several_processes(tmp_path, capsys):
@@ -384,3 +480,23 @@ def test_batch_context_parallel_needs_several_processes(tmp_path, capsys):
     assert main([*args, "--ulysses-degree", "2"]) == 2
     assert "launch with `torchrun --nproc-per-node N -m attnpack batch" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.png"))
+
+
+def test_ring_key_shards_read_follows_the_windows():
+    """Which key shards a ring rank's GNA queries visit, against the brute-force GNA mask: a window of 3 frames on 8
+    frames in 4 shards of 2 frames reads the neighbouring shards only (the rest are skipped)."""
+    from attnpack.attn_processors.parallel import ring_key_shards_read
+    from attnpack.kernels.neighborhood import cached_neighborhood_pattern, normalize_neighborhood_args
+    from attnpack.kernels.neighborhood.naive import neighborhood_mask
+
+    for window, stride in (((3, 3, 3), (1, 1, 1)), ((5, 3, 3), (2, 1, 1))):
+        spec = normalize_neighborhood_args((8, 4, 4), window, stride, (1, 1, 1), (False,) * 3)
+        pattern = cached_neighborhood_pattern(spec, q_tile=(1, 4, 4), kv_tile=(2, 2, 2))
+        mask = neighborhood_mask((8, 4, 4), spec.window, spec.stride, spec.dilation, spec.causal)
+        per = 32
+        expected = [
+            [j for j in range(4) if bool(mask[r * per : (r + 1) * per, j * per : (j + 1) * per].any())]
+            for r in range(4)
+        ]
+        assert ring_key_shards_read(pattern, 4) == expected
+    assert expected != [[0, 1, 2, 3]] * 4  # some shards are skipped

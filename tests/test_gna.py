@@ -203,6 +203,23 @@ def test_neighborhood_attention_against_reference(backend, case):
     torch.testing.assert_close(out, ref.float(), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "tiled", "flex", None])
+def test_owned_queries_only(backend):
+    """Ring attention's query subset (`query_positions`): the rows of the brute-force GNA mask's attention, whatever the
+    other rows of the query tensor hold (zeros here, as ring attention leaves them)."""
+    from attnpack.kernels.neighborhood import neighborhood_attention_spec
+
+    spec = normalize_neighborhood_args((4, 6, 6), (3, 3, 3), (1, 2, 1), (1, 1, 2), (False, False, True))
+    q, k, v = (_rand(2, 2, spec.num_tokens, 8, seed=s) for s in range(3))
+    ek, ev = (_rand(2, 2, 3, 8, seed=s) for s in (7, 8))
+    owned = torch.arange(30, 75)  # a shard that starts and ends inside query tiles
+    q_owned = torch.zeros_like(q).index_copy_(2, owned, q[:, :, owned])
+    out = neighborhood_attention_spec(
+        q_owned, k, v, spec, additional_keys=ek, additional_values=ev, backend=backend, query_positions=owned
+    )
+    torch.testing.assert_close(out, _oracle(q, k, v, spec, ek, ev).float()[:, :, owned], atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("case", CASES[1::3], ids=_case_id)
 def test_tile_pattern_through_block_sparse_reference(case):
     """The analytic tile table with the block-sparse reference (the path flex and Triton take), non-default tiles."""

@@ -89,6 +89,8 @@ class ClearState:
 class ClearCore:
     """The CLEAR attention core for one FLUX layer (``[B, H, T + h*w, D]`` in and out, text first)."""
 
+    query_subset = True  # honours AttentionCall.queries: runs under ring attention
+
     def __init__(self, state: ClearState, layer_name: str):
         self.state = state
         self.layer_name = layer_name
@@ -123,6 +125,7 @@ class ClearCore:
             cache=s.cache,
             q_tile=s.q_tile,
             kv_tile=s.kv_tile,
+            query_positions=call.queries,
         )
 
     def __repr__(self) -> str:

@@ -111,6 +111,10 @@ class ParallelLayout:
     def ulysses_group(self):
         return self.config.context_parallel_config._ulysses_mesh.get_group()
 
+    @property
+    def ring_group(self):
+        return self.config.context_parallel_config._ring_mesh.get_group()
+
     @classmethod
     def of_model(cls, model: torch.nn.Module) -> ParallelLayout | None:
         """The layout set by ``model.enable_parallelism(config=ContextParallelConfig(...))``, ``None`` without one."""

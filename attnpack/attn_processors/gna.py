@@ -107,6 +107,8 @@ class GNACore:
             ``step_index / num_steps < dense_steps`` (float in ``[0, 1]``).
     """
 
+    query_subset = True  # honours AttentionCall.queries: runs under ring attention
+
     def __init__(self, config: GNAConfig, dense_steps: int | float = 0):
         self.config = config
         self.dense_steps = dense_steps
@@ -176,8 +178,9 @@ class GNACore:
 
     # ------------------------------------------------------------------------------------------ call
     def __call__(self, query, key, value, call: AttentionCall) -> torch.Tensor:
+        owned = call.queries  # ring attention: compute these query rows only
         if self._dense_now(call):
-            return call.dense(query, key, value)
+            return call.dense(query if owned is None else query.index_select(2, owned), key, value)
         layout = call.layout
         if layout.grid is None or layout.image is None:
             raise ValueError(
@@ -192,18 +195,25 @@ class GNACore:
             )
         spec = self._spec(grid)
         if spec is None:
-            return call.dense(query, key, value)
+            return call.dense(query if owned is None else query.index_select(2, owned), key, value)
         image, text = layout.image, layout.text
+        img_rows = txt_rows = None
+        if owned is not None:  # the owned queries of each stream (sorted: the streams' order is kept)
+            img_rows = _rows_in(owned, image)
+            txt_rows = None if text is None else _rows_in(owned, text)
         key_image, key_text = layout.key_image, layout.key_text
         q_img, k_img, v_img = query[:, :, image], key[:, :, key_image], value[:, :, key_image]
         k_txt = None if key_text is None else key[:, :, key_text]
         v_txt = None if key_text is None else value[:, :, key_text]
         kwargs = dict(backend=self.config.backend)  # spec and backend checked once, when applied / per grid
         text_keep = _text_keys_kept(call.mask, layout, query.shape[0])
-        if text_keep is None or k_txt is None:
+        if owned is not None and img_rows.numel() == 0:
+            out_img = q_img.new_zeros(*q_img.shape[:2], 0, v_img.shape[-1])
+        elif text_keep is None or k_txt is None:
             out_img = neighborhood_attention_spec(
-                q_img, k_img, v_img, spec, additional_keys=k_txt, additional_values=v_txt, **kwargs
-            )
+                q_img, k_img, v_img, spec, additional_keys=k_txt, additional_values=v_txt, query_positions=img_rows,
+                **kwargs,
+            )  # fmt: skip
         else:  # padded text keys (HunyuanVideo): per batch row, only its real text tokens
             rows = []
             for b in range(query.shape[0]):
@@ -222,9 +232,16 @@ class GNACore:
             out_img = torch.cat(rows, dim=0)
         if text is None:
             return out_img
-        out_txt = call.dense(query[:, :, text], key, value)  # text queries: everything (with the model's mask)
+        q_txt = query[:, :, text] if txt_rows is None else query[:, :, text].index_select(2, txt_rows)
+        out_txt = call.dense(q_txt, key, value)  # text queries: everything (with the model's mask)
         parts = [out_txt, out_img] if layout.text_first else [out_img, out_txt]
         return torch.cat(parts, dim=2)
+
+
+def _rows_in(positions: torch.Tensor, span: slice) -> torch.Tensor:
+    """The sorted ``positions`` inside ``span``, relative to its start."""
+    inside = positions[(positions >= span.start) & (positions < span.stop)]
+    return inside - span.start
 
 
 def _text_keys_kept(mask: torch.Tensor | None, layout, batch: int) -> torch.Tensor | None:

@@ -1,15 +1,22 @@
 """attnpack processors under diffusers' context parallelism (``model.enable_parallelism(config=...)``).
 
-Under Ulysses (``ContextParallelConfig(ulysses_degree=P)``) every rank holds ``1/P`` of the sequence with all heads.
-Dense attention is left to diffusers (its templated Ulysses / ring / unified attention). Any other attnpack core
-needs the whole sequence: the processor does the Ulysses all-to-all itself (:func:`ulysses_call`), so that the core
-sees every token of ``H/P`` heads in the *global* token order with the global :class:`TokenLayout` (grid from the run
-context, never inferred from a shard), runs exactly as on one process, and the inverse all-to-all hands each rank its
-own tokens back. Cores that index heads (head perturbation, PARO's per-head plans) read :attr:`AttentionCall.heads`.
+Every rank holds ``1/W`` of the sequence between attention layers (``W = ulysses_degree * ring_degree``). Dense
+attention is left to diffusers (its templated Ulysses / ring / unified attention). Any other attnpack core runs in the
+global frame (:func:`parallel_call`): it sees tokens in the *global* order with the global :class:`TokenLayout` (grid
+from the run context, never inferred from a shard), so it runs exactly as on one process.
 
-Ring attention (``ring_degree > 1``, alone or with Ulysses) keeps only a shard of the keys on each rank at a time:
-dense attention stays correct (diffusers' ring merges partial softmaxes), attnpack's other cores are refused
-(:func:`check_parallel_support`) with a message naming the fix.
+- **Ulysses** (:func:`ulysses_call`): the all-to-all gives every rank the whole sequence for ``H/P`` heads; the core
+  runs on it and the inverse all-to-all hands each rank its own tokens back. Cores that index heads (head
+  perturbation, PARO's per-head plans) read :attr:`AttentionCall.heads`. Every technique works.
+- **Ring** and **unified** (``ring_degree > 1``, after the Ulysses all-to-all inside each ring rank's group)
+  (:func:`ring_call`): a rank owns a shard of the queries. Its keys and values are all-gathered over the ring group
+  (as diffusers' own ring attention does), and the core computes the rows of its own queries only
+  (:attr:`AttentionCall.queries`). A block-sparse core skips every query tile outside the shard, and with it every
+  key tile that no owned query visits: with a local pattern (GNA, CLEAR) a rank computes against the neighbouring
+  shards only (:func:`ring_key_shards_read` says which). Cores that declare ``query_subset = True`` run under ring
+  attention (GNA, CLEAR); the others are refused (:func:`check_parallel_support`) with a message naming the fix: PARO
+  (its per-head token reordering spreads every block over all shards, so a rank would compute every block anyway)
+  and the modifiers and observers (head guidance, A-STAR's store).
 """
 
 from __future__ import annotations
@@ -20,10 +27,23 @@ from .context import ParallelLayout, RunState
 from .families import TokenLayout
 
 
-__all__ = ["SUPPORTED_FAMILIES", "check_parallel_support", "global_layout", "needs_exchange", "ulysses_call"]
+__all__ = [
+    "RING_TECHNIQUES",
+    "SUPPORTED_FAMILIES",
+    "check_parallel_support",
+    "global_layout",
+    "needs_exchange",
+    "parallel_call",
+    "ring_call",
+    "ring_key_shards_read",
+    "shard_positions",
+    "ulysses_call",
+]
 
 # families whose diffusers denoiser has a context-parallel plan (`_cp_plan`) that attnpack's adapters understand
 SUPPORTED_FAMILIES = ("flux", "wan")
+# techniques whose cores compute a subset of the queries (`query_subset = True`): they run under ring attention
+RING_TECHNIQUES = ("clear", "gna")
 
 
 def _core_parts(core) -> tuple:
@@ -58,11 +78,14 @@ def check_parallel_support(model: torch.nn.Module, parallel: ParallelLayout) -> 
                 f"on {', '.join(SUPPORTED_FAMILIES)} (the diffusers models with a context-parallel plan). Run this "
                 "model on one process, or shard many outputs over processes with `attnpack batch`."
             )
-        if parallel.ring_degree > 1:
+        if parallel.ring_degree > 1 and not all(
+            getattr(p, "query_subset", False) for p in _core_parts(processor.core)
+        ):
             raise ValueError(
-                f"{where} does not support ring attention (ring_degree={parallel.ring_degree}): its attention "
-                "pattern needs every key of its heads on one rank, and ring attention only ever holds one shard of "
-                "the keys. Use ContextParallelConfig(ulysses_degree=N) with ring_degree=1 (docs/multi-gpu.md)."
+                f"{where} does not support ring attention (ring_degree={parallel.ring_degree}): "
+                f"{_ring_reason(processor.core)} Ring attention runs {' and '.join(RING_TECHNIQUES)} (and dense "
+                "attention); for this technique use ContextParallelConfig(ulysses_degree=N) with ring_degree=1 "
+                "(docs/multi-gpu.md)."
             )
         if parallel.anything:
             raise ValueError(
@@ -81,6 +104,50 @@ def check_parallel_support(model: torch.nn.Module, parallel: ParallelLayout) -> 
             )
 
 
+def _ring_reason(core) -> str:
+    from .paro import ParoCore
+
+    parts = _core_parts(core)
+    if any(isinstance(p, ParoCore) for p in parts):
+        return (
+            "its per-head token reordering spreads every attention block over all shards of the sequence, so each "
+            "rank would compute every block (no saving over one process)."
+        )
+    return "it works on whole sequences and cannot compute only the queries a ring rank owns."
+
+
+def shard_positions(local: TokenLayout, world: int, shards) -> torch.Tensor:
+    """Global positions (indices into the global sequence, text and image streams regrouped) of the tokens of the
+    sequence shards ``shards`` (flattened-mesh ranks), concatenated in that order, each in its local order.
+
+    Each stream (text, image) is cut into ``world`` equal contiguous shards and rank ``c`` holds shard ``c`` of each
+    (FLUX: ``[text shard, image shard]``); a single stream (Wan's video tokens) is simply cut in ``world`` pieces.
+    """
+    n_local = local.num_queries
+    parts = []
+    for c in shards:
+        if local.is_cross or local.num_text == 0:
+            parts.append(torch.arange(c * n_local, (c + 1) * n_local))
+            continue
+        text_base, image_base = (0, local.num_text * world) if local.text_first else (local.num_image * world, 0)
+        pos = torch.empty(n_local, dtype=torch.int64)
+        pos[local.text] = text_base + c * local.num_text + torch.arange(local.num_text)
+        pos[local.image] = image_base + c * local.num_image + torch.arange(local.num_image)
+        parts.append(pos)
+    return torch.cat(parts)
+
+
+def _global_token_layout(local: TokenLayout, world: int, run: RunState) -> TokenLayout:
+    n = local.num_queries * world
+    if local.is_cross:
+        return TokenLayout.cross_attention(n, local.num_keys, run.grid_for(n))
+    if local.num_text == 0:
+        return TokenLayout.self_attention(n, run.grid_for(n))
+    n_image = local.num_image * world
+    grid = run.grid if run.grid is not None and run.image_len == n_image else None
+    return TokenLayout.joint(n_image, local.num_text * world, grid, text_first=local.text_first)
+
+
 def global_layout(
     local: TokenLayout, parallel: ParallelLayout, run: RunState
 ) -> tuple[TokenLayout, torch.Tensor | None]:
@@ -92,20 +159,10 @@ def global_layout(
     each hold ``[text shard, image shard]``, the streams are regrouped (``perm`` is not the identity).
     """
     p = parallel.ulysses_degree
-    n_local = local.num_queries
-    n = n_local * p
-    if local.is_cross:
-        return TokenLayout.cross_attention(n, local.num_keys, run.grid_for(n)), None
-    if local.num_text == 0:
-        return TokenLayout.self_attention(n, run.grid_for(n)), None
-    n_text, n_image = local.num_text * p, local.num_image * p
-    grid = run.grid if run.grid is not None and run.image_len == n_image else None
-    layout = TokenLayout.joint(n_image, n_text, grid, text_first=local.text_first)
-    offsets = (torch.arange(p) * n_local)[:, None]
-    text = (offsets + torch.arange(local.text.start, local.text.stop)[None]).flatten()
-    image = (offsets + torch.arange(local.image.start, local.image.stop)[None]).flatten()
-    perm = torch.cat([text, image] if local.text_first else [image, text])
-    return layout, perm
+    layout = _global_token_layout(local, p, run)
+    if local.is_cross or local.num_text == 0:
+        return layout, None
+    return layout, torch.argsort(shard_positions(local, p, range(p)))
 
 
 def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
@@ -122,6 +179,18 @@ def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return SeqAllToAllDim.apply(group, x.transpose(1, 2).contiguous(), 1, 2).transpose(1, 2)
 
 
+def parallel_call(core, query, key, value, call, parallel: ParallelLayout) -> torch.Tensor:
+    """Run ``core`` under ``parallel``: :func:`ulysses_call` without ring degree, else :func:`ring_call`."""
+    if call.mask is not None:
+        raise ValueError(
+            f"layer {call.layer.name!r} got an attention mask from the model; attnpack techniques under context "
+            "parallelism support unmasked attention only. Run this model on one process."
+        )
+    if parallel.ring_degree > 1:
+        return ring_call(core, query, key, value, call, parallel)
+    return ulysses_call(core, query, key, value, call, parallel)
+
+
 def ulysses_call(core, query, key, value, call, parallel: ParallelLayout) -> torch.Tensor:
     """Run ``core`` on the whole sequence for this rank's heads (Ulysses), return this rank's tokens, all heads.
 
@@ -130,11 +199,6 @@ def ulysses_call(core, query, key, value, call, parallel: ParallelLayout) -> tor
     """
     import dataclasses
 
-    if call.mask is not None:
-        raise ValueError(
-            f"layer {call.layer.name!r} got an attention mask from the model; attnpack techniques under context "
-            "parallelism support unmasked attention only. Run this model on one process."
-        )
     group = parallel.ulysses_group
     heads = parallel.heads(query.shape[1])
     layout, perm = global_layout(call.layout, parallel, call.run)
@@ -155,3 +219,64 @@ def ulysses_call(core, query, key, value, call, parallel: ParallelLayout) -> tor
     if perm is not None:
         out = out.index_select(2, torch.argsort(perm))
     return _heads_to_seq(out.contiguous(), group)
+
+
+def _ring_all_gather(x: torch.Tensor, parallel: ParallelLayout) -> torch.Tensor:
+    """``[B, H, n, D]`` on every ring rank -> ``[B, H, R * n, D]``, ring ranks in order."""
+    import torch.distributed._functional_collectives as funcol
+
+    gathered = funcol.all_gather_tensor(x.contiguous(), gather_dim=0, group=parallel.ring_group)
+    return torch.cat(gathered.chunk(parallel.ring_degree), dim=2)
+
+
+def ring_call(core, query, key, value, call, parallel: ParallelLayout) -> torch.Tensor:
+    """Run ``core`` for this rank's queries against every key (ring and unified attention).
+
+    ``query`` / ``key`` / ``value``: ``[B, H, N/W, D]`` as the adapter prepared them on this rank. With a Ulysses
+    degree ``U > 1`` the Ulysses all-to-all runs first (this rank then holds ``H/U`` heads of the ``U`` shards of its
+    ring rank, diffusers' unified layout). Keys and values are all-gathered over the ring group and put in global
+    order; queries are placed at their global positions in an otherwise zero tensor, and the core (``query_subset``)
+    computes only the rows :attr:`AttentionCall.queries`. Cross-attention keys (text, replicated) are not gathered.
+    """
+    import dataclasses
+
+    u, ring_rank, world = parallel.ulysses_degree, parallel.ring_rank, parallel.world
+    heads = parallel.heads(query.shape[1])
+    q, k, v = query, key, value
+    if u > 1:
+        q = _seq_to_heads(q, parallel.ulysses_group)
+        if not call.layout.is_cross:
+            k, v = _seq_to_heads(k, parallel.ulysses_group), _seq_to_heads(v, parallel.ulysses_group)
+    if call.layout.is_cross:
+        k, v = key[:, heads], value[:, heads]
+    else:
+        order = torch.argsort(shard_positions(call.layout, world, range(world))).to(q.device)
+        k = _ring_all_gather(k, parallel).index_select(2, order)
+        v = _ring_all_gather(v, parallel).index_select(2, order)
+    layout = _global_token_layout(call.layout, world, call.run)
+    mine = shard_positions(call.layout, world, range(ring_rank * u, (ring_rank + 1) * u)).to(q.device)
+    owned, rank_of = torch.sort(mine)
+    q_full = q.new_zeros(q.shape[0], q.shape[1], layout.num_queries, q.shape[3]).index_copy_(2, mine, q)
+    local = dataclasses.replace(call, layout=layout, parallel=False, heads=heads, queries=owned)
+    out = core(q_full, k, v, local)
+    if out.shape[2] != owned.numel():
+        raise RuntimeError(
+            f"{core!r} returned {out.shape[2]} rows for {owned.numel()} owned queries under ring attention."
+        )
+    out = out.index_select(2, torch.argsort(rank_of))
+    return _heads_to_seq(out.contiguous(), parallel.ulysses_group) if u > 1 else out
+
+
+def ring_key_shards_read(pattern, ring_degree: int) -> list[list[int]]:
+    """For a block-sparse ``pattern`` over one stream (Wan's video tokens) under ring attention of ``ring_degree``
+    (each ring rank owns a contiguous ``1 / ring_degree`` of the queries, also under unified attention): ``result[r]``
+    lists the ring ranks whose keys rank ``r``'s queries visit; rank ``r`` computes nothing against the others."""
+    n = pattern.num_queries
+    if n % ring_degree:
+        raise ValueError(f"{n} queries do not split into ring_degree={ring_degree} equal shards.")
+    per = n // ring_degree
+    reads = []
+    for r in range(ring_degree):
+        keys = pattern.for_queries(torch.arange(r * per, (r + 1) * per)).visited_keys()[:n]
+        reads.append([j for j in range(ring_degree) if bool(keys[j * per : (j + 1) * per].any())])
+    return reads

@@ -14,7 +14,7 @@ import torch
 
 from .context import ParallelLayout, RunState, current_run, install_run_context, release_run_context
 from .families import LayerInfo, Prepared, TokenLayout, dense_attention, family_of_model, get_adapter
-from .parallel import check_parallel_support, needs_exchange, ulysses_call
+from .parallel import check_parallel_support, needs_exchange, parallel_call
 
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,10 @@ class AttentionCall:
             layers diffusers runs unparallelised, and inside the Ulysses exchange of ``parallel.ulysses_call``).
         heads: the layer's heads (global indices) that ``q``, ``k``, ``v`` hold: all of them on one process, this
             rank's share under Ulysses context parallelism (cores selecting heads by index map through it).
+        queries: ``None`` (every query), or under ring attention the sorted positions of the queries this rank owns:
+            ``q`` then has every position (the others are zeros) and ``k``/``v`` every key, and the core returns
+            ``[B, H, len(queries), D]``, the rows of ``queries`` only. Only cores with ``query_subset = True`` are
+            given one (GNA, CLEAR); the others refuse ring attention.
     """
 
     attn: torch.nn.Module
@@ -67,6 +71,7 @@ class AttentionCall:
     processor: AttnPackProcessor
     parallel: bool = True
     heads: slice | None = None
+    queries: torch.Tensor | None = None
 
     def local_heads(self, heads) -> list[int]:
         """The positions in this call's ``q``/``k``/``v`` of the layer heads ``heads`` (global indices) held here."""
@@ -237,7 +242,7 @@ class AttnPackProcessor:
         call = AttentionCall(attn, self.layer, prep.layout, prep.mask, run, self, prep.parallel)
         parallel = None if run is None else run.parallel
         if parallel is not None and needs_exchange(self.core):
-            out = ulysses_call(self.core, prep.query, prep.key, prep.value, call, parallel)
+            out = parallel_call(self.core, prep.query, prep.key, prep.value, call, parallel)
         else:
             out = self.core(prep.query, prep.key, prep.value, call)
         return self._adapter.finish(attn, out, prep)

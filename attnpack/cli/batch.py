@@ -56,7 +56,9 @@ def register(sub) -> None:
         help="split every output's denoising over N processes (Ulysses) instead of sharing the outputs among them; "
         "FLUX and Wan; see docs/multi-gpu.md",
     )
-    g.add_argument("--ring-degree", type=int, help="ring-attention degree (dense attention only)")
+    g.add_argument(
+        "--ring-degree", type=int, help="ring-attention degree (dense attention, gna and clear; see docs/multi-gpu.md)"
+    )
     # "not given" must be distinguishable from a default, so that the config file can fill it
     p.set_defaults(**{a.dest: None for a in p._actions if a.dest != "help"})
     p.set_defaults(func=run)

@@ -47,7 +47,7 @@ def register(sub) -> None:
         "--ring-degree",
         type=int,
         default=None,
-        help="ring-attention degree (dense attention only: attnpack techniques refuse it)",
+        help="ring-attention degree (dense attention, gna and clear; the other techniques refuse it)",
     )
     p.set_defaults(func=run)
 

@@ -60,15 +60,18 @@ def is_main_process() -> bool:
 
 
 def check_ring_techniques(specs, ring_degree: int | None, argument: str = "--ring-degree") -> None:
-    """Refuse, before any model is loaded, techniques that cannot run under ring attention (every one but dense:
-    docs/multi-gpu.md). ``specs``: ``[(name, options), ...]``."""
+    """Refuse, before any model is loaded, techniques that cannot run under ring attention (all but dense, GNA and
+    CLEAR: docs/multi-gpu.md). ``specs``: ``[(name, options), ...]``."""
+    from ..attn_processors.parallel import RING_TECHNIQUES
+
     if ring_degree is None or ring_degree <= 1:
         return
-    names = sorted({name for name, _ in specs if name != "dense"})
+    names = sorted({name for name, _ in specs if name != "dense" and name not in RING_TECHNIQUES})
     if names:
         raise ValueError(
-            f"{', '.join(names)} cannot run under ring attention ({argument}={ring_degree}): only dense attention "
-            "does. Use Ulysses alone (--ulysses-degree N, no ring degree) for attnpack techniques."
+            f"{', '.join(names)} cannot run under ring attention ({argument}={ring_degree}): only dense attention, "
+            f"{' and '.join(RING_TECHNIQUES)} do. Use Ulysses alone (--ulysses-degree N, no ring degree) for "
+            f"{', '.join(names)}."
         )
 
 
@@ -86,8 +89,10 @@ def enable_context_parallel(pipe, ulysses_degree: int | None = None, ring_degree
             other diffusers models that have one).
         ulysses_degree: Ulysses degree (default: the world size divided by ``ring_degree``). Must divide the number
             of attention heads. Every attnpack technique on FLUX and Wan runs under Ulysses.
-        ring_degree: ring-attention degree (default 1). Only dense attention runs under ring attention; attnpack's
-            sparse and guidance techniques refuse it.
+        ring_degree: ring-attention degree (default 1). Dense attention, GNA and CLEAR run under ring attention
+            (alone or with Ulysses: unified attention); PARO and head guidance refuse it. Dense layers under ring
+            attention need a diffusers attention backend that returns the log-sum-exp (e.g. ``flash``, ``_native_cudnn``
+            on CUDA; ``pipe.transformer.set_attention_backend(...)``).
 
     Returns:
         the :class:`~attnpack.attn_processors.context.ParallelLayout` of this process.

@@ -653,6 +653,51 @@ class BlockSparsePattern:
             )
         return self._cache[key]
 
+    def for_queries(self, positions: torch.Tensor) -> BlockSparsePattern:
+        """This pattern with only the query tiles holding some of ``positions`` (query indices) left visiting keys.
+
+        The other query tiles list no key tile, so kernels skip them and their outputs are meaningless (zeros): the
+        caller keeps only the rows ``positions``. Index spaces are unchanged, so every backend (and a Triton mask's
+        tile-local coordinates) stays valid. Used by ring attention, where a rank owns a shard of the queries and
+        holds every key (:mod:`attnpack.attn_processors.parallel`). Cached per device and positions.
+        """
+        positions = positions.to(self.q_order.device, torch.int64)
+        key = ("queries", positions.numel(), hash(tuple(positions[:: max(1, positions.numel() // 64)].tolist())))
+        cached = self._cache.get(key)
+        if cached is not None and torch.equal(cached[0], positions):
+            return cached[1]
+        table, order = self.table, self.q_order
+        tile = order.inverse()[:, positions] // order.tile_size  # [Hi, n]: the tile of every kept query, per head
+        keep = torch.zeros(order.num_heads, order.num_tiles, dtype=torch.bool, device=order.device)
+        keep.scatter_(1, tile, True)
+        if table.num_kv.shape[1] != order.num_heads:  # a table shared by per-head orders: keep a tile for all heads
+            keep = keep.any(0, keepdim=True)
+        keep = keep.to(table.num_kv.device)  # [1 or H, Tq], broadcast over the table's [Bt, Ht, Tq]
+        restricted = TileTable(
+            table.kv_tiles,
+            torch.where(keep, table.num_kv, 0).to(torch.int32),
+            torch.where(keep, table.num_full, 0).to(torch.int32),
+            table.num_kv_tiles,
+        )
+        pattern = dataclasses.replace(
+            self, table=restricted, name=f"{self.name}[{positions.numel()} queries]", _cache={}
+        )
+        self._cache[key] = (positions, pattern)
+        return pattern
+
+    def visited_keys(self) -> torch.Tensor:
+        """``bool [Nk]``: the keys some query tile visits (for any batch row and head)."""
+        table, order = self.table, self.kv_order
+        slot = torch.arange(table.kv_tiles.shape[-1], device=table.kv_tiles.device)
+        listed = slot < table.num_kv[..., None]
+        tiles = torch.zeros(order.num_tiles, dtype=torch.bool, device=table.kv_tiles.device)
+        tiles[table.kv_tiles[listed].long()] = True
+        index = order.index.view(order.num_heads, order.num_tiles, order.tile_size)
+        keys = torch.zeros(order.num_tokens + 1, dtype=torch.bool, device=order.device)
+        real = index[:, tiles.to(order.device)]
+        keys[torch.where(real >= 0, real.long(), order.num_tokens).flatten()] = True
+        return keys[: order.num_tokens]
+
     def tile_bound(self) -> float:
         """Speedup bound set by tiles visited: ``Tq * Tk / mean visited pairs`` (per batch and head row)."""
         rows = self.table.num_kv.shape[0] * self.table.num_kv.shape[1]

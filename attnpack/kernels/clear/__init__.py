@@ -412,6 +412,7 @@ def clear_attention(
     cache: ClearPatternCache | None = None,
     q_tile: Sequence[int] | None = None,
     kv_tile: Sequence[int] | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CLEAR attention on FLUX's joint sequence.
 
@@ -431,6 +432,8 @@ def clear_attention(
             :func:`attnpack.kernels.block_sparse_attention`).
         cache: a :class:`ClearPatternCache` (patterns are rebuilt on every call without one).
         q_tile, kv_tile: 2-D tile shapes (default :func:`default_clear_tiles`).
+        query_positions: ``int64 [n]`` sorted query indices: only these queries are computed (ring attention, where a
+            rank owns a shard of the queries and holds every key); the result is then ``[B, H, n, D]``.
 
     Returns:
         ``[B, H, T + h*w, D]`` in the input dtype.
@@ -455,4 +458,9 @@ def clear_attention(
     pattern = (
         cache.get(spec, q_tile, kv_tile) if cache is not None else clear_pattern(spec, q_tile=q_tile, kv_tile=kv_tile)
     )
-    return block_sparse_attention(query, key, value, pattern, scale=scale, backend=backend)
+    if query_positions is None:
+        return block_sparse_attention(query, key, value, pattern, scale=scale, backend=backend)
+    query_positions = query_positions.to(query.device)
+    pattern = pattern.to(query.device).for_queries(query_positions)
+    out = block_sparse_attention(query, key, value, pattern, scale=scale, backend=backend)
+    return out.index_select(2, query_positions)

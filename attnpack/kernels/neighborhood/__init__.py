@@ -249,21 +249,33 @@ def neighborhood_attention_spec(
     backend: str | None = None,
     q_tile_shape: Sequence[int] | None = None,
     kv_tile_shape: Sequence[int] | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`neighborhood_attention` for callers that already hold checked inputs: a :class:`NeighborhoodSpec`
     from :func:`normalize_neighborhood_args`, tensors of the right shapes, a backend from :func:`check_backend`
-    (the GNA processor normalises once per grid and calls this on every layer and step)."""
+    (the GNA processor normalises once per grid and calls this on every layer and step).
+
+    ``query_positions``: ``int64 [n]``, sorted flattened grid indices: only these queries are computed (the other
+    rows of ``query`` are never read for output) and the result is ``[B, H, n, Dv]``. Ring attention uses it: a rank
+    owns a shard of the queries and holds every key; query tiles without any of them are skipped."""
     num_extra = 0 if additional_keys is None else additional_keys.shape[2]
     if backend is None and (spec.is_full() or (spec.is_plain_causal() and num_extra == 0)):
-        logger.debug("neighborhood_attention: full window on every axis of %s; using dense SDPA", spec.grid)
-        return _dense(query, key, value, additional_keys, additional_values, scale, spec.is_plain_causal())
+        if query_positions is None:
+            logger.debug("neighborhood_attention: full window on every axis of %s; using dense SDPA", spec.grid)
+            return _dense(query, key, value, additional_keys, additional_values, scale, spec.is_plain_causal())
+        if spec.is_full():
+            q = query.index_select(2, query_positions.to(query.device))
+            return _dense(q, key, value, additional_keys, additional_values, scale, False)
+    if query_positions is not None:
+        query_positions = query_positions.to(query.device)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, additional_keys, additional_values)
     )
     if backend == "reference":
         return neighborhood_reference(
-            query, key, value, spec, additional_keys=additional_keys, additional_values=additional_values, scale=scale
-        )
+            query, key, value, spec, additional_keys=additional_keys, additional_values=additional_values, scale=scale,
+            query_positions=query_positions,
+        )  # fmt: skip
     if backend is None and query.device.type != "cuda":
         backend, ratio = cpu_backend_choice(spec, num_extra, q_tile_shape, kv_tile_shape)
         logger.debug(
@@ -275,11 +287,13 @@ def neighborhood_attention_spec(
         if backend == "reference":
             return neighborhood_reference(
                 query, key, value, spec, additional_keys=additional_keys, additional_values=additional_values,
-                scale=scale,
+                scale=scale, query_positions=query_positions,
             )  # fmt: skip
     pattern = cached_neighborhood_pattern(
         spec, q_tile=q_tile_shape, kv_tile=kv_tile_shape, num_extra=num_extra, device=query.device
     )
+    if query_positions is not None:
+        pattern = pattern.for_queries(query_positions)
     if additional_keys is not None:
         key = torch.cat([key, additional_keys], dim=2)
         value = torch.cat([value, additional_values], dim=2)
@@ -292,6 +306,7 @@ def neighborhood_attention_spec(
             f" (skipped {'; '.join(skipped)})" if skipped else "",
         )
         backend = name
-    return block_sparse_attention(
+    out = block_sparse_attention(
         query, key, value, pattern, scale=scale, backend="reference" if backend == "tiled" else backend
     )
+    return out if query_positions is None else out.index_select(2, query_positions)

@@ -48,10 +48,14 @@ def neighborhood_reference(
     additional_values: torch.Tensor | None = None,
     scale: float | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GNA by explicit gathering (inputs ``[B, H, N, D]``, already checked; see
-    :func:`attnpack.kernels.neighborhood_attention`)."""
+    :func:`attnpack.kernels.neighborhood_attention`). With ``query_positions`` (flattened grid indices), only those
+    queries are computed and the output is ``[B, H, len(query_positions), Dv]``."""
     bsz, heads, n, dim = query.shape
+    if query_positions is not None:
+        n = query_positions.numel()
     dv = value.shape[-1]
     scale = dim**-0.5 if scale is None else scale
     w = math.prod(spec.window)
@@ -64,7 +68,13 @@ def neighborhood_reference(
     outs = []
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
-        keys, valid = neighborhood_key_indices(spec, torch.arange(c0, c1, device=query.device))
-        args = (query[:, :, c0:c1], key, value, additional_keys, additional_values, keys, valid, scale)
+        if query_positions is None:
+            rows = torch.arange(c0, c1, device=query.device)
+            q = query[:, :, c0:c1]
+        else:
+            rows = query_positions[c0:c1].to(query.device)
+            q = query.index_select(2, rows)
+        keys, valid = neighborhood_key_indices(spec, rows)
+        args = (q, key, value, additional_keys, additional_values, keys, valid, scale)
         outs.append(checkpoint(_chunk, *args, use_reentrant=False) if use_ckpt else _chunk(*args))
     return torch.cat(outs, dim=2).to(query.dtype)
