@@ -482,21 +482,77 @@ def test_batch_context_parallel_needs_several_processes(tmp_path, capsys):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.png"))
 
 
-def test_ring_key_shards_read_follows_the_windows():
+def test_ring_key_reads_follow_the_windows():
     """Which key shards a ring rank's GNA queries visit, against the brute-force GNA mask: a window of 3 frames on 8
-    frames in 4 shards of 2 frames reads the neighbouring shards only (the rest are skipped)."""
-    from attnpack.attn_processors.parallel import ring_key_shards_read
+    frames in 4 shards of 2 frames reads the neighbouring shards only (the rest are skipped), and receives at least
+    the remote keys its queries see."""
+    from attnpack.attn_processors.parallel import ring_key_reads
     from attnpack.kernels.neighborhood import cached_neighborhood_pattern, normalize_neighborhood_args
     from attnpack.kernels.neighborhood.naive import neighborhood_mask
 
+    per = 32
     for window, stride in (((3, 3, 3), (1, 1, 1)), ((5, 3, 3), (2, 1, 1))):
         spec = normalize_neighborhood_args((8, 4, 4), window, stride, (1, 1, 1), (False,) * 3)
         pattern = cached_neighborhood_pattern(spec, q_tile=(1, 4, 4), kv_tile=(2, 2, 2))
         mask = neighborhood_mask((8, 4, 4), spec.window, spec.stride, spec.dilation, spec.causal)
-        per = 32
-        expected = [
-            [j for j in range(4) if bool(mask[r * per : (r + 1) * per, j * per : (j + 1) * per].any())]
-            for r in range(4)
-        ]
-        assert ring_key_shards_read(pattern, 4) == expected
-    assert expected != [[0, 1, 2, 3]] * 4  # some shards are skipped
+        reads = ring_key_reads(pattern, 4)
+        for r, read in enumerate(reads):
+            rows = mask[r * per : (r + 1) * per]
+            assert read.shards == [j for j in range(4) if bool(rows[:, j * per : (j + 1) * per].any())]
+            seen = rows.any(0)
+            remote_seen = (int(seen.sum()) - int(seen[r * per : (r + 1) * per].sum())) / 96
+            assert remote_seen <= read.remote_fraction < 1.0
+    assert [read.shards for read in reads] != [[0, 1, 2, 3]] * 4  # some shards are skipped
+
+
+def _ring_unit_worker(rank: int, grid, window, backend) -> tuple:
+    """GNA's core through `ring_call` on a Wan-like video stream (no diffusers model): this rank's output rows and
+    the remote tokens it received / that exist."""
+    import math
+    import types
+
+    import torch.distributed as dist
+
+    from attnpack.attn_processors.context import RunState
+    from attnpack.attn_processors.families import LayerInfo, TokenLayout
+    from attnpack.attn_processors.gna import GNAConfig, GNACore
+    from attnpack.attn_processors.parallel import RING_TRAFFIC, ring_call
+    from attnpack.attn_processors.processor import AttentionCall
+
+    world = dist.get_world_size()
+    mesh = types.SimpleNamespace(get_group=lambda: dist.group.WORLD)
+    config = types.SimpleNamespace(context_parallel_config=types.SimpleNamespace(_ring_mesh=mesh))
+    parallel = ParallelLayout(1, world, rank, 0, rank, config=config)
+    n = math.prod(grid)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=g) for _ in range(3))
+    shard = slice(rank * n // world, (rank + 1) * n // world)
+    run = RunState(family="wan", grid=grid, image_len=n, parallel=parallel)
+    layer = LayerInfo("blocks.0.attn1", 0, "wan", "self", 0, 2, 8)
+    processor = types.SimpleNamespace(_attention_backend=None, _parallel_config=None)
+    call = AttentionCall(None, layer, TokenLayout.self_attention(n // world, None), None, run, processor)
+    n_axes = len(grid)
+    core = GNACore(GNAConfig(window, (1,) * n_axes, (1,) * n_axes, (False,) * n_axes, None, backend))
+    RING_TRAFFIC.reset()
+    out = ring_call(core, q[:, :, shard], k[:, :, shard], v[:, :, shard], call, parallel)
+    return out, RING_TRAFFIC.received, RING_TRAFFIC.remote
+
+
+@pytest.mark.parametrize("backend", [None, "tiled"])
+def test_ring_sends_only_the_keys_a_rank_reads(tmp_path, backend):
+    """Ring attention of GNA on a video stream (3 ranks, 9 frames, a 3-frame window): every rank's rows equal the
+    brute-force GNA attention, and each rank received only the key tokens its query tiles visit (fewer than an
+    all-gather's)."""
+    from attnpack.kernels.block_sparse.naive import masked_attention
+    from attnpack.kernels.neighborhood.naive import neighborhood_mask
+
+    grid, window, world = (9, 4, 4), (3, 3, 3), 3
+    ranks = run_distributed(_ring_unit_worker, world, grid, window, backend, tmp_path=tmp_path)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 144, 8, generator=g) for _ in range(3))
+    reference = masked_attention(q, k, v, neighborhood_mask(grid, window, (1, 1, 1), (1, 1, 1), (False,) * 3)).float()
+    for rank, (out, received, remote) in enumerate(ranks):
+        torch.testing.assert_close(out, reference[:, :, rank * 48 : (rank + 1) * 48], atol=2e-5, rtol=0)
+        assert remote == 96 and 0 < received < remote, (rank, received, remote)
+    # the middle rank needs frames 2 and 6 from its neighbours; the first and last a frame or two of one neighbour
+    assert [r for _, r, _ in ranks] != [96, 96, 96]

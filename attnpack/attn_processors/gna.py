@@ -21,6 +21,7 @@ import torch
 from ..kernels._checks import per_axis
 from ..kernels.neighborhood import (
     BACKENDS,
+    cached_neighborhood_pattern,
     check_backend,
     neighborhood_attention_spec,
     normalize_neighborhood_args,
@@ -175,6 +176,30 @@ class GNACore:
                 )  # fmt: skip
         self._specs[grid] = spec
         return spec
+
+    # ------------------------------------------------------------------------------------------ ring attention
+    def keys_needed(self, positions: torch.Tensor, call: AttentionCall) -> torch.Tensor | None:
+        """``bool [N]``: the keys that the queries at ``positions`` (sorted, global) read (``None``: all of them); ring
+        attention sends a rank only these. Text queries and dense steps read every key; image queries the key tiles
+        their query tiles visit, and the text keys."""
+        layout = call.layout
+        if self._dense_now(call) or layout.grid is None or layout.image is None:
+            return None
+        if layout.text is not None and _rows_in(positions, layout.text).numel():
+            return None
+        spec = self._spec(tuple(layout.grid))
+        if spec is None or (self.config.backend is None and spec.is_full()):
+            return None
+        need = torch.zeros(layout.num_keys, dtype=torch.bool, device=positions.device)
+        rows = _rows_in(positions, layout.image)
+        if rows.numel():  # the pattern neighborhood_attention_spec runs (the text keys are its extra keys)
+            n_text = 0 if layout.key_text is None else layout.key_text.stop - layout.key_text.start
+            pattern = cached_neighborhood_pattern(spec, num_extra=n_text, device=positions.device)
+            visited = pattern.for_queries(rows).visited_keys().to(need.device)
+            need[layout.key_image] = visited[: spec.num_tokens]
+            if layout.key_text is not None:
+                need[layout.key_text] = True
+        return need
 
     # ------------------------------------------------------------------------------------------ call
     def __call__(self, query, key, value, call: AttentionCall) -> torch.Tensor:

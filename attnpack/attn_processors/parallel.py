@@ -13,13 +13,16 @@ from the run context, never inferred from a shard), so it runs exactly as on one
   (as diffusers' own ring attention does), and the core computes the rows of its own queries only
   (:attr:`AttentionCall.queries`). A block-sparse core skips every query tile outside the shard, and with it every
   key tile that no owned query visits: with a local pattern (GNA, CLEAR) a rank computes against the neighbouring
-  shards only (:func:`ring_key_shards_read` says which). Cores that declare ``query_subset = True`` run under ring
+  shards only (:func:`ring_key_reads` says which). Cores that declare ``query_subset = True`` run under ring
   attention (GNA, CLEAR); the others are refused (:func:`check_parallel_support`) with a message naming the fix: PARO
   (its per-head token reordering spreads every block over all shards, so a rank would compute every block anyway)
   and the modifiers and observers (head guidance, A-STAR's store).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -29,13 +32,15 @@ from .families import TokenLayout
 
 __all__ = [
     "RING_TECHNIQUES",
+    "RING_TRAFFIC",
     "SUPPORTED_FAMILIES",
     "check_parallel_support",
     "global_layout",
     "needs_exchange",
     "parallel_call",
     "ring_call",
-    "ring_key_shards_read",
+    "RingRead",
+    "ring_key_reads",
     "shard_positions",
     "ulysses_call",
 ]
@@ -197,7 +202,6 @@ def ulysses_call(core, query, key, value, call, parallel: ParallelLayout) -> tor
     ``query`` / ``key`` / ``value``: ``[B, H, N/P, D]`` as the adapter prepared them on this rank. Cross-attention
     keys (text, replicated on every rank) are not exchanged: this rank's heads are sliced out of them.
     """
-    import dataclasses
 
     group = parallel.ulysses_group
     heads = parallel.heads(query.shape[1])
@@ -229,6 +233,71 @@ def _ring_all_gather(x: torch.Tensor, parallel: ParallelLayout) -> torch.Tensor:
     return torch.cat(gathered.chunk(parallel.ring_degree), dim=2)
 
 
+@dataclasses.dataclass
+class RingTraffic:
+    """Keys and values a rank received from the other ring ranks, counted in tokens (diagnostics, tests)."""
+
+    received: int = 0  # remote tokens received
+    remote: int = 0  # remote tokens that exist (what an all-gather receives)
+
+    def reset(self) -> None:
+        self.received = self.remote = 0
+
+
+RING_TRAFFIC = RingTraffic()
+
+
+def _ring_keys(core, k, v, held, call, parallel: ParallelLayout):
+    """Every key and value this rank's queries may read, in global order (``[B, h, N, D]``; unread rows are zeros).
+
+    A core with ``keys_needed(positions, call)`` (a ``bool [N]`` over the global keys, ``None`` for all) gets exactly
+    the tokens its queries' tiles visit: every rank works out what every other rank needs (the same computation on
+    all ranks: no extra messages) and sends each only those rows, point to point. Without it, or with gradients, the
+    keys are all-gathered (as diffusers' ring attention does).
+    """
+    import torch.distributed as dist
+
+    me, ring = parallel.ring_rank, parallel.ring_degree
+    n = call.layout.num_keys
+    wanted = None
+    needs = getattr(core, "keys_needed", None)
+    grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+    if needs is not None and not grad:
+        wanted = [needs(torch.sort(positions).values, call) for positions in held]
+        wanted = None if any(w is None for w in wanted) else wanted
+    remote = sum(h.numel() for j, h in enumerate(held) if j != me)
+    RING_TRAFFIC.remote += remote
+    if wanted is None:
+        RING_TRAFFIC.received += remote
+        order = torch.argsort(torch.cat(held))
+        return _ring_all_gather(k, parallel).index_select(2, order), _ring_all_gather(v, parallel).index_select(
+            2, order
+        )
+    dk = k.shape[-1]
+    kv = torch.cat([k, v], dim=-1)
+    group = parallel.ring_group
+    ops, arriving = [], []
+    for j in range(ring):
+        if j == me:
+            continue
+        peer = dist.get_global_rank(group, j)
+        send = torch.nonzero(wanted[j].to(held[me].device)[held[me]]).flatten()
+        if send.numel():
+            ops.append(dist.P2POp(dist.isend, kv.index_select(2, send).contiguous(), peer, group))
+        take = held[j][wanted[me].to(held[j].device)[held[j]]]
+        if take.numel():
+            buffer = kv.new_empty(kv.shape[0], kv.shape[1], take.numel(), kv.shape[3])
+            ops.append(dist.P2POp(dist.irecv, buffer, peer, group))
+            arriving.append((take, buffer))
+    for request in dist.batch_isend_irecv(ops) if ops else ():
+        request.wait()
+    full = kv.new_zeros(kv.shape[0], kv.shape[1], n, kv.shape[3]).index_copy_(2, held[me], kv)
+    for positions, buffer in arriving:
+        full.index_copy_(2, positions, buffer)
+        RING_TRAFFIC.received += positions.numel()
+    return full[..., :dk].contiguous(), full[..., dk:].contiguous()
+
+
 def ring_call(core, query, key, value, call, parallel: ParallelLayout) -> torch.Tensor:
     """Run ``core`` for this rank's queries against every key (ring and unified attention).
 
@@ -238,8 +307,6 @@ def ring_call(core, query, key, value, call, parallel: ParallelLayout) -> torch.
     order; queries are placed at their global positions in an otherwise zero tensor, and the core (``query_subset``)
     computes only the rows :attr:`AttentionCall.queries`. Cross-attention keys (text, replicated) are not gathered.
     """
-    import dataclasses
-
     u, ring_rank, world = parallel.ulysses_degree, parallel.ring_rank, parallel.world
     heads = parallel.heads(query.shape[1])
     q, k, v = query, key, value
@@ -247,17 +314,19 @@ def ring_call(core, query, key, value, call, parallel: ParallelLayout) -> torch.
         q = _seq_to_heads(q, parallel.ulysses_group)
         if not call.layout.is_cross:
             k, v = _seq_to_heads(k, parallel.ulysses_group), _seq_to_heads(v, parallel.ulysses_group)
+    layout = _global_token_layout(call.layout, world, call.run)
+    # the global positions of every ring rank's tokens (after the Ulysses exchange: its U shards, in order)
+    held = [
+        shard_positions(call.layout, world, range(j * u, (j + 1) * u)).to(q.device)
+        for j in range(parallel.ring_degree)
+    ]
+    owned, rank_of = torch.sort(held[ring_rank])
+    local = dataclasses.replace(call, layout=layout, parallel=False, heads=heads, queries=owned)
     if call.layout.is_cross:
         k, v = key[:, heads], value[:, heads]
     else:
-        order = torch.argsort(shard_positions(call.layout, world, range(world))).to(q.device)
-        k = _ring_all_gather(k, parallel).index_select(2, order)
-        v = _ring_all_gather(v, parallel).index_select(2, order)
-    layout = _global_token_layout(call.layout, world, call.run)
-    mine = shard_positions(call.layout, world, range(ring_rank * u, (ring_rank + 1) * u)).to(q.device)
-    owned, rank_of = torch.sort(mine)
-    q_full = q.new_zeros(q.shape[0], q.shape[1], layout.num_queries, q.shape[3]).index_copy_(2, mine, q)
-    local = dataclasses.replace(call, layout=layout, parallel=False, heads=heads, queries=owned)
+        k, v = _ring_keys(core, k, v, held, local, parallel)
+    q_full = q.new_zeros(q.shape[0], q.shape[1], layout.num_queries, q.shape[3]).index_copy_(2, held[ring_rank], q)
     out = core(q_full, k, v, local)
     if out.shape[2] != owned.numel():
         raise RuntimeError(
@@ -267,10 +336,18 @@ def ring_call(core, query, key, value, call, parallel: ParallelLayout) -> torch.
     return _heads_to_seq(out.contiguous(), parallel.ulysses_group) if u > 1 else out
 
 
-def ring_key_shards_read(pattern, ring_degree: int) -> list[list[int]]:
+class RingRead(NamedTuple):
+    """What one ring rank reads of the keys (:func:`ring_key_reads`)."""
+
+    shards: list[int]  # the ring ranks whose keys its queries visit (its own included); the others cost no compute
+    remote_fraction: float  # the share of the other ranks' key tokens it receives (1.0: an all-gather's)
+
+
+def ring_key_reads(pattern, ring_degree: int) -> list[RingRead]:
     """For a block-sparse ``pattern`` over one stream (Wan's video tokens) under ring attention of ``ring_degree``
-    (each ring rank owns a contiguous ``1 / ring_degree`` of the queries, also under unified attention): ``result[r]``
-    lists the ring ranks whose keys rank ``r``'s queries visit; rank ``r`` computes nothing against the others."""
+    (each ring rank owns a contiguous ``1 / ring_degree`` of the queries, also under unified attention): per ring
+    rank, the key shards its queries visit and the share of remote key tokens it receives (:func:`ring_call` sends
+    exactly the tokens of the visited key tiles)."""
     n = pattern.num_queries
     if n % ring_degree:
         raise ValueError(f"{n} queries do not split into ring_degree={ring_degree} equal shards.")
@@ -278,5 +355,7 @@ def ring_key_shards_read(pattern, ring_degree: int) -> list[list[int]]:
     reads = []
     for r in range(ring_degree):
         keys = pattern.for_queries(torch.arange(r * per, (r + 1) * per)).visited_keys()[:n]
-        reads.append([j for j in range(ring_degree) if bool(keys[j * per : (j + 1) * per].any())])
+        shards = [j for j in range(ring_degree) if bool(keys[j * per : (j + 1) * per].any())]
+        remote = int(keys.sum()) - int(keys[r * per : (r + 1) * per].sum())
+        reads.append(RingRead(shards, remote / max(n - per, 1)))
     return reads
