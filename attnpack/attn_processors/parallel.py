@@ -9,12 +9,13 @@ from the run context, never inferred from a shard), so it runs exactly as on one
   runs on it and the inverse all-to-all hands each rank its own tokens back. Cores that index heads (head
   perturbation, PARO's per-head plans) read :attr:`AttentionCall.heads`. Every technique works.
 - **Ring** and **unified** (``ring_degree > 1``, after the Ulysses all-to-all inside each ring rank's group)
-  (:func:`ring_call`): a rank owns a shard of the queries. Its keys and values are all-gathered over the ring group
-  (as diffusers' own ring attention does), and the core computes the rows of its own queries only
-  (:attr:`AttentionCall.queries`). A block-sparse core skips every query tile outside the shard, and with it every
-  key tile that no owned query visits: with a local pattern (GNA, CLEAR) a rank computes against the neighbouring
-  shards only (:func:`ring_key_reads` says which). Cores that declare ``query_subset = True`` run under ring
-  attention (GNA, CLEAR); the others are refused (:func:`check_parallel_support`) with a message naming the fix: PARO
+  (:func:`ring_call`): a rank owns a shard of the queries and the core computes the rows of its own queries only
+  (:attr:`AttentionCall.queries`). A core that can say which keys a set of queries reads (``keys_needed``: GNA) gets
+  exactly those from the other ranks, point to point; otherwise keys and values are all-gathered over the ring group
+  (as diffusers' own ring attention does). A block-sparse core skips every query tile outside the shard, and with it
+  every key tile that no owned query visits: with a local pattern (GNA, CLEAR) a rank computes against the
+  neighbouring shards only (:func:`ring_key_reads` says which). Cores that declare ``query_subset = True`` run under
+  ring attention (GNA, CLEAR); the others are refused (:func:`check_parallel_support`) with a message naming the fix: PARO
   (its per-head token reordering spreads every block over all shards, so a rank would compute every block anyway)
   and the modifiers and observers (head guidance, A-STAR's store).
 """
