@@ -15,9 +15,9 @@ from the run context, never inferred from a shard), so it runs exactly as on one
   (as diffusers' own ring attention does). A block-sparse core skips every query tile outside the shard, and with it
   every key tile that no owned query visits: with a local pattern (GNA, CLEAR) a rank computes against the
   neighbouring shards only (:func:`ring_key_reads` says which). Cores that declare ``query_subset = True`` run under
-  ring attention (GNA, CLEAR); the others are refused (:func:`check_parallel_support`) with a message naming the fix: PARO
-  (its per-head token reordering spreads every block over all shards, so a rank would compute every block anyway)
-  and the modifiers and observers (head guidance, A-STAR's store).
+  ring attention (GNA, CLEAR); the others are refused (:func:`check_parallel_support`) with a message naming the
+  fix: PARO (its per-head token reordering spreads every block over all shards, so a rank would compute every block
+  anyway) and the modifiers and observers (head guidance, A-STAR's store).
 """
 
 from __future__ import annotations
