@@ -11,7 +11,7 @@ from the run context, never inferred from a shard), so it runs exactly as on one
 - **Ring** and **unified** (``ring_degree > 1``, after the Ulysses all-to-all inside each ring rank's group)
   (:func:`ring_call`): a rank owns a shard of the queries and the core computes the rows of its own queries only
   (:attr:`AttentionCall.queries`). A core that can say which keys a set of queries reads (``keys_needed``: GNA) gets
-  exactly those from the other ranks, point to point; otherwise keys and values are all-gathered over the ring group
+  exactly those from the other ranks (one all-to-all); otherwise keys and values are all-gathered over the ring group
   (as diffusers' own ring attention does). A block-sparse core skips every query tile outside the shard, and with it
   every key tile that no owned query visits: with a local pattern (GNA, CLEAR) a rank computes against the
   neighbouring shards only (:func:`ring_key_reads` says which). Cores that declare ``query_subset = True`` run under
@@ -253,8 +253,8 @@ def _ring_keys(core, k, v, held, call, parallel: ParallelLayout):
 
     A core with ``keys_needed(positions, call)`` (a ``bool [N]`` over the global keys, ``None`` for all) gets exactly
     the tokens its queries' tiles visit: every rank works out what every other rank needs (the same computation on
-    all ranks: no extra messages) and sends each only those rows, point to point. Without it, or with gradients, the
-    keys are all-gathered (as diffusers' ring attention does).
+    all ranks: no extra messages) and sends each only those rows, in one ``all_to_all`` with per-peer sizes. Without
+    it, or with gradients, the keys are all-gathered (as diffusers' ring attention does).
     """
     import torch.distributed as dist
 
@@ -276,26 +276,21 @@ def _ring_keys(core, k, v, held, call, parallel: ParallelLayout):
         )
     dk = k.shape[-1]
     kv = torch.cat([k, v], dim=-1)
-    group = parallel.ring_group
-    ops, arriving = [], []
+    sends, takes = [], []
     for j in range(ring):
-        if j == me:
-            continue
-        peer = dist.get_global_rank(group, j)
-        send = torch.nonzero(wanted[j].to(held[me].device)[held[me]]).flatten()
-        if send.numel():
-            ops.append(dist.P2POp(dist.isend, kv.index_select(2, send).contiguous(), peer, group))
-        take = held[j][wanted[me].to(held[j].device)[held[j]]]
-        if take.numel():
-            buffer = kv.new_empty(kv.shape[0], kv.shape[1], take.numel(), kv.shape[3])
-            ops.append(dist.P2POp(dist.irecv, buffer, peer, group))
-            arriving.append((take, buffer))
-    for request in dist.batch_isend_irecv(ops) if ops else ():
-        request.wait()
+        mine = j == me  # nothing to oneself
+        sends.append(held[me][:0] if mine else torch.nonzero(wanted[j].to(held[me].device)[held[me]]).flatten())
+        takes.append(held[j][:0] if mine else held[j][wanted[me].to(held[j].device)[held[j]]])
+    rows = kv.movedim(2, 0)  # [tokens, B, h, D]: all_to_all_single splits dim 0
+    outgoing = rows.index_select(0, torch.cat(sends)).contiguous()
+    incoming = rows.new_empty((sum(t.numel() for t in takes), *rows.shape[1:]))
+    # one collective in which every ring rank takes part (zero-size parts included), so no rank can wait alone
+    dist.all_to_all_single(
+        incoming, outgoing, [t.numel() for t in takes], [t.numel() for t in sends], group=parallel.ring_group
+    )
     full = kv.new_zeros(kv.shape[0], kv.shape[1], n, kv.shape[3]).index_copy_(2, held[me], kv)
-    for positions, buffer in arriving:
-        full.index_copy_(2, positions, buffer)
-        RING_TRAFFIC.received += positions.numel()
+    full.index_copy_(2, torch.cat(takes), incoming.movedim(0, 2))
+    RING_TRAFFIC.received += incoming.shape[0]
     return full[..., :dk].contiguous(), full[..., dk:].contiguous()
 
 
