@@ -274,10 +274,11 @@ def test_ring_enabled_before_the_technique_and_directly(launches, references, na
             _assert_same(results[_key("gna-ring", parallel, apply_first)], references(name, "gna-ring"), name)
 
 
-@pytest.mark.parametrize("name,technique", RING_PARAMS)
+@pytest.mark.parametrize("name,technique", [(n, t) for n, t in RING_PARAMS if n == "tiny-flux"])
 def test_unified_attention_matches_one_process(unified_launches, references, name, technique):
     """Unified attention (ring 2 x Ulysses 2, 4 processes): the Ulysses all-to-all inside each ring rank's pair, then
-    the ring; every rank ends with the image of one process."""
+    the ring; every rank ends with the image of one process. tiny-flux only (its two streams make the shard order the
+    harder one; tiny-wan's ring path is covered by the 2- and 3-process tests), to keep the suite's time."""
     for rank, results in enumerate(unified_launches(name)):
         _assert_same(results[_key(technique, UNIFIED)], references(name, technique), f"{name} {technique} rank {rank}")
 
@@ -538,7 +539,7 @@ def _ring_unit_worker(rank: int, grid, window, backend) -> tuple:
     return out, RING_TRAFFIC.received, RING_TRAFFIC.remote
 
 
-@pytest.mark.parametrize("backend", [None, "tiled"])
+@pytest.mark.parametrize("backend", ["tiled"])  # the block-sparse path GPUs take (the CPU gather path: tiny-wan)
 def test_ring_sends_only_the_keys_a_rank_reads(tmp_path, backend):
     """Ring attention of GNA on a video stream (3 ranks, 9 frames, a 3-frame window): every rank's rows equal the
     brute-force GNA attention, and each rank received only the key tokens its query tiles visit (fewer than an
