@@ -174,6 +174,8 @@ def _cases(name):
     cases.append(("gna", ULYSSES, False))  # parallelism enabled before the technique: same result
     cases += [(t, RING, True) for t in RING_WORKS[name]]
     cases += [("gna-ring", RING, False), ("gna-ring", RING_DIRECT, True)]
+    if name == "tiny-wan":  # GNA alone: the text cross-attention stays diffusers' dense, on the `native` backend
+        cases.append(("gna", RING, True))
     return cases + RING_REFUSED
 
 
@@ -295,6 +297,15 @@ def test_ring_attention_is_refused_before_any_work(launches, name):
                 assert "reordering spreads every attention block over all shards" in message
 
 
+def test_ring_dense_layers_on_native_are_refused_at_the_first_step(launches):
+    """GNA on Wan's self-attention under ring attention, its text cross-attention left to diffusers on the default
+    `native` backend (which has no log-sum-exp): refused when the denoiser is first called, on every rank alike."""
+    for results in launches("tiny-wan"):
+        message = results[_key("gna", RING)]
+        assert isinstance(message, str) and "runs 2 dense attention layer(s)" in message, message
+        assert "'blocks.0.attn2'" in message and "set_attention_backend(pipe, '_native_cudnn')" in message
+
+
 # ------------------------------------------------------------------------------------------------- no processes
 def _layout(ulysses=2, ring=1, **kw):
     return ParallelLayout(ulysses_degree=ulysses, ring_degree=ring, rank=0, ulysses_rank=0, ring_rank=0, **kw)
@@ -334,6 +345,27 @@ def test_unified_degrees_and_observers_are_refused():
     apply_processors(pipe, Recorder(), technique="recorder")
     with pytest.raises(ValueError, match="`Recorder` on layer .* records attention maps"):
         check_parallel_support(pipe.transformer, _layout())
+
+
+def test_ring_refuses_dense_layers_on_a_backend_without_lse():
+    """Dense layers under ring attention are diffusers' own ring attention, which merges partial softmaxes with their
+    log-sum-exp: on the default `native` backend (no log-sum-exp) it would raise at the first step. Refused before any
+    work, naming a layer and the fix; with a log-sum-exp backend, or attnpack on every layer, it is accepted."""
+    pipe = build_tiny_pipeline("tiny-wan")
+    attnpack.apply_gna(pipe, window_size=3)  # self-attention only: Wan's text cross-attention stays diffusers' dense
+    model = pipe.transformer
+    with pytest.raises(ValueError, match=r"runs 2 dense attention layer\(s\) .*'blocks.0.attn2'.*they use 'native'"):
+        check_parallel_support(model, _layout(ulysses=1, ring=2), at_run=True)
+    check_parallel_support(model, _layout(), at_run=True)  # Ulysses needs no log-sum-exp
+    check_parallel_support(model, _layout(ulysses=1, ring=2))  # not at run time: more techniques may follow
+    for name, processor in model.attn_processors.items():
+        if "attn2" in name:
+            processor._attention_backend = "flash"  # what `set_attention_backend("flash")` sets (flash: CUDA only)
+    check_parallel_support(model, _layout(ulysses=1, ring=2), at_run=True)
+    pipe = build_tiny_pipeline("tiny-wan")
+    attnpack.apply_gna(pipe, window_size=3)
+    attnpack.apply_processors(pipe, SubsetDenseCore(), kinds=["cross"], technique="d")
+    check_parallel_support(pipe.transformer, _layout(ulysses=1, ring=2), at_run=True)  # attnpack on every layer
 
 
 def test_parallel_layout_shards_and_heads():

@@ -464,7 +464,7 @@ class RunContextHook(ModelHook):
         if state.parallel is not None:
             from .parallel import check_parallel_support
 
-            check_parallel_support(module, state.parallel)  # refuse before the denoiser does any work
+            check_parallel_support(module, state.parallel, at_run=True)  # refuse before the denoiser does any work
         token = _CURRENT.set(state)
         try:
             return self.fn_ref.original_forward(*args, **kwargs)

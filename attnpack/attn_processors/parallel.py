@@ -67,10 +67,13 @@ def _technique(processor) -> str:
     return getattr(processor, "technique", None) or type(processor.core).__name__
 
 
-def check_parallel_support(model: torch.nn.Module, parallel: ParallelLayout) -> None:
+def check_parallel_support(model: torch.nn.Module, parallel: ParallelLayout, *, at_run: bool = False) -> None:
     """Raise a ``ValueError`` naming the technique, the setting and the fix if an attnpack processor installed on
-    ``model`` cannot run under ``parallel``; called before each context-parallel denoiser call does any work, and by
-    ``apply_*`` when the model is parallel already."""
+    ``model`` cannot run under ``parallel``; called before each context-parallel denoiser call does any work
+    (``at_run=True``), and by ``apply_*`` and ``enable_context_parallel`` when the other is in place already.
+
+    ``at_run`` adds the checks of the layers left dense (their attention backend under ring attention), which only
+    make sense once every technique is installed."""
     from .processor import AttnPackProcessor, core_role
 
     for processor in model.attn_processors.values():
@@ -108,6 +111,41 @@ def check_parallel_support(model: torch.nn.Module, parallel: ParallelLayout) -> 
                 f"{where} records attention maps, which under context parallelism would hold only this rank's "
                 "heads; run it on one process (context parallelism is not supported for attention observers)."
             )
+    if at_run and parallel.ring_degree > 1:
+        _check_ring_dense_backends(model, parallel)
+
+
+# diffusers backends that run under context parallelism but cannot return the log-sum-exp its ring attention merges
+# partial results with (they raise at the first dense attention call under a ring degree)
+NO_LSE_BACKENDS = ("native", "_native_npu")
+
+
+def _check_ring_dense_backends(model: torch.nn.Module, parallel: ParallelLayout) -> None:
+    """Refuse ring attention before any work when a layer that diffusers runs itself (dense attention: no technique,
+    or `DenseCore`) uses a backend without log-sum-exp."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    from .processor import AttnPackProcessor
+
+    dense = []
+    for name, processor in model.attn_processors.items():
+        if isinstance(processor, AttnPackProcessor) and needs_exchange(processor.core):
+            continue
+        if not hasattr(processor, "_attention_backend"):
+            continue  # diffusers does not parallelise it either
+        backend = processor._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
+        backend = getattr(backend, "value", backend)
+        if backend in NO_LSE_BACKENDS:
+            dense.append((name.removesuffix(".processor"), backend))
+    if dense:
+        layer, backend = dense[0]
+        raise ValueError(
+            f"ring attention (ring_degree={parallel.ring_degree}) runs {len(dense)} dense attention layer(s) (no "
+            f"ring-capable attnpack technique on them, e.g. {layer!r}) through diffusers' ring attention, which needs "
+            f"an attention backend that returns the log-sum-exp; they use {backend!r}, which does not. Select one "
+            "before the run: `attnpack.set_attention_backend(pipe, '_native_cudnn')` ('flash', 'sage', ...; command "
+            "line: --attention-backend _native_cudnn), or use Ulysses (ring_degree=1)."
+        )
 
 
 def _ring_reason(core) -> str:
