@@ -100,6 +100,8 @@ register(
               "paro-{device}.json"),
     Benchmark("paro_fidelity", "PARO fidelity vs dense attention: sparse, quantized, combined; with / without reorder",
               "paro_fidelity.json"),
+    Benchmark("ring_traffic", "GNA under ring attention at Wan 720p: key shards visited and remote keys received",
+              "ring-traffic-wan720p.json"),
     Benchmark("toy_adherence", "toy models: evaluator accuracy on held-out scenes and prompt adherence",
               "toy_adherence.json"),
     Benchmark("toy_astar", "A-STAR on toy-sd: prompt adherence of 2- and 3-object prompts with and without it",

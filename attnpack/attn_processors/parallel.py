@@ -337,9 +337,10 @@ def ring_call(core, query, key, value, call, parallel: ParallelLayout) -> torch.
 
     ``query`` / ``key`` / ``value``: ``[B, H, N/W, D]`` as the adapter prepared them on this rank. With a Ulysses
     degree ``U > 1`` the Ulysses all-to-all runs first (this rank then holds ``H/U`` heads of the ``U`` shards of its
-    ring rank, diffusers' unified layout). Keys and values are all-gathered over the ring group and put in global
-    order; queries are placed at their global positions in an otherwise zero tensor, and the core (``query_subset``)
-    computes only the rows :attr:`AttentionCall.queries`. Cross-attention keys (text, replicated) are not gathered.
+    ring rank, diffusers' unified layout). Keys and values come from the other ring ranks in global order
+    (:func:`_ring_keys`: only the rows the core's ``keys_needed`` names, else all of them); queries are placed at their
+    global positions in an otherwise zero tensor, and the core (``query_subset``) computes only the rows
+    :attr:`AttentionCall.queries`. Cross-attention keys (text, replicated) are not exchanged.
     """
     u, ring_rank, world = parallel.ulysses_degree, parallel.ring_rank, parallel.world
     heads = parallel.heads(query.shape[1])
